@@ -1,0 +1,189 @@
+"""The ``cryptogen`` command line: train, eval, generate.
+
+Errors the user can fix print one line (``error: ...``) and exit with code 2; ``--debug``
+shows the traceback instead.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="CryptoGen: secure GPT-2 generation (HE + 2PC, encrypted KV cache) on Ray.")
+_state = {"debug": False}
+
+
+class UsageError(ValueError):
+    """Bad command-line input that the user can fix."""
+
+
+def _user_errors() -> tuple:
+    from .data import DataError
+    from .field import FieldError
+    from .model import CheckpointError
+    from .registry import ModelNotFound
+    from .tokenizer import TokenizerError
+
+    errs = [UsageError, DataError, CheckpointError, ModelNotFound, TokenizerError, FieldError]
+    try:
+        from .errors import CryptoGenError
+        errs.append(CryptoGenError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except _user_errors() as e:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+
+
+@app.callback()
+def main_options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")):
+    _state["debug"] = debug
+
+
+@app.command()
+def train(
+    data: str = typer.Option("wikitext2", help="Data set: wikitext2, ptb or lambada (LAMBADA trains on its dev set)."),
+    out: Optional[str] = typer.Option(None, help="Output model folder (default models/DATA)."),
+    run_dir: Optional[str] = typer.Option(None, help="Run folder for checkpoints (default runs/DATA)."),
+    steps: int = typer.Option(3000, min=1), batch: int = typer.Option(8, min=1),
+    block: int = typer.Option(512, min=2), vocab_size: int = typer.Option(4096, min=258),
+    n_embd: int = typer.Option(128, min=8), n_layer: int = typer.Option(2, min=1),
+    n_head: int = typer.Option(4, min=1), lr: float = typer.Option(3e-3),
+    seed: int = typer.Option(0), ckpt_every: int = typer.Option(100, min=1),
+    resume: bool = typer.Option(False, help="Continue from the run folder's last checkpoint."),
+    data_dir: Optional[str] = typer.Option(None, help="Data folder (default ../shared/data or $CRYPTOGEN_DATA)."),
+):
+    """Train a small GPT-2 and its BPE tokenizer on the CPU."""
+    from .data import data_path
+    from .train import TrainConfig, train as run_train
+
+    def go():
+        data_path(data, "train", data_dir)  # one-line error before any work if the data is missing
+        try:
+            cfg = TrainConfig(dataset=data, out=out or f"models/{data}", run_dir=run_dir or f"runs/{data}",
+                              steps=steps, batch=batch, block=block, vocab_size=vocab_size, n_embd=n_embd,
+                              n_layer=n_layer, n_head=n_head, lr=lr, seed=seed, ckpt_every=ckpt_every,
+                              data_dir=data_dir)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        folder = run_train(cfg, resume=resume)
+        typer.echo(f"saved {folder}")
+
+    _run(go)
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Option("wikitext2", help="Shipped model name or checkpoint folder."),
+    data: Optional[str] = typer.Option(None, help="Data set (default: the model's own)."),
+    split: str = typer.Option("test"),
+    max_tokens: Optional[int] = typer.Option(None, min=2, help="Score only the first N tokens."),
+    lambada: bool = typer.Option(False, help="Also report LAMBADA last-word accuracy."),
+    lambada_limit: Optional[int] = typer.Option(None, min=1),
+    data_dir: Optional[str] = typer.Option(None),
+):
+    """Perplexity on a split (and LAMBADA accuracy) with the plaintext reference model."""
+    from . import registry
+    from .data import data_path
+    from .evaluate import lambada_accuracy, perplexity
+
+    def go():
+        ds = data or (model if model in registry.SHIPPED else "wikitext2")
+        data_path(ds, split, data_dir)  # a missing data file is reported before any work
+        m, tok, folder = registry.load(model)
+        res = perplexity(m, tok, ds, split, data_dir, max_tokens)
+        typer.echo(f"{folder.name} on {ds}/{split}: {res.tokens:,} tokens, perplexity {res.ppl:.2f} "
+                   f"(per token), {res.word_ppl:.2f} (per word, {res.words:,} words)")
+        if lambada:
+            acc, n = lambada_accuracy(m, tok, data_dir, lambada_limit)
+            typer.echo(f"{folder.name} LAMBADA last-word accuracy: {acc:.4f} on {n:,} passages")
+
+    _run(go)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., help="The prompt text."),
+    model: str = typer.Option("wikitext2", help="Shipped model name or checkpoint folder."),
+    max_new_tokens: int = typer.Option(32, min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 means greedy."),
+    top_k: int = typer.Option(0, min=0, help="Sample among the k most likely tokens (0: all)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+):
+    """Generate text, streaming tokens as they come."""
+    _run(_generate_plain, prompt, model, max_new_tokens, temperature, top_k, seed)
+
+
+def encode_prompt(tok, prompt: str, n_positions: int, max_new_tokens: int) -> list[int]:
+    if not prompt.strip():
+        raise UsageError("the prompt is empty; pass some text with --prompt")
+    ids = tok.encode(prompt).ids
+    if len(ids) + max_new_tokens > n_positions:
+        raise UsageError(
+            f"the prompt is {len(ids)} tokens and --max-new-tokens is {max_new_tokens}: together more than "
+            f"the model's context of {n_positions}; shorten the prompt or ask for fewer tokens")
+    return ids
+
+
+class TokenStream:
+    """Prints generated text as it comes (decoding the whole tail so multi-byte characters stay whole)."""
+
+    def __init__(self, tok, out=None):
+        self.tok, self.out, self.ids, self.shown = tok, out or sys.stdout, [], ""
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+    def close(self) -> None:
+        """Flush whatever is left, even an incomplete multi-byte character."""
+        text = self.tok.decode(self.ids)
+        self.out.write(text[len(self.shown):] + "\n")
+        self.out.flush()
+        self.shown = text
+
+
+def _generate_plain(prompt, model_name, max_new_tokens, temperature, top_k, seed):
+    import torch
+
+    from . import registry
+    from .sampling import Sampler, SamplingConfig
+
+    model, tok, _ = registry.load(model_name)
+    ids = encode_prompt(tok, prompt, model.config.n_positions, max_new_tokens)
+    sampler = Sampler(SamplingConfig(temperature, top_k, seed))
+    stream = TokenStream(tok)
+    sys.stdout.write(prompt)
+    t0 = time.perf_counter()
+    logits, cache = model.prefill(torch.tensor([ids]))
+    for i in range(max_new_tokens):
+        token = sampler(logits[0].numpy())
+        stream.push(token)
+        if i + 1 < max_new_tokens:
+            logits, cache = model.decode_one_token(torch.tensor([token]), cache)
+    dt = time.perf_counter() - t0
+    stream.close()
+    typer.echo(f"[{max_new_tokens} tokens in {dt * 1000:.0f} ms, plaintext]", err=True)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

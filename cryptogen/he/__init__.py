@@ -1,1 +1,31 @@
-"""cryptogen/he."""
+"""CryptoGen HE engine: BFV (SEAL via Pyfhel) over the shared field Z_t.
+
+Server side (no secret key): PublicContext, ServerEngine, EncodedLinear, matmul_ct_pt_*,
+EncryptedKVCache, qk_/pv_ decode/prefill, h2s_server, s2h_server, refresh.
+Client side (secret key): ClientKeys, ClientRole. Layout helpers (LinearPlan, KVLayout,
+query_slots, probs_slots, read_*) are public functions of shapes used by both parties.
+See docs/HE.md.
+"""
+from .arcc import (probs_slots, pv_decode, pv_prefill, qk_decode, qk_prefill, query_slots, read_pv,
+                   read_scores)
+from .convert import ClientRole, h2s_server, reconstruct, refresh, s2h_server
+from .engine import Cipher, ServerEngine
+from .errors import (CachePositionError, ConfigError, HEError, KeyMismatchError, NoiseBudgetError,
+                     ParameterMismatchError, SecretKeyError, SerializationError, ShapeError, WrongKindError)
+from .keys import ClientKeys, PublicContext
+from .kvcache import EncryptedKVCache, KVLayout
+from .linear import (EncodedLinear, LinearPlan, matmul_ct_pt_decode, matmul_ct_pt_prefill, pad_rows,
+                     plan_linear, shard_cols, shard_rows)
+from .noise import NoiseModel
+from .params import HEConfig
+from .stats import HEStats
+
+
+def required_rotation_steps(plans=(), kv_layouts=()) -> set[int]:
+    """Union of the Galois steps the given linear plans and KV layouts use (client key gen)."""
+    steps: set[int] = set()
+    for p in plans:
+        steps |= p.rotation_steps()
+    for lay in kv_layouts:
+        steps |= lay.rotation_steps()
+    return steps

@@ -1,0 +1,157 @@
+"""ARCC kernels: autoregressive ciphertext-ciphertext attention over the encrypted KV cache
+(CryptoGen 2026 §ARCC; rotate-and-add folds as in Halevi-Shoup/BOLT).
+
+Client-side layouts (applied by each party to its own share before S2H):
+  * ``query_slots(layout, q)``: q replicated into every token block;
+  * ``probs_slots(layout, p, c)``: p[token] replicated over token's block, for cache ct c.
+Decode q K^T (server):
+  1. per cache ciphertext K_c: Enc(q_rep) * K_c (1 ct x ct + relin);
+  2. window-sum of width d_head (log2 d_head + popcount - 1 rotations): the score of token
+     c*tpc + b lands in the first slot of block b. Output: one ciphertext per K_c -> H2S.
+Decode p V (server):
+  1. sum_c Enc(p_c) * V_c (one ct x ct per cache ciphertext);
+  2. window-sum over the tpr blocks of a row (stride d_head), then add the row-swapped copy:
+     out[j] lands in slot j (log2(n / d_head) rotations in total). Output: one ciphertext.
+Prefill (causal, all pairs): the same per query token i against cache ciphertexts
+c <= i // tpc; entries j > i are masked later by the 2PC softmax.
+Noise: before each product the static estimate is checked; if the result could not be
+flooded and sent, the cache operand is refreshed through the client (lazy refresh).
+Who learns what: server sees ciphertexts only; outputs leave through H2S (masked).
+Cost per decoded token per head with T cached tokens: 2 * ceil(T / tpc) ct x ct,
+ceil(T / tpc) * log2(d_head) + log2(n / d_head) rotations.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .convert import ClientRole, refresh
+from .engine import Cipher, ServerEngine
+from .errors import NoiseBudgetError, ShapeError
+from .kvcache import EncryptedKVCache, KVLayout
+
+
+# ---------------- layouts (both parties) ---------------------------------------
+def query_slots(layout: KVLayout, q) -> np.ndarray:
+    q = np.asarray(q, np.int64)
+    if q.shape != (layout.d_head,):
+        raise ShapeError(f"query must have shape ({layout.d_head},), got {q.shape}")
+    out = np.zeros(layout.n, np.int64)
+    for b in range(layout.tpc):
+        s = layout.block_start(b)
+        out[s:s + layout.d_head] = q
+    return out
+
+
+def probs_slots(layout: KVLayout, p, c: int) -> np.ndarray:
+    """Slots for cache ciphertext c: p[c*tpc + b] repeated over block b."""
+    p = np.asarray(p, np.int64)
+    out = np.zeros(layout.n, np.int64)
+    for b, val in enumerate(p[c * layout.tpc:(c + 1) * layout.tpc]):
+        s = layout.block_start(b)
+        out[s:s + layout.d_head] = val
+    return out
+
+
+def probs_cts_needed(layout: KVLayout, length: int) -> int:
+    return -(-length // layout.tpc)
+
+
+def read_scores(layout: KVLayout, slot_arrays: list[np.ndarray], length: int) -> np.ndarray:
+    """Scores (or their shares) for tokens 0..length-1 from qk outputs."""
+    out = np.zeros(length, np.int64)
+    for p in range(length):
+        out[p] = slot_arrays[p // layout.tpc][layout.block_start(p % layout.tpc)]
+    return out
+
+
+def read_pv(layout: KVLayout, slots: np.ndarray) -> np.ndarray:
+    return np.asarray(slots[: layout.d_head], np.int64)
+
+
+# ---------------- noise checks ---------------------------------------------------
+def _fold_steps(width: int) -> int:
+    return max(0, width.bit_length() - 1) + bin(width).count("1") - 1
+
+
+def _fits_qk(e: ServerEngine, lay: KVLayout, q: Cipher, k: Cipher) -> bool:
+    b = e.noise.after_ct_ct(q.budget, k.budget)
+    return e.noise.can_send(e.noise.after_fold(b, _fold_steps(lay.d_head)))
+
+
+def _pv_budget(e: ServerEngine, lay: KVLayout, ps: list[Cipher], vs: list[Cipher]) -> float:
+    b = e.noise.add(*[e.noise.after_ct_ct(p.budget, v.budget) for p, v in zip(ps, vs)])
+    return e.noise.after_fold(b, _fold_steps(lay.tpr) + 1)
+
+
+def _refresh_cache(e: ServerEngine, store: list[Cipher], i: int, client: ClientRole | None, what: str) -> None:
+    if client is None:
+        raise NoiseBudgetError(f"{what}: cache ciphertext {i} needs a refresh but no client channel was given")
+    store[i] = refresh(e, store[i], client)
+
+
+# ---------------- decode ---------------------------------------------------------
+def qk_decode(e: ServerEngine, cache: EncryptedKVCache, q: Cipher, client: ClientRole | None = None) -> list[Cipher]:
+    """Server: Enc(q . k_p) for every cached token p (one ciphertext per K ciphertext)."""
+    if cache.length == 0:
+        raise ShapeError("attention over an empty KV cache")
+    lay, out = cache.layout, []
+    for i in range(len(cache.k)):
+        if not _fits_qk(e, lay, q, cache.k[i]):
+            _refresh_cache(e, cache.k, i, client, "q.K^T")
+            if not _fits_qk(e, lay, q, cache.k[i]):
+                raise NoiseBudgetError("q.K^T: the query ciphertext itself has too little budget")
+        out.append(e.window_sum(e.mul_ct_ct(q, cache.k[i]), lay.d_head, 1))
+    return out
+
+
+def pv_decode(e: ServerEngine, cache: EncryptedKVCache, ps: list[Cipher], client: ClientRole | None = None) -> Cipher:
+    """Server: Enc(sum_p p[p] v_p) in slots 0..d_head-1; ``ps[c]`` in ``probs_slots(.., c)``."""
+    lay = cache.layout
+    if len(ps) != len(cache.v):
+        raise ShapeError(f"p.V needs {len(cache.v)} probability ciphertexts, got {len(ps)}")
+    while not e.noise.can_send(_pv_budget(e, lay, ps, cache.v)):
+        i = min(range(len(cache.v)), key=lambda j: cache.v[j].budget)
+        if cache.v[i].budget >= e.noise.fresh:
+            raise NoiseBudgetError("p.V: too many cache ciphertexts for one fold; shard the sequence")
+        _refresh_cache(e, cache.v, i, client, "p.V")
+    acc = e.sum([e.mul_ct_ct(p, v) for p, v in zip(ps, cache.v)])
+    acc = e.window_sum(acc, lay.tpr, lay.d_head)
+    return e.add_ct_ct(acc, e.swap_rows(acc))
+
+
+# ---------------- prefill --------------------------------------------------------
+def qk_prefill(e: ServerEngine, cache: EncryptedKVCache, qs: list[Cipher], start: int = 0,
+               client: ClientRole | None = None) -> list[list[Cipher]]:
+    """Server: for query token start+i (``qs[i]`` in ``query_slots`` layout), score
+    ciphertexts against cache ciphertexts 0 .. (start+i)//tpc (causal)."""
+    lay = cache.layout
+    if start + len(qs) > cache.length:
+        raise ShapeError(f"{len(qs)} queries from position {start} exceed the cache length {cache.length}")
+    out = []
+    for i, q in enumerate(qs):
+        row = []
+        for c in range((start + i) // lay.tpc + 1):
+            if not _fits_qk(e, lay, q, cache.k[c]):
+                _refresh_cache(e, cache.k, c, client, "prefill q.K^T")
+            row.append(e.window_sum(e.mul_ct_ct(q, cache.k[c]), lay.d_head, 1))
+        out.append(row)
+    return out
+
+
+def pv_prefill(e: ServerEngine, cache: EncryptedKVCache, ps: list[list[Cipher]], start: int = 0,
+               client: ClientRole | None = None) -> list[Cipher]:
+    """Server: output of query start+i from ``ps[i][c] = probs_slots(layout, p_i, c)`` for
+    c <= (start+i)//tpc; one ciphertext per query (out[j] in slot j)."""
+    lay, out = cache.layout, []
+    for i, row in enumerate(ps):
+        need = (start + i) // lay.tpc + 1
+        if len(row) != need:
+            raise ShapeError(f"query {start + i} needs {need} probability ciphertexts, got {len(row)}")
+        while not e.noise.can_send(_pv_budget(e, lay, row, cache.v[:need])):
+            j = min(range(need), key=lambda m: cache.v[m].budget)
+            if cache.v[j].budget >= e.noise.fresh:
+                raise NoiseBudgetError("prefill p.V: too many cache ciphertexts for one fold")
+            _refresh_cache(e, cache.v, j, client, "prefill p.V")
+        acc = e.window_sum(e.sum([e.mul_ct_ct(p, v) for p, v in zip(row, cache.v)]), lay.tpr, lay.d_head)
+        out.append(e.add_ct_ct(acc, e.swap_rows(acc)))
+    return out

@@ -1,0 +1,187 @@
+"""Key sets: the client's secret key set and the server's public evaluation context.
+
+Construction: SEAL BFV key generation (through Pyfhel); the server receives only the
+public key, the relinearisation key and the Galois keys of the rotation steps the
+kernels use (DESIGN §2, §5).
+
+Steps:
+  1. Client: ``ClientKeys.generate(config, rotation_steps)`` -- secret key, public key,
+     relin key, Galois keys for exactly ``rotation_steps`` (0 = row swap).
+  2. Client: ``public_context_bytes()`` -> envelope (params fingerprint + key id).
+  3. Server: ``PublicContext.from_bytes(data)`` -- a Pyfhel object with no secret key;
+     it can encrypt (public key), evaluate, and (de)serialize ciphertexts, never decrypt.
+Who learns what: the server learns public keys only. Cost: key generation ~0.1 s plus
+~2.6 MB per Galois key at n=8192 (uncompressed: this Pyfhel build has no zstd/zlib).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from Pyfhel import Pyfhel, PyCtxt
+
+from . import serialize
+from .errors import ConfigError, SecretKeyError, SerializationError, ShapeError
+from .params import HEConfig
+
+
+def _context(config: HEConfig) -> Pyfhel:
+    he = Pyfhel()
+    # sec=0: SEAL's own check is replaced by HEConfig's (which allows custom qi_sizes).
+    he.contextGen(scheme="bfv", n=config.n, t=config.t, sec=0, qi_sizes=list(config.qi_sizes))
+    return he
+
+
+def _key_id(public_key_bytes: bytes) -> bytes:
+    return hashlib.sha256(public_key_bytes).digest()[:16]
+
+
+def _check_steps(config: HEConfig, steps) -> tuple[int, ...]:
+    out = tuple(sorted({int(s) for s in steps}))
+    if any(abs(s) >= config.row for s in out):
+        raise ConfigError(f"rotation steps must be below n/2={config.row} in magnitude")
+    return out
+
+
+class _HEBase:
+    """Shared by both parties: encoding, ciphertext envelopes."""
+
+    config: HEConfig
+    he: Pyfhel
+    key_id: bytes
+    rotation_steps: tuple[int, ...]
+
+    def check_slots(self, slots) -> np.ndarray:
+        a = np.asarray(slots)
+        if a.shape != (self.config.n,):
+            raise ShapeError(f"slot vector must have shape ({self.config.n},), got {a.shape}")
+        return np.mod(a.astype(np.int64, copy=False), self.config.t)
+
+    def encode(self, slots):
+        return self.he.encodeInt(np.ascontiguousarray(self.check_slots(slots)))
+
+    def ct_to_bytes(self, ct: PyCtxt) -> bytes:
+        return serialize.pack("ciphertext", self.config.fingerprint, self.key_id, {}, ct.to_bytes("none"))
+
+    def ct_from_bytes(self, data: bytes) -> PyCtxt:
+        _, payload, _, _ = serialize.unpack(data, "ciphertext", self.config.fingerprint, self.key_id)
+        try:
+            return PyCtxt(pyfhel=self.he, bytestring=payload)
+        except Exception as exc:  # SEAL rejects malformed ciphertexts
+            raise SerializationError("ciphertext payload rejected by SEAL") from exc
+
+    def encrypt_public(self, slots) -> PyCtxt:
+        """Public-key encryption (either party may do it)."""
+        return self.he.encryptPtxt(self.encode(slots))
+
+
+class PublicContext(_HEBase):
+    """Server-side evaluation context: public key, relin key, selected Galois keys; no secret key."""
+
+    def __init__(self, config: HEConfig, he: Pyfhel, key_id: bytes, rotation_steps: tuple[int, ...],
+                 qi: tuple[int, ...]):
+        if not he.is_secret_key_empty():
+            raise SecretKeyError("a public context must not hold a secret key")
+        if tuple(q.bit_length() for q in qi) != config.qi_sizes or any((q - 1) % (2 * config.n) for q in qi):
+            raise SerializationError("coefficient-modulus primes do not match the parameters")
+        self.config, self.he, self.key_id, self.rotation_steps = config, he, key_id, rotation_steps
+        self.qi = qi
+
+    @classmethod
+    def from_bytes(cls, data: bytes, expected: HEConfig | None = None) -> "PublicContext":
+        meta, payload, fp, kid = serialize.unpack(
+            data, "public_context", expected.fingerprint if expected else None)
+        config = HEConfig.from_dict(meta["config"])
+        if config.fingerprint != fp:
+            raise SerializationError("public context metadata does not match its fingerprint")
+        ctx_b, pk_b, rk_b, gk_b = serialize.split_blobs(payload)
+        if _key_id(pk_b) != kid:
+            raise SerializationError("public key does not match the envelope key id")
+        he = Pyfhel()
+        try:
+            he.from_bytes_context(ctx_b)
+            he.from_bytes_public_key(pk_b)
+            he.from_bytes_relin_key(rk_b)
+            if gk_b:
+                he.from_bytes_rotate_key(gk_b)
+        except Exception as exc:
+            raise SerializationError("public context payload rejected by SEAL") from exc
+        return cls(config, he, kid, tuple(meta["rotation_steps"]), tuple(int(q) for q in meta["qi"]))
+
+    def assert_public(self) -> None:
+        if not self.he.is_secret_key_empty():
+            raise SecretKeyError("server context holds a secret key")
+
+    def decrypt(self, *_args, **_kw):
+        raise SecretKeyError("the public (server) context has no secret key and cannot decrypt")
+
+
+class ClientKeys(_HEBase):
+    """The client's key set. Holds the secret key: never pass it to server-side code."""
+
+    def __init__(self, config: HEConfig, he: Pyfhel, rotation_steps: tuple[int, ...]):
+        self.config, self.he, self.rotation_steps = config, he, rotation_steps
+        self.key_id = _key_id(he.to_bytes_public_key("none"))
+
+    @classmethod
+    def generate(cls, config: HEConfig, rotation_steps=()) -> "ClientKeys":
+        steps = _check_steps(config, rotation_steps)
+        he = _context(config)
+        he.keyGen()
+        he.relinKeyGen()
+        if steps:
+            he.rotateKeyGen(list(steps))
+        return cls(config, he, steps)
+
+    def public_context_bytes(self) -> bytes:
+        he = self.he
+        gk = he.to_bytes_rotate_key("none") if self.rotation_steps else b""
+        blobs = [he.to_bytes_context("none"), he.to_bytes_public_key("none"), he.to_bytes_relin_key("none"), gk]
+        meta = {"config": self.config.to_dict(), "rotation_steps": list(self.rotation_steps),
+                "qi": [int(q) for q in he.get_qi()]}
+        return serialize.pack("public_context", self.config.fingerprint, self.key_id, meta,
+                              serialize.join_blobs(blobs))
+
+    def public_context(self) -> PublicContext:
+        """The server's view, rebuilt from bytes so it provably holds no secret key."""
+        return PublicContext.from_bytes(self.public_context_bytes(), self.config)
+
+    def secret_key_bytes(self) -> bytes:
+        return self.he.to_bytes_secret_key("none")
+
+    def encrypt(self, slots) -> PyCtxt:
+        return self.encrypt_public(slots)
+
+    def decrypt(self, ct: PyCtxt) -> np.ndarray:
+        """Slots of ``ct`` as field elements in [0, t)."""
+        return np.mod(np.asarray(self.he.decryptInt(ct), np.int64), self.config.t)
+
+    def noise_budget(self, ct: PyCtxt) -> int:
+        """Measured invariant noise budget in bits (needs the secret key)."""
+        return int(self.he.noise_level(ct))
+
+    def to_bytes(self) -> bytes:
+        """Full key set incl. secret key, for the client's own checkpoint only."""
+        he = self.he
+        gk = he.to_bytes_rotate_key("none") if self.rotation_steps else b""
+        blobs = [he.to_bytes_context("none"), he.to_bytes_public_key("none"), he.to_bytes_relin_key("none"), gk,
+                 he.to_bytes_secret_key("none")]
+        meta = {"config": self.config.to_dict(), "rotation_steps": list(self.rotation_steps)}
+        return serialize.pack("client_keys", self.config.fingerprint, self.key_id, meta, serialize.join_blobs(blobs))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ClientKeys":
+        meta, payload, _, kid = serialize.unpack(data, "client_keys")
+        config = HEConfig.from_dict(meta["config"])
+        ctx_b, pk_b, rk_b, gk_b, sk_b = serialize.split_blobs(payload)
+        he = Pyfhel()
+        he.from_bytes_context(ctx_b)
+        he.from_bytes_public_key(pk_b)
+        he.from_bytes_relin_key(rk_b)
+        if gk_b:
+            he.from_bytes_rotate_key(gk_b)
+        he.from_bytes_secret_key(sk_b)
+        keys = cls(config, he, tuple(meta["rotation_steps"]))
+        if keys.key_id != kid:
+            raise SerializationError("client key set does not match its key id")
+        return keys

@@ -1,0 +1,290 @@
+"""Linear layers, ciphertext x plaintext (Halevi-Shoup diagonals with baby-step giant-step,
+in the "hybrid"/lane-packed form of Gazelle/BOLT; CryptoGen 2026 heterogeneous encodings).
+
+Layout (public, a function of shapes only). Each batching row (n/2 slots) holds ``lanes``
+lanes of ``stride = C*P + g - 1`` slots. A lane holds one input vector x (length d_in,
+zero-padded to D = C*g) written cyclically: lane slot u holds x[u mod D]. With P = g (mod D)
+the slot ``j + c*P`` of a lane, rotated by k < g, sees x[(j + c*g + k) mod D]; over c < C
+and k < g those indices cover Z_D exactly once. So with diagonal plaintexts
+W_k[j + c*P] = W[(j + c*g + k) mod D, out(j)], sum_k rot(x, k) * W_k followed by a
+window-sum over the C copies (stride P) leaves y[out(j)] at lane slot j.
+
+Steps of ``matmul_ct_pt`` (server; input from S2H, output goes to H2S):
+  1. baby steps: rot(x, a) for a < g1 (g1 - 1 rotations, once per input ciphertext);
+  2. per output ciphertext and giant step b: Z_b = sum_a rot(x, a) * W'_{a,b}
+     (W' pre-rotated by -b*g1 at set-up), then y = sum_b rot(Z_b, b*g1);
+  3. window-sum over the C copies (log2 C + popcount(C) rotations).
+Decode: every lane holds the same token, lane l of output ciphertext m computes output
+chunk m*lanes + l. Prefill: lane l holds token l of a batch; one output ciphertext per
+(batch, chunk). Cost per decode mat-vec: g * ceil(chunks / lanes) ct x pt, close to
+ceil(d_in * d_out / n) (see LinearPlan.ideal_ct_pt). Who learns what: the server sees only
+ciphertexts; weights never leave it. Shards: a column shard is its own layer on
+W[:, cols]; row shards share one plan (``shard_rows``) so their outputs add as ciphertexts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .engine import Cipher, ServerEngine
+from .errors import ShapeError
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    d_in: int
+    d_out: int
+    n: int
+    g: int   # diagonals per copy
+    C: int   # copies per lane (C * g = D >= d_in)
+    P: int   # outputs per lane, P = g (mod D)
+    g1: int  # baby steps
+
+    @property
+    def D(self) -> int:
+        return self.C * self.g
+
+    @property
+    def stride(self) -> int:
+        return self.C * self.P + self.g - 1
+
+    @property
+    def lanes_per_row(self) -> int:
+        return (self.n // 2) // self.stride
+
+    @property
+    def lanes(self) -> int:
+        return 2 * self.lanes_per_row
+
+    @property
+    def g2(self) -> int:
+        return -(-self.g // self.g1)
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.d_out // self.P)
+
+    @property
+    def decode_outputs(self) -> int:
+        return -(-self.chunks // self.lanes)
+
+    @property
+    def decode_ct_pt(self) -> int:
+        return self.g * self.decode_outputs
+
+    @property
+    def ideal_ct_pt(self) -> int:
+        return -(-self.d_in * self.d_out // self.n)
+
+    def lane_start(self, lane: int) -> int:
+        return (lane // self.lanes_per_row) * (self.n // 2) + (lane % self.lanes_per_row) * self.stride
+
+    def rotation_steps(self) -> set[int]:
+        steps = set(range(1, self.g1)) | {b * self.g1 for b in range(1, self.g2)}
+        return steps | ServerEngine.window_sum_steps(self.C, self.P)
+
+    def decode_rotations(self) -> int:
+        fold = len(ServerEngine.window_sum_steps(self.C, self.P))
+        return (self.g1 - 1) + self.decode_outputs * (self.g2 - 1 + fold)
+
+    # ---- layouts (both parties apply them to their own shares) ---------------
+    def _lane_vector(self, x: np.ndarray) -> np.ndarray:
+        padded = np.zeros(self.D, np.int64)
+        padded[: self.d_in] = x
+        return padded[np.arange(self.stride) % self.D]
+
+    def input_slots_decode(self, x) -> np.ndarray:
+        x = np.asarray(x, np.int64)
+        if x.shape != (self.d_in,):
+            raise ShapeError(f"linear input must have shape ({self.d_in},), got {x.shape}")
+        out, lane = np.zeros(self.n, np.int64), self._lane_vector(x)
+        for l in range(self.lanes):
+            s = self.lane_start(l)
+            out[s:s + self.stride] = lane
+        return out
+
+    def input_slots_prefill(self, X) -> list[np.ndarray]:
+        X = np.asarray(X, np.int64)
+        if X.ndim != 2 or X.shape[1] != self.d_in:
+            raise ShapeError(f"prefill input must have shape (T, {self.d_in}), got {X.shape}")
+        outs = []
+        for b0 in range(0, X.shape[0], self.lanes):
+            out = np.zeros(self.n, np.int64)
+            for l, x in enumerate(X[b0:b0 + self.lanes]):
+                s = self.lane_start(l)
+                out[s:s + self.stride] = self._lane_vector(x)
+            outs.append(out)
+        return outs
+
+    def read_output_decode(self, slot_arrays: list[np.ndarray]) -> np.ndarray:
+        if len(slot_arrays) != self.decode_outputs:
+            raise ShapeError(f"expected {self.decode_outputs} output slot vectors, got {len(slot_arrays)}")
+        y = np.zeros(self.chunks * self.P, np.int64)
+        for m, arr in enumerate(slot_arrays):
+            for l in range(self.lanes):
+                q = m * self.lanes + l
+                if q < self.chunks:
+                    s = self.lane_start(l)
+                    y[q * self.P:(q + 1) * self.P] = arr[s:s + self.P]
+        return y[: self.d_out]
+
+    def read_output_prefill(self, slot_arrays: list[list[np.ndarray]], tokens: int) -> np.ndarray:
+        Y = np.zeros((tokens, self.chunks * self.P), np.int64)
+        for b, per_chunk in enumerate(slot_arrays):
+            for q, arr in enumerate(per_chunk):
+                for l in range(min(self.lanes, tokens - b * self.lanes)):
+                    s = self.lane_start(l)
+                    Y[b * self.lanes + l, q * self.P:(q + 1) * self.P] = arr[s:s + self.P]
+        return Y[:, : self.d_out]
+
+    # ---- diagonals --------------------------------------------------------------
+    def diagonal(self, W: np.ndarray, k: int, lane_chunks: list[int]) -> np.ndarray:
+        """Plaintext slots of diagonal k; lane l computes output chunk lane_chunks[l] (-1: none)."""
+        out = np.zeros(self.n, np.int64)
+        j = np.arange(self.P)
+        for c in range(self.C):
+            i = (j + c * self.g + k) % self.D
+            for l, q in enumerate(lane_chunks):
+                if q < 0:
+                    continue
+                cols = q * self.P + j
+                ok = (i < self.d_in) & (cols < self.d_out)
+                s = self.lane_start(l) + c * self.P
+                out[s + j[ok]] = W[i[ok], cols[ok]]
+        return out
+
+
+def _divisors(x: int) -> list[int]:
+    return [d for d in range(1, x + 1) if x % d == 0]
+
+
+def plan_linear(d_in: int, d_out: int, n: int, rot_cost: float = 2.0, out_cost: float = 4.0) -> LinearPlan:
+    """Search (D, g, P, g1) minimising a cost model (ct x pt = 1, rotation = rot_cost,
+    output ciphertext = out_cost), keeping ct x pt within 1.5x of ceil(d_in*d_out/n)."""
+    if d_in < 1 or d_out < 1:
+        raise ShapeError("linear layer dimensions must be positive")
+    best, best_key = None, None
+    ideal = -(-d_in * d_out // n)
+    for D in range(d_in, d_in + max(1, d_in // 8) + 1):
+        for g in _divisors(D):
+            for m in range(3):
+                P = g + m * D
+                if (D // g) * P + g - 1 > n // 2:
+                    continue
+                for g1 in sorted({1, max(1, int(math.isqrt(g))), max(1, int(math.isqrt(g)) + 1), g}):
+                    if g1 > g or g1 >= n // 2:
+                        continue
+                    p = LinearPlan(d_in, d_out, n, g, D // g, P, g1)
+                    if max(p.rotation_steps() | {0}) >= n // 2:
+                        continue
+                    cost = p.decode_ct_pt + rot_cost * p.decode_rotations() + out_cost * p.decode_outputs
+                    key = (p.decode_ct_pt > 1.5 * ideal, cost, len(p.rotation_steps()))
+                    if best_key is None or key < best_key:
+                        best, best_key = p, key
+    if best is None:
+        raise ShapeError(f"no lane layout fits d_in={d_in} in n/2={n // 2} slots; shard the rows")
+    return best
+
+
+class EncodedLinear:
+    """Server: weights W (d_in x d_out field elements) encoded once at set-up (decode diagonals).
+
+    Prefill diagonals (one set per output chunk) are encoded once per prefill call, i.e.
+    per prompt, not per token; ``keep_prefill=True`` keeps them for later prompts."""
+
+    def __init__(self, engine: ServerEngine, W, plan: LinearPlan | None = None, keep_prefill: bool = False):
+        W = np.mod(np.asarray(W, np.int64), engine.config.t)
+        if W.ndim != 2:
+            raise ShapeError(f"weights must be a matrix, got shape {W.shape}")
+        self.plan = plan or plan_linear(W.shape[0], W.shape[1], engine.config.n)
+        if W.shape != (self.plan.d_in, self.plan.d_out):
+            raise ShapeError(f"weights of shape {W.shape} do not match plan {(self.plan.d_in, self.plan.d_out)}")
+        missing = self.plan.rotation_steps() - set(engine.ctx.rotation_steps)
+        if missing:
+            raise ShapeError(f"public context lacks Galois keys for steps {sorted(missing)}")
+        self.engine, self.W, self.keep_prefill = engine, W, keep_prefill
+        p = self.plan
+        self.decode_pts = [self._encode_set([m * p.lanes + l if m * p.lanes + l < p.chunks else -1
+                                             for l in range(p.lanes)]) for m in range(p.decode_outputs)]
+        self._prefill_pts: dict[int, list] = {}
+
+    def _encode_set(self, lane_chunks: list[int]) -> list[list]:
+        """pts[b][a] = encoded W'_{a,b} (None when all zero)."""
+        p, half = self.plan, self.plan.n // 2
+        out = []
+        for b in range(p.g2):
+            row = []
+            for a in range(p.g1):
+                k = a + b * p.g1
+                diag = p.diagonal(self.W, k, lane_chunks) if k < p.g else None
+                if diag is None or not diag.any():
+                    row.append(None)
+                    continue
+                diag = np.roll(diag.reshape(2, half), b * p.g1, axis=1).reshape(-1)
+                row.append(self.engine.encode(diag))
+            out.append(row)
+        return out
+
+    def _prefill_set(self, q: int) -> list[list]:
+        if q in self._prefill_pts:
+            return self._prefill_pts[q]
+        pts = self._encode_set([q] * self.plan.lanes)
+        if self.keep_prefill:
+            self._prefill_pts[q] = pts
+        return pts
+
+    def _apply(self, babies: list[Cipher], pts: list[list]) -> Cipher:
+        e, p = self.engine, self.plan
+        parts = []
+        for b, row in enumerate(pts):
+            terms = [e.mul_ct_pt(babies[a], pt) for a, pt in enumerate(row) if pt is not None]
+            if terms:
+                parts.append(e.rotate(e.sum(terms), b * p.g1))
+        if not parts:
+            raise ShapeError("weight matrix is entirely zero for this output block")
+        return e.window_sum(e.sum(parts), p.C, p.P)
+
+    def _babies(self, x: Cipher) -> list[Cipher]:
+        return [x] + [self.engine.rotate(x, a) for a in range(1, self.plan.g1)]
+
+
+def matmul_ct_pt_decode(enc: EncodedLinear, x: Cipher) -> list[Cipher]:
+    """Server: y = x W for one token; x in ``plan.input_slots_decode`` layout.
+    Returns ``plan.decode_outputs`` ciphertexts (read with ``plan.read_output_decode``)."""
+    babies = enc._babies(x)
+    return [enc._apply(babies, pts) for pts in enc.decode_pts]
+
+
+def matmul_ct_pt_prefill(enc: EncodedLinear, xs: list[Cipher]) -> list[list[Cipher]]:
+    """Server: Y = X W for many tokens; xs in ``plan.input_slots_prefill`` layout.
+    Returns out[batch][chunk] (read with ``plan.read_output_prefill``)."""
+    outs = []
+    for x in xs:
+        babies = enc._babies(x)
+        outs.append([enc._apply(babies, enc._prefill_set(q)) for q in range(enc.plan.chunks)])
+    return outs
+
+
+def shard_rows(d_in: int, d_out: int, n: int, parts: int) -> tuple[LinearPlan, list[tuple[int, int]]]:
+    """Row (input) shards sharing one plan; worker w multiplies x[lo:hi] by W[lo:hi] (rows
+    zero-padded to plan.d_in) and the server adds the workers' output ciphertexts."""
+    rows = -(-d_in // parts)
+    bounds = [(w * rows, min(d_in, (w + 1) * rows)) for w in range(parts) if w * rows < d_in]
+    return plan_linear(rows, d_out, n), bounds
+
+
+def shard_cols(d_out: int, parts: int) -> list[tuple[int, int]]:
+    """Column (output) shards: worker w owns outputs lo:hi, a linear layer of its own."""
+    cols = -(-d_out // parts)
+    return [(w * cols, min(d_out, (w + 1) * cols)) for w in range(parts) if w * cols < d_out]
+
+
+def pad_rows(block: np.ndarray, rows: int) -> np.ndarray:
+    """Zero-pad a row shard (weights or input) to the shared plan's d_in."""
+    block = np.asarray(block, np.int64)
+    pad = [(0, rows - block.shape[0])] + [(0, 0)] * (block.ndim - 1)
+    if rows < block.shape[0]:
+        raise ShapeError(f"row shard of {block.shape[0]} rows exceeds plan rows {rows}")
+    return np.pad(block, pad)

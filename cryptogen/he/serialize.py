@@ -1,0 +1,95 @@
+"""Byte envelopes for everything that crosses between parties (CryptoGen HE layer).
+
+Layout (little endian)::
+
+    b"CGHE" | version u8 | kind u8 | params fingerprint (16) | key id (16)
+    | meta length u32 | meta (JSON) | payload length u64 | payload | sha256(all before)[:16]
+
+Steps on load: 1. length and magic, 2. checksum (truncation/corruption), 3. kind,
+4. parameter fingerprint, 5. key id. Each failure raises its own exception type
+(:mod:`cryptogen.he.errors`); messages carry kinds, lengths and fingerprints only.
+Who learns what: an envelope reveals its kind, parameters and key id (all public).
+Cost: one sha256 over the bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+from .errors import KeyMismatchError, ParameterMismatchError, SerializationError, WrongKindError
+
+MAGIC = b"CGHE"
+VERSION = 1
+KINDS = {"public_context": 1, "ciphertext": 2, "client_keys": 3, "kv_cache": 4, "cipher_list": 5,
+         "linear_weights": 6}
+_KIND_NAMES = {v: k for k, v in KINDS.items()}
+_HEAD = struct.Struct("<4sBB16s16sI")
+_DIGEST = 16
+
+
+def pack(kind: str, fingerprint: bytes, key_id: bytes, meta: dict, payload: bytes) -> bytes:
+    meta_b = json.dumps(meta, sort_keys=True).encode()
+    body = (_HEAD.pack(MAGIC, VERSION, KINDS[kind], fingerprint, key_id, len(meta_b)) + meta_b
+            + struct.pack("<Q", len(payload)) + payload)
+    return body + hashlib.sha256(body).digest()[:_DIGEST]
+
+
+def unpack(data: bytes, kind: str, fingerprint: bytes | None = None,
+           key_id: bytes | None = None) -> tuple[dict, bytes, bytes, bytes]:
+    """Check and open an envelope; returns (meta, payload, fingerprint, key_id)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise SerializationError(f"expected bytes for a {kind}, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) < _HEAD.size + 8 + _DIGEST:
+        raise SerializationError(f"{kind}: truncated envelope ({len(data)} bytes)")
+    magic, version, kcode, fp, kid, mlen = _HEAD.unpack_from(data)
+    if magic != MAGIC or version != VERSION:
+        raise SerializationError(f"{kind}: not a CryptoGen HE envelope (bad magic or version)")
+    off = _HEAD.size + mlen
+    if len(data) < off + 8 + _DIGEST:
+        raise SerializationError(f"{kind}: truncated envelope ({len(data)} bytes)")
+    (plen,) = struct.unpack_from("<Q", data, off)
+    end = off + 8 + plen
+    if len(data) != end + _DIGEST:
+        raise SerializationError(f"{kind}: truncated or padded envelope ({len(data)} bytes, expected {end + _DIGEST})")
+    if hashlib.sha256(data[:end]).digest()[:_DIGEST] != data[end:]:
+        raise SerializationError(f"{kind}: checksum mismatch (corrupted bytes)")
+    if kcode != KINDS[kind]:
+        raise WrongKindError(f"expected a {kind}, got a {_KIND_NAMES.get(kcode, 'unknown kind')}")
+    if fingerprint is not None and fp != fingerprint:
+        raise ParameterMismatchError(
+            f"{kind} was made under HE parameters {fp.hex()}, this context uses {fingerprint.hex()}")
+    if key_id is not None and kid != key_id:
+        raise KeyMismatchError(f"{kind} belongs to key set {kid.hex()}, this context holds {key_id.hex()}")
+    try:
+        meta = json.loads(data[_HEAD.size:off].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SerializationError(f"{kind}: unreadable metadata") from exc
+    return meta, data[off + 8:end], fp, kid
+
+
+def join_blobs(blobs: list[bytes]) -> bytes:
+    out = [struct.pack("<I", len(blobs))]
+    for b in blobs:
+        out.append(struct.pack("<Q", len(b)))
+        out.append(b)
+    return b"".join(out)
+
+
+def split_blobs(data: bytes) -> list[bytes]:
+    try:
+        (count,) = struct.unpack_from("<I", data, 0)
+        off, out = 4, []
+        for _ in range(count):
+            (n,) = struct.unpack_from("<Q", data, off)
+            off += 8
+            if off + n > len(data):
+                raise SerializationError("blob list truncated")
+            out.append(data[off:off + n])
+            off += n
+    except struct.error as exc:
+        raise SerializationError("blob list truncated") from exc
+    if off != len(data):
+        raise SerializationError("blob list has trailing bytes")
+    return out

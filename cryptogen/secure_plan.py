@@ -1,0 +1,80 @@
+"""Public HE layouts of a secure model: a pure function of (model shape, shard plan, N).
+
+Both parties compute the same layouts independently: the client needs them to place its
+shares in slots and to know which Galois keys to generate; the server to encode weights.
+Nothing here depends on weights or data.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .he.kvcache import KVLayout
+from .he.linear import LinearPlan, pad_rows, plan_linear
+from .model import GPTConfig
+
+EMBED_ROWS = 1024  # vocabulary rows per embedding shard: one output ciphertext each
+
+
+@lru_cache(maxsize=None)
+def linear_plan(d_in: int, d_out: int, n: int) -> LinearPlan:
+    return plan_linear(d_in, d_out, n)
+
+
+@dataclass(frozen=True)
+class LayerLayouts:
+    """One worker's share of one layer: its heads' q|k|v columns, their W_o rows, its FF slice."""
+
+    qkv: LinearPlan  # d -> 3 * len(heads) * d_head
+    o: LinearPlan  # len(heads) * d_head -> d
+    fc1: LinearPlan  # d -> ff_width
+    fc2: LinearPlan  # ff_width -> d
+
+
+def layer_layouts(cfg: GPTConfig, n_heads: int, ff_width: int, n: int) -> LayerLayouts:
+    dh = cfg.d_head
+    return LayerLayouts(qkv=linear_plan(cfg.n_embd, 3 * n_heads * dh, n), o=linear_plan(n_heads * dh, cfg.n_embd, n),
+                        fc1=linear_plan(cfg.n_embd, ff_width, n), fc2=linear_plan(ff_width, cfg.n_embd, n))
+
+
+def embed_shards(cfg: GPTConfig) -> list[tuple[int, int]]:
+    """Row ranges of the token-embedding table, one encrypted one-hot ciphertext each."""
+    return [(lo, min(cfg.vocab_size, lo + EMBED_ROWS)) for lo in range(0, cfg.vocab_size, EMBED_ROWS)]
+
+
+def embed_plan(cfg: GPTConfig, n: int) -> LinearPlan:
+    return linear_plan(min(EMBED_ROWS, cfg.vocab_size), cfg.n_embd, n)
+
+
+def head_plan(cfg: GPTConfig, n: int) -> LinearPlan:
+    return linear_plan(cfg.n_embd, cfg.vocab_size, n)
+
+
+def kv_layout(cfg: GPTConfig, n: int) -> KVLayout:
+    return KVLayout(cfg.d_head, n)
+
+
+def rotation_steps(cfg: GPTConfig, shard_plan, n: int) -> set[int]:
+    """Every Galois step any worker's kernels use (the client generates exactly these)."""
+    steps = set(kv_layout(cfg, n).rotation_steps())
+    steps |= embed_plan(cfg, n).rotation_steps() | head_plan(cfg, n).rotation_steps()
+    for w in shard_plan.workers:
+        for s in w.shards:
+            lay = layer_layouts(cfg, len(s.heads), s.ff_width, n)
+            for p in (lay.qkv, lay.o, lay.fc1, lay.fc2):
+                steps |= p.rotation_steps()
+    return steps
+
+
+def embed_onehot_shards(cfg, token: int, n: int) -> list[np.ndarray]:
+    """Client: the one-hot of ``token`` cut into the embedding row shards (zero padded)."""
+    plan = embed_plan(cfg, n)
+    out = []
+    for lo, hi in embed_shards(cfg):
+        v = np.zeros(hi - lo, np.int64)
+        if lo <= token < hi:
+            v[token - lo] = 1
+        out.append(pad_rows(v[:, None], plan.d_in)[:, 0])
+    return out

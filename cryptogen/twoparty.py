@@ -1,0 +1,130 @@
+"""Two-party HE steps of a transformer block: each function has a server half (holds
+weights and the encrypted KV cache, never a secret key) and a client half (holds the secret
+key, never a weight), run over one ``Channel`` (in-memory in tests, Ray in production).
+
+Construction: CryptoGen 2026 §3 data flow; S2H -> ct x pt / ct x ct (ARCC) -> H2S, with the
+conversions of ``cryptogen.he.convert`` (shares and plaintexts share the field Z_t).
+
+Steps of ``linear`` (y = x W + b for one token; x shared at scale 2^f):
+  1. client: Enc(layout(x_c)) -> server (S2H);
+  2. server: Enc(x) = Enc(x_c) + layout(x_s); Enc(y') = matmul_ct_pt_decode(W at 2^f);
+  3. server: H2S of each output ciphertext (mask r, re-randomise + flood, send), keeps r;
+  4. both read their share of y' (scale 2^(2f)) from the public output layout; the server
+     adds b (at 2^(2f)) to its share. Truncation to 2^f is a 2PC protocol (caller).
+Who learns what: the server sees ciphertexts only; the client sees y' - r (uniform).
+Cost: 1 ciphertext up, ``plan.decode_outputs`` down; ct x pt and rotations per ``LinearPlan``.
+
+Server -> client messages carry a one-byte tag so that a lazy noise refresh (the server
+asks the client to re-encrypt a cache ciphertext, ``he.arcc``) can interleave with results.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .he.arcc import (pv_decode, probs_cts_needed, probs_slots, qk_decode, query_slots, read_pv,
+                      read_scores)
+from .he.convert import ClientRole, h2s_server, s2h_server
+from .he.engine import ServerEngine
+from .he.kvcache import EncryptedKVCache, KVLayout
+from .he.linear import EncodedLinear, LinearPlan, matmul_ct_pt_decode
+
+TAG_RESULT, TAG_REFRESH = 1, 2
+
+
+class ProtocolError(RuntimeError):
+    """The two parties fell out of step (unexpected message)."""
+
+
+# ---- transport ------------------------------------------------------------------
+def send_ct(chan, data: bytes, tag: int = TAG_RESULT) -> None:
+    chan.send(np.frombuffer(bytes([tag]) + data, dtype=np.uint8))
+
+
+def _recv_tagged(chan) -> tuple[int, bytes]:
+    arr = chan.recv()
+    if arr.dtype != np.uint8 or arr.size < 2:
+        raise ProtocolError("expected a ciphertext message")
+    raw = arr.tobytes()
+    return raw[0], raw[1:]
+
+
+def recv_ct(chan, role: ClientRole | None = None) -> bytes:
+    """Next result ciphertext; on the client, serves refresh requests that come first."""
+    while True:
+        tag, data = _recv_tagged(chan)
+        if tag == TAG_RESULT:
+            return data
+        if tag == TAG_REFRESH and role is not None:
+            send_ct(chan, role.refresh(data))
+            continue
+        raise ProtocolError(f"unexpected message tag {tag}")
+
+
+class RemoteRefresh:
+    """Server-side stand-in for ``ClientRole`` in ``he.arcc``: refresh through the channel."""
+
+    def __init__(self, chan):
+        self.chan = chan
+
+    def refresh(self, data: bytes) -> bytes:
+        send_ct(self.chan, data, TAG_REFRESH)
+        return recv_ct(self.chan)
+
+
+def _h2s_send(chan, engine: ServerEngine, cipher, what: str) -> np.ndarray:
+    data, r = h2s_server(engine, cipher, what)
+    send_ct(chan, data)
+    return r
+
+
+# ---- linear: y = x W (+ b) ---------------------------------------------------------
+def linear_server(chan, engine: ServerEngine, enc: EncodedLinear, x_s: np.ndarray,
+                  bias_2f: np.ndarray | None = None) -> np.ndarray:
+    plan = enc.plan
+    x = s2h_server(engine, recv_ct(chan), plan.input_slots_decode(x_s))
+    shares = [_h2s_send(chan, engine, y, "linear output") for y in matmul_ct_pt_decode(enc, x)]
+    y_s = plan.read_output_decode(shares)
+    return y_s if bias_2f is None else np.mod(y_s + bias_2f, engine.config.t)
+
+
+def linear_client(chan, role: ClientRole, plan: LinearPlan, x_c: np.ndarray) -> np.ndarray:
+    send_ct(chan, role.s2h_send(plan.input_slots_decode(x_c)))
+    return plan.read_output_decode([role.h2s_receive(recv_ct(chan, role)) for _ in range(plan.decode_outputs)])
+
+
+# ---- KV append (slot-aware, no server rotation) --------------------------------------
+def kv_append_server(chan, cache: EncryptedKVCache, position: int, k_s: np.ndarray, v_s: np.ndarray) -> None:
+    k_c, v_c = recv_ct(chan), recv_ct(chan)
+    cache.append(position, k_c, k_s, v_c, v_s)
+
+
+def kv_append_client(chan, role: ClientRole, layout: KVLayout, position: int, k_c, v_c) -> None:
+    send_ct(chan, role.s2h_send(layout.token_slots(position, k_c)))
+    send_ct(chan, role.s2h_send(layout.token_slots(position, v_c)))
+
+
+# ---- ARCC: scores = q K^T and out = p V over the cache --------------------------------
+def scores_server(chan, engine: ServerEngine, cache: EncryptedKVCache, q_s: np.ndarray) -> np.ndarray:
+    lay = cache.layout
+    q = s2h_server(engine, recv_ct(chan), query_slots(lay, q_s))
+    outs = qk_decode(engine, cache, q, RemoteRefresh(chan))
+    return read_scores(lay, [_h2s_send(chan, engine, c, "attention scores") for c in outs], cache.length)
+
+
+def scores_client(chan, role: ClientRole, layout: KVLayout, length: int, q_c: np.ndarray) -> np.ndarray:
+    send_ct(chan, role.s2h_send(query_slots(layout, q_c)))
+    n_out = probs_cts_needed(layout, length)
+    return read_scores(layout, [role.h2s_receive(recv_ct(chan, role)) for _ in range(n_out)], length)
+
+
+def values_server(chan, engine: ServerEngine, cache: EncryptedKVCache, p_s: np.ndarray) -> np.ndarray:
+    lay = cache.layout
+    ps = [s2h_server(engine, recv_ct(chan), probs_slots(lay, p_s, c)) for c in range(len(cache.v))]
+    out = pv_decode(engine, cache, ps, RemoteRefresh(chan))
+    return read_pv(lay, _h2s_send(chan, engine, out, "attention output"))
+
+
+def values_client(chan, role: ClientRole, layout: KVLayout, length: int, p_c: np.ndarray) -> np.ndarray:
+    for c in range(probs_cts_needed(layout, length)):
+        send_ct(chan, role.s2h_send(probs_slots(layout, p_c, c)))
+    return read_pv(layout, role.h2s_receive(recv_ct(chan, role)))

@@ -1,0 +1,88 @@
+"""The per-token driver: secure prefill over the prompt, then decode steps.
+
+It reads like ``Block.forward``: each call to ``self.stage`` is one stage of the data flow
+(DESIGN §3), run by the client and the workers that serve it, and the stage names are the
+metric labels. The driver is server-side: it never sees a token, a share or a logit; it
+only passes the server's own shares between workers (as Ray object refs) and knows the
+public counts (prompt length, tokens asked for).
+
+A ``runner`` executes stages: ``InProcessRunner`` (both parties as threads, for tests) or
+``RayRunner`` (client actor + worker actors; fans out, one ``ray.get`` per token).
+Modes: ``kv-reuse`` keeps the encrypted KV cache across steps; ``recompute`` (the BOLT-style
+baseline) clears it and re-runs the whole prefix for every new token, on the same kernels.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+MODES = ("kv-reuse", "recompute")
+
+
+class DriverError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    position: int
+    phase: str  # prefill | decode
+    seconds: float
+
+
+class Driver:
+    def __init__(self, runner, cfg, plan, mode: str = "kv-reuse", ends_worker: int = 0):
+        if mode not in MODES:
+            raise DriverError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.r, self.cfg, self.plan, self.mode, self.ends = runner, cfg, plan, mode, ends_worker
+
+    # ---- one token through the model ---------------------------------------------------
+    def forward(self, position: int, want_logits: bool) -> None:
+        x = self.stage("embed", [self.ends], client=(position,), server=(position,))[self.ends]
+        partials: list = []
+        for layer in range(self.cfg.n_layer):
+            lead, owners = self.plan.lead(layer), [w for w, _ in self.plan.owners(layer)]
+            x = self.stage("layernorm", [lead], client=(), server=(layer, "ln_1", x, *partials))[lead]
+            partials = self.stage("attention", owners, client=(layer, position), server=(layer, position, x))
+            x = self.stage("layernorm", [lead], client=(), server=(layer, "ln_2", x, *partials.values()))[lead]
+            partials = self.stage("mlp", owners, client=(layer,), server=(layer, x))
+            partials = list(partials.values())
+        if want_logits:
+            self.stage("head", [self.ends], client=(), server=(x, *partials))
+
+    def stage(self, name: str, workers: list[int], client: tuple, server: tuple) -> dict:
+        return self.r.stage(name, workers, client, server)
+
+    # ---- generation ------------------------------------------------------------------------
+    def prefill(self, n_prompt: int) -> StepTiming:
+        t0 = time.perf_counter()
+        for pos in range(n_prompt):
+            self.forward(pos, want_logits=pos == n_prompt - 1)
+        self.r.barrier()
+        return StepTiming(n_prompt - 1, "prefill", time.perf_counter() - t0)
+
+    def decode_one_token(self, position: int) -> StepTiming:
+        t0 = time.perf_counter()
+        if self.mode == "recompute":
+            self.r.reset_cache()
+            for pos in range(position):
+                self.forward(pos, want_logits=False)
+        self.forward(position, want_logits=True)
+        self.r.barrier()
+        return StepTiming(position, "decode", time.perf_counter() - t0)
+
+    def generate(self, n_prompt: int, max_new_tokens: int, on_step=None) -> list[StepTiming]:
+        """Runs prefill and decode steps; the client samples each token inside the ``head`` stage."""
+        if n_prompt < 1:
+            raise DriverError("the prompt is empty")
+        if n_prompt + max_new_tokens > self.cfg.n_positions + 1:
+            raise DriverError(f"{n_prompt} prompt tokens + {max_new_tokens} new tokens exceed the context "
+                              f"of {self.cfg.n_positions}")
+        timings = [self.prefill(n_prompt)]
+        if on_step:
+            on_step(timings[-1])
+        for i in range(1, max_new_tokens):
+            timings.append(self.decode_one_token(n_prompt + i - 1))
+            if on_step:
+                on_step(timings[-1])
+        return timings

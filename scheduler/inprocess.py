@@ -1,0 +1,79 @@
+"""In-process runner: the client and every worker as threads of one process, linked by
+in-memory channels (like SPU's ``simulate`` / CrypTen's in-process communicator).
+
+Same ``ClientSession`` / ``ServerShard`` code as the Ray deployment; used by the two-party
+tests and for debugging. Each stage runs the client half and the serving workers' halves
+concurrently and joins them; the server halves' results are passed on as plain values.
+"""
+from __future__ import annotations
+
+import threading
+
+from cryptogen import secure_plan as sp
+from cryptogen.he.keys import ClientKeys
+from cryptogen.he.params import HEConfig
+from cryptogen.mpc.channel import channel_pair
+from cryptogen.mpc.party import Party
+from cryptogen.mpc.provider import DealerProvider
+
+from ..client.session import ClientSession
+from ..workers.shard import ServerShard
+
+
+def _run_threads(jobs: dict) -> dict:
+    out, errs = {}, {}
+
+    def run(key, fn):
+        try:
+            out[key] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errs[key] = e
+
+    threads = [threading.Thread(target=run, args=(k, fn)) for k, fn in jobs.items()]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errs:
+        raise next(iter(errs.values()))
+    return out
+
+
+class InProcessRunner:
+    sid = "local"
+
+    def __init__(self, model, plan, prompt_ids, sampler=None, he_config: HEConfig | None = None,
+                 provider_factory=DealerProvider, keys: ClientKeys | None = None):
+        cfg = model.config
+        self.he_config = he_config or HEConfig()
+        steps = sp.rotation_steps(cfg, plan, self.he_config.n)
+        self.keys = keys or ClientKeys.generate(self.he_config, steps)
+        public = self.keys.public_context_bytes()
+        self.shards = {w.worker: ServerShard(model, w, public, holds_ends=w.worker == 0,
+                                             lead_layers={l for l in range(cfg.n_layer) if plan.lead(l) == w.worker})
+                       for w in plan.workers}
+        for shard in self.shards.values():
+            shard.open_session(self.sid)
+        self.client = ClientSession(cfg, plan, self.keys, prompt_ids, sampler)
+        self.client_parties, self.server_parties = {}, {}
+        for w in self.shards:
+            cc, sc = channel_pair(timeout=300)
+            provider = provider_factory()
+            self.client_parties[w] = Party("client", cc, provider, self.he_config.fixed_point)
+            self.server_parties[w] = Party("server", sc, provider, self.he_config.fixed_point)
+            _run_threads({"c": self.client_parties[w].handshake, "s": self.server_parties[w].handshake})
+
+    def stage(self, name: str, workers: list[int], client: tuple, server: tuple) -> dict:
+        parties = {w: self.client_parties[w] for w in workers}
+        jobs = {"client": lambda: getattr(self.client, name)(parties, *client)}
+        for w in workers:
+            jobs[w] = (lambda w=w: getattr(self.shards[w], name)(self.server_parties[w], self.sid, *server))
+        out = _run_threads(jobs)
+        return {w: out[w] for w in workers}
+
+    def barrier(self) -> None:
+        """Stages run synchronously here: nothing is outstanding."""
+
+    def reset_cache(self) -> None:
+        for shard in self.shards.values():
+            shard.reset_cache(self.sid)

@@ -1,79 +1,113 @@
-"""The 2PC/HE ``Channel`` over Ray: client actor <-> server worker, point to point.
+"""The 2PC/HE ``Channel`` between a client actor and a server worker: a direct TCP stream.
 
-Each actor owns a :class:`Mailbox`; sending is a fire-and-forget ``deliver`` call on the
-peer actor (one hop, no driver in between), receiving blocks on the local mailbox. Actors
-run with ``max_concurrency > 1`` so ``deliver`` is served while a protocol thread waits.
-Threaded actors may run calls out of order, so every message carries a sequence number
-and the mailbox hands them out in order. Messages are numpy arrays (ciphertexts travel
-as ``uint8`` arrays of their serialized bytes).
+Protocols exchange thousands of small messages per token (a LayerNorm alone is ~120
+rounds), so messages do not go through Ray calls (~1-5 ms each here) but over one TCP
+connection per (session, worker) link, set up through Ray: the worker listens, the
+client dials. On one node the link uses 127.0.0.1; across nodes the worker's node IP.
+Framing is a fixed header (dtype code, rank, shape) plus the raw array bytes: no pickle,
+so a peer can only ever send arrays of the four dtypes the protocols use.
 """
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
+import socket
+import struct
 
 import numpy as np
 
 from cryptogen.mpc.channel import Channel
 from cryptogen.mpc.errors import ChannelError
 
-_CLOSED = "closed"
+_DTYPES = [np.dtype(np.int64), np.dtype(np.uint8), np.dtype(np.float64), np.dtype(np.bool_)]
+_HEAD = struct.Struct("<BB")
+_MAX_RANK = 8
+_CLOSE = 255
 
 
-class Mailbox:
-    """Per-actor inboxes keyed by link name; each link delivers in sequence order."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._msgs: dict[str, dict[int, object]] = defaultdict(dict)
-        self._next: dict[str, int] = defaultdict(int)
-
-    def put(self, link: str, seq: int, msg) -> None:
-        with self._cond:
-            self._msgs[link][seq] = msg
-            self._cond.notify_all()
-
-    def get(self, link: str, timeout: float):
-        with self._cond:
-            seq = self._next[link]
-            if not self._cond.wait_for(lambda: seq in self._msgs[link], timeout=timeout):
-                raise ChannelError(f"no message on link {link!r} within {timeout:.0f} s (the peer may have died)")
-            self._next[link] = seq + 1
-            return self._msgs[link].pop(seq)
-
-    def reset(self, link: str) -> None:
-        with self._cond:
-            self._msgs.pop(link, None)
-            self._next.pop(link, None)
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ChannelError("the peer closed the connection (it failed or finished early)")
+        got += k
+    return bytes(buf)
 
 
-class RayChannel(Channel):
-    """One end of a link: sends with ``peer.deliver.remote(link, seq, msg)``."""
-
-    def __init__(self, peer, mailbox: Mailbox, send_link: str, recv_link: str, timeout: float = 300.0):
+class SocketChannel(Channel):
+    def __init__(self, sock: socket.socket, timeout: float = 300.0):
         super().__init__()
-        self.peer, self.mailbox = peer, mailbox
-        self.send_link, self.recv_link, self.timeout = send_link, recv_link, timeout
-        self._seq = 0
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(timeout)
+        self.sock, self.timeout = sock, timeout
 
     def _send_raw(self, arr: np.ndarray) -> None:
-        self.peer.deliver.remote(self.send_link, self._seq, arr)
-        self._seq += 1
+        if arr.dtype not in _DTYPES or arr.ndim > _MAX_RANK:
+            raise ChannelError(f"cannot send an array of dtype {arr.dtype} and rank {arr.ndim}")
+        head = _HEAD.pack(_DTYPES.index(arr.dtype), arr.ndim) + struct.pack(f"<{arr.ndim}q", *arr.shape)
+        try:
+            self.sock.sendall(head + np.ascontiguousarray(arr).tobytes())
+        except OSError as e:
+            raise ChannelError(f"send failed: {e.__class__.__name__}") from None
 
     def _recv_raw(self) -> np.ndarray:
-        msg = self.mailbox.get(self.recv_link, self.timeout)
-        if isinstance(msg, str) and msg == _CLOSED:
-            raise ChannelError("the peer closed the channel (it failed or finished early)")
-        return msg
+        try:
+            code, rank = _HEAD.unpack(_recv_exact(self.sock, _HEAD.size))
+            if code == _CLOSE:
+                raise ChannelError("the peer closed the channel (it failed or finished early)")
+            if code >= len(_DTYPES) or rank > _MAX_RANK:
+                raise ChannelError("malformed message header from the peer")
+            shape = struct.unpack(f"<{rank}q", _recv_exact(self.sock, 8 * rank))
+            if any(s < 0 for s in shape):
+                raise ChannelError("malformed message shape from the peer")
+            dtype = _DTYPES[code]
+            n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            return np.frombuffer(_recv_exact(self.sock, n), dtype=dtype).reshape(shape)
+        except socket.timeout:
+            raise ChannelError(f"no message from the peer within {self.timeout:.0f} s (it may have died)") from None
+        except OSError as e:
+            raise ChannelError(f"receive failed: {e.__class__.__name__}") from None
 
     def close(self) -> None:
-        self.peer.deliver.remote(self.send_link, self._seq, _CLOSED)
-        self._seq += 1
+        try:
+            self.sock.sendall(_HEAD.pack(_CLOSE, 0))
+        except OSError:
+            pass
+        self.sock.close()
+
+    def abort(self) -> None:
+        """Unblock a receive waiting on a dead peer (from another thread)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
-def bytes_to_array(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype=np.uint8)
+class Listener:
+    """Worker side: a listening socket for one link; ``accept`` returns the channel."""
+
+    def __init__(self, host: str):
+        self.sock = socket.create_server((host, 0))
+        self.host, self.port = host, self.sock.getsockname()[1]
+
+    def accept(self, timeout: float = 120.0) -> SocketChannel:
+        self.sock.settimeout(timeout)
+        try:
+            conn, _ = self.sock.accept()
+        except socket.timeout:
+            raise ChannelError(f"the client did not connect to {self.host}:{self.port} within {timeout:.0f} s") from None
+        finally:
+            self.sock.close()
+        return SocketChannel(conn)
 
 
-def array_to_bytes(arr: np.ndarray) -> bytes:
-    return np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+def dial(host: str, port: int, timeout: float = 30.0) -> SocketChannel:
+    try:
+        return SocketChannel(socket.create_connection((host, port), timeout=timeout))
+    except OSError as e:
+        raise ChannelError(f"cannot connect to worker at {host}:{port}: {e.__class__.__name__}") from None
+
+
+def link_host(my_ip: str, peer_ip: str) -> str:
+    """Loopback when both ends share a node, else this node's address."""
+    return "127.0.0.1" if my_ip == peer_ip else my_ip

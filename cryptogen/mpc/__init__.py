@@ -13,7 +13,8 @@ from .errors import (ChannelError, FieldValueError, MPCError, ProviderError, Ran
 from .gelu import gelu, gelu_ref
 from .layernorm import layernorm, layernorm_ref
 from .party import Party, reconstruct, share, simulate
-from .provider import Dealer, DealerProvider, Source
+from .provider import Dealer, DealerProvider, DealerService, ServiceDealerProvider, Source
+from .provider_he import HEProvider
 from .softmax import causal_mask, max_last, softmax
 
 __all__ = [n for n in dir() if not n.startswith("_")]

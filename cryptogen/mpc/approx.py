@@ -14,7 +14,7 @@ exp_neg(x): x at scale 2^f, returns e^x at scale 2^20.
   3. p = 1 + z + z^2 (1/2 + z/6)   (2 product levels);  4. e = p^32 (5 squarings).
   Error: |e^x - result| <= 6e-6 (approximation) + <= ~2e-4 worst case (truncations,
   amplified by the squarings; typically ~1e-5). x < -16 returns e^-16 (error <= 1.2e-7).
-  Cost: 8 (clip) + 1 + 7 x (1 + 7) = 64 rounds; ~7 truncations + 1-2 DReLU per element.
+  Cost: 8 (clip) + 1 + 7 x (1 + 7) = 65 rounds; 7 truncations + 1-2 DReLU per element.
 
 reciprocal(x, lo, hi): 1/x for x in [lo, hi] (x clipped into that range), scales given.
   1. bits [x >= tau_j] for tau_j = lo * 2^(j/2) (one DReLU batch, 8 rounds);

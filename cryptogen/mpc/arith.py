@@ -13,23 +13,37 @@ mul_ss (elementwise, x*y):
   2. each party sends its shares of d = x - a and e = y - b (one message of 2n elements);
   3. both open d, e; z = c + d*b + e*a (+ d*e on the client).
   Learned: d, e, uniform in Z_t because a, b are uniform and unknown to either party.
-  Cost: 1 round, 2n field elements (8 bytes each) sent per party, n triples.
+  Cost: 1 round, 2n field elements (6 bytes each on the wire) sent per party, n triples.
 matmul_ss (X (m,k) @ Y (k,n)): same with a matrix triple; 1 round, mk+kn elements per party.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..field import add, matmul, mul, mul_const, sub
+from ..field import add, matmul, mul, sub
 from .errors import ShapeError
 from .provider import check_shape
 
 
+WIRE_BYTES = 6  # a field element (< 2^42) travels as its 6 low little-endian bytes
+
+
+def pack_elements(x: np.ndarray) -> np.ndarray:
+    """Field elements -> (n, 6) uint8 wire form."""
+    return np.ascontiguousarray(x, dtype="<i8").reshape(-1).view(np.uint8).reshape(-1, 8)[:, :WIRE_BYTES].copy()
+
+
+def unpack_elements(b: np.ndarray, shape) -> np.ndarray:
+    full = np.zeros((b.shape[0], 8), np.uint8)
+    full[:, :WIRE_BYTES] = b
+    return full.reshape(-1).view("<i8").astype(np.int64).reshape(shape)
+
+
 def open_(p, x: np.ndarray) -> np.ndarray:
-    """Both parties learn x. One round, x.size elements sent per party."""
+    """Both parties learn x. One round, 6 bytes per element sent per party."""
     p.check(x)
-    p.chan.send(x)
-    other = p.chan.recv(shape=x.shape, dtype=np.int64)
+    p.chan.send(pack_elements(x))
+    other = unpack_elements(p.chan.recv(shape=(x.size, WIRE_BYTES), dtype=np.uint8), x.shape)
     p.check(other)
     out = add(x, other, p.t)
     if p.chan.record:  # test hook: what this party learned

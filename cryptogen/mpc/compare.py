@@ -14,24 +14,24 @@ needed, so the 42-bit field suffices (fails with probability 0).
 
 gt_public(bits of r, c) -> [r > c]
   1. local g_i, e_i;  2. ceil(log2 L) = 6 levels, each one batched Beaver round.
-  Cost: 6 rounds; about 2L = 82 triples and 164 elements sent per party per element.
+  Cost: 6 rounds; 81 triples and 162 elements (972 bytes) sent per party per element (L = 42).
 
 trunc(x, k) -> round(x / 2^k) + e, e in {-1, 0, 1}; result - x/2^k in [-1.5, 1.5] ulp.
-  Input range: -2^41 <= x < 2^41 - 2^22 (signed value; the whole usable field).
+  Input range: -2^41 <= x < 2^41 - 2^22 - 2^(k-1) (signed value; nearly the whole field).
   1. x' = x + B + 2^(k-1) with B = 2^41 (client adds): x' in [0, t) as an integer;
   2. open c = x' + r mod t (uniform); both learn c only;
   3. w = [c < r] (gt_public);  then x' = c - r + w t over the integers, so
      floor(x'/2^k) = c_h - r_h + w t_h + carry, carry = floor((c_l - r_l + w t_l)/2^k) in {-1,0,1}
      (subscripts h/l: high part / low k bits; r_h is a public combination of shared bits);
   4. output c_h - r_h + w t_h - B/2^k (the carry is the +-1 ulp error).
-  Cost: 1 + 6 = 7 rounds, ~82 triples + 1 solved-bits item per element;
-  bytes per element per party: 8 (open) + ~656 (tree).
+  Cost: 1 + 6 = 7 rounds, 81 triples + 1 solved-bits item per element;
+  bytes per element per party: 6 (open) + 972 (tree) = 978.
 
 drelu(x) -> [x >= 0] for the signed value of x, exact for EVERY field element
   (x >= 0 <=> 2x mod t is even, as t is odd; Nishide–Ohta's LSB trick):
   1. y = 2x mod t (local);  2. open c = y + r;  3. lsb(y) = c_0 XOR r_0 XOR [c < r]
   (y = c - r + t[c < r] and t is odd);  4. drelu = 1 - lsb(y).
-  Cost: 1 + 6 + 1 = 8 rounds, ~83 triples + 1 solved-bits item per element.
+  Cost: 1 + 6 + 1 = 8 rounds, 82 triples + 1 solved-bits item per element (990 bytes per party).
 
 Who learns what: each party learns only c (uniform) and the Beaver openings (uniform).
 """

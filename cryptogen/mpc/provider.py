@@ -7,7 +7,7 @@ Kinds (all over Z_t, additive shares):
 * ``bits``    — "solved bits" (Damgård–Fitzi–Kiltz–Nielsen–Toft 2006): a uniform r in Z_t
   together with shares of each of its L = bitlen(t) bits; used by truncation and DReLU.
 
-A *provider* (``DealerProvider`` here, ``HEProvider`` in ``provider_hE.py``) hands each party a
+A *provider* (``DealerProvider`` here, ``HEProvider`` in ``provider_he.py``) hands each party a
 *source*: ``provider.source(role, channel, party)``. A source keeps a FIFO pool per kind;
 ``preprocess(...)`` fills it ahead of time (offline phase) and the protocols consume from it
 (online). Both parties consume identical amounts in identical order, so their pools stay
@@ -238,3 +238,74 @@ def check_shape(*arrays) -> tuple:
     if len(shapes) != 1:
         raise ShapeError(f"operand shapes differ: {sorted(shapes)}")
     return shapes.pop()
+
+
+# ------------------------------------------------------------------------------------------
+class DealerService:
+    """A Dealer that serves each party its own bundles on request (the shape of a Ray actor).
+
+    Each party asks ``fetch(role, seq, kind, count, key)`` with its own running sequence
+    number; both parties make the same requests in the same order, so request ``seq`` of the
+    client and of the server are the two halves of one dealer output. The first of the two to
+    arrive makes the output and keeps the other half until its owner fetches it.
+    """
+
+    def __init__(self, dealer: Dealer | None = None, t: int = DEFAULT_T):
+        self.dealer = dealer or Dealer(t)
+        self.tag = "dealer-service:" + os.urandom(8).hex()
+        self._lock = threading.Lock()
+        self._pending: dict = {}
+
+    def fetch(self, role: str, seq: int, kind: str, count: int, key=None) -> dict:
+        other = "server" if role == "client" else "client"
+        with self._lock:
+            item = self._pending.pop((role, seq), None)
+            if item is not None:
+                if item[0] != (kind, count, key):
+                    raise ProviderError("the two parties requested different correlated randomness")
+                return item[1]
+            bundles = self._make(kind, count, key)
+            mine, theirs = bundles if role == "client" else bundles[::-1]
+            self._pending[(other, seq)] = ((kind, count, key), theirs)
+            return mine
+
+    def _make(self, kind, count, key):
+        if kind == "triple":
+            return self.dealer.triples(count)
+        if kind == "bits":
+            return self.dealer.solved_bits(count)
+        if kind == "matrix":
+            return self.dealer.matrix_triples(count, *key)
+        raise ProviderError(f"unknown kind {kind!r}")
+
+
+class FetchSource(Source):
+    """A party's source that pulls its bundles from a dealer through ``fetch`` (e.g. a Ray call)."""
+
+    name = "dealer"
+
+    def __init__(self, role: str, t: int, fetch):
+        super().__init__(role, t)
+        self.fetch, self.seq = fetch, 0
+
+    def _refill(self, kind, count, key=None):
+        bundle = self.fetch(self.role, self.seq, kind, count, key)
+        self.seq += 1
+        self._push(kind, tuple(bundle[f] for f in _FIELDS[kind]), key)
+
+
+class ServiceDealerProvider:
+    """Provider over a ``DealerService`` (in-process here; a Ray actor handle's fetch later)."""
+
+    name = "dealer"
+
+    def __init__(self, service: DealerService | None = None, fetch=None, tag: str | None = None):
+        self.service = service or DealerService()
+        self.fetch = fetch or self.service.fetch
+        self.tag = tag or self.service.tag
+
+    def source(self, role, channel=None, party=None) -> FetchSource:
+        t = party.t if party is not None else self.service.dealer.t
+        if t != self.service.dealer.t:
+            raise ProviderError("dealer and party use different field moduli")
+        return FetchSource(role, t, self.fetch)

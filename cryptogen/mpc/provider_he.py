@@ -28,6 +28,8 @@ The secret key exists only in the client's source; the server's source holds a
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from ..field import DEFAULT_T, add, mul, random_elements, sub
@@ -70,8 +72,21 @@ class _HESource(Source):
         self.config, self.chan, self.party = config, channel, party
         self.min_batch = {"triple": config.n, "bits": 256, "matrix": 1}
         self._ready = False
+        self.consumed_offline: Counter = Counter()
+
+    def counters(self) -> dict:
+        return dict(super().counters(), consumed_offline=dict(self.consumed_offline))
 
     def _refill(self, kind, count, key=None):
+        before = Counter(self.consumed)
+        try:
+            self._refill_offline(kind, count, key)
+        finally:  # triples used to make solved bits are offline work, not online consumption
+            used = self.consumed - before
+            self.consumed -= used
+            self.consumed_offline += used
+
+    def _refill_offline(self, kind, count, key):
         with self.chan.phase("offline"):
             if not self._ready:
                 self._setup()

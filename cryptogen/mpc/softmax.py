@@ -14,21 +14,23 @@ softmax(x, causal=False, mask=None)   x at scale 2^f (scores), output at scale 2
   2. m = max_last(x);  d = x - m <= 0 (local);
   3. e = exp_neg(d) at 2^20 (clips d at -16: e^-16 = 1.1e-7 is the error for those entries);
   4. masked entries of e set to 0 (local; the mask is public);  S = sum e in [1, n] (local);
-  5. y = 1/S by ``reciprocal`` over [1, n] at 2^20;  6. p = round(e * y / 2^28) at 2^f.
+  5. y = 1/S by ``reciprocal`` over [1, n] at 2^20;  6. p = round(e * y / 2^28) at 2^f,
+     masked entries set to exactly 0 (local).
   Causal mask (prefill): with x of shape (..., r, c), row i keeps columns j <= i + (c - r)
   (the last r query positions over c keys; r = c for a fresh prompt).
   Range: any |x| < 2^(39-f) (2^27 at f=12); no clipping is needed beyond step 3.
-  Error (measured, docs/MPC.md): max abs ~3e-4 at f=12 (output quantisation 1.2e-4 + 1.5 ulp
+  Error (measured, docs/MPC.md): max abs <= 4.2e-4 at f=12 (output quantisation 1.2e-4 + 1.5 ulp
   truncation + exp/reciprocal error).
-  Cost per row of n: max tree + 64 (exp) + 8 + 1 + 48 (reciprocal) + 8 rounds.
+  Cost per row of n: 9 ceil(log2 n) (max tree) + 65 (exp) + 57 (reciprocal) + 8 rounds
+  (211 for n = 512); measured bytes in docs/MPC.md.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..field import add, neg, sub
+from ..field import add, sub
 from .approx import EXP_SCALE, exp_neg, reciprocal
-from .arith import add_sp, mul_ss, public
+from .arith import mul_ss, public
 from .compare import drelu, trunc
 from .errors import ShapeError
 
@@ -78,7 +80,8 @@ def softmax(p, x: np.ndarray, causal: bool = False, mask=None) -> np.ndarray:
     n = x.shape[-1]
     y = reciprocal(p, s, 1.0, float(max(n, 2)), EXP_SCALE, EXP_SCALE)
     prod = mul_ss(p, e, np.broadcast_to(y[..., None], e.shape))
-    return trunc(p, prod, 2 * EXP_SCALE - p.fp.frac_bits)
+    out = trunc(p, prod, 2 * EXP_SCALE - p.fp.frac_bits)
+    return out if valid is None else np.where(np.broadcast_to(valid, out.shape), out, 0)
 
 
 def _valid(shape, causal, mask):

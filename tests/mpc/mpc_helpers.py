@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from cryptogen.field import DEFAULT_T, FixedPoint
 from cryptogen.mpc import DealerProvider, reconstruct, share, simulate

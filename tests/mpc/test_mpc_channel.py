@@ -39,7 +39,7 @@ def test_open_counts_bytes_and_rounds():
     assert np.array_equal(c, x) and np.array_equal(s, x)
     for role in ("client", "server"):
         on = st[role]["channel"]["online"]
-        assert on == dict(bytes_sent=80, bytes_recv=80, msgs_sent=1, rounds=1)
+        assert on == dict(bytes_sent=60, bytes_recv=60, msgs_sent=1, rounds=1)
     assert st["provider"] == "dealer"
 
 
@@ -48,7 +48,7 @@ def test_mul_counts_one_round_and_triples():
     st = {}
     simulate(mul_ss, (xc, xc), (xs, xs), stats=st)
     assert st["client"]["channel"]["online"]["rounds"] == 1
-    assert st["client"]["channel"]["online"]["bytes_sent"] == 2 * 7 * 8
+    assert st["client"]["channel"]["online"]["bytes_sent"] == 2 * 7 * 6
     assert st["client"]["randomness"]["consumed"] == {"triple": 7}
 
 

@@ -1,0 +1,77 @@
+"""Secure generation from the user's process: start the client actor (client trust domain),
+hand the server its public context, let the server's driver run the stages, and stream
+the tokens the client actor samples.
+
+In the embedded deployment the user's process is also the Ray driver, so both sides are
+wired here; the boundary is kept in the code: the scheduler objects (``ServerPool``,
+``Driver``) receive only the public context and public counts, and only this module reads
+tokens or logits, from the client actor.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from cryptogen.cluster.connect import connect
+from cryptogen.he.params import HEConfig
+from cryptogen.sampling import SamplingConfig
+from cryptogen.scheduler.driver import Driver, StepTiming
+from cryptogen.scheduler.plan import make_plan
+from cryptogen.scheduler.ray_runner import RayRunner, ServerPool
+
+from .actor import ClientActor
+
+
+@dataclass
+class SecureResult:
+    tokens: list[int]
+    timings: list[StepTiming]
+    logits: list = field(default_factory=list)
+    worker_nodes: list[str] = field(default_factory=list)
+    provider: str = "dealer"
+
+
+class SecureGenerator:
+    """A client + server pool on a Ray cluster; ``generate`` may be called for many prompts."""
+
+    def __init__(self, model, workers: int = 1, mode: str = "kv-reuse", address: str | None = None,
+                 provider: str = "dealer", layer_groups: int = 1, he_config: HEConfig | None = None):
+        connect(address)
+        self.cfg, self.mode = model.config, mode
+        self.plan = make_plan(self.cfg.n_layer, self.cfg.n_head, self.cfg.d_ff, workers, layer_groups)
+        self.he_config = he_config or HEConfig()
+        here = ray.get_runtime_context().get_node_id()  # the client actor stays on the user's node
+        self.client = ClientActor.options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
+        ).remote(self.cfg, self.plan, self.he_config)
+        public = ray.get(self.client.public_context.remote())
+        self.pool = ServerPool(model, self.plan, public, self.he_config.fixed_point, provider)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+                 on_token=None, on_step=None, keep_logits: bool = False) -> SecureResult:
+        sid = uuid.uuid4().hex[:12]
+        n_prompt = ray.get(self.client.open_session.remote(sid, list(prompt_ids), sampling))
+        try:
+            self.pool.connect(sid, self.client)
+            driver = Driver(RayRunner(self.pool, self.client, sid), self.cfg, self.plan, self.mode)
+            seen: list[int] = []
+
+            def step(timing: StepTiming):
+                new = ray.get(self.client.new_tokens.remote(sid, len(seen)))  # the user's side reads tokens
+                seen.extend(new)
+                if on_token:
+                    for tok in new:
+                        on_token(tok)
+                if on_step:
+                    on_step(timing, len(seen))
+
+            timings = driver.generate(n_prompt, max_new_tokens, on_step=step)
+            logits = ray.get(self.client.logits.remote(sid)) if keep_logits else []
+            return SecureResult(seen, timings, logits, self.pool.node_ids(), self.pool.provider_name)
+        finally:
+            self.client.close.remote(sid)
+            self.pool.close(sid)
+

@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+import torch
+
+from cryptogen.mpc import (RangeError, exp_neg, gelu, layernorm, max_last, reciprocal, rsqrt, softmax)
+
+from mpc_helpers import FP, make_rng, run1
+
+PROVIDERS = ["dealer", pytest.param("he", marks=pytest.mark.he_provider)]
+
+
+def q(x):
+    """The fixed-point value the protocol actually receives."""
+    return FP.decode(FP.encode(x))
+
+
+def test_exp_neg_in_range_and_clipped():
+    rng = make_rng()
+    x = np.concatenate([-np.abs(rng.normal(0, 5, 400)), [0.0, -16.0, -30.0, -1e3, 3.0]])
+    y = run1(lambda p, a: exp_neg(p, a), x, out_scale=20)
+    ref = torch.exp(torch.tensor(np.minimum(q(x), 0.0))).numpy()
+    assert np.abs(y - ref).max() < 3e-4
+    assert abs(y[-1] - 1.0) < 3e-4  # x > 0 is clipped to 0
+
+
+def test_reciprocal():
+    rng = make_rng()
+    x = np.concatenate([rng.uniform(1, 512, 200), [1.0, 512.0, 0.25, 4000.0]])
+    y = run1(lambda p, a: reciprocal(p, a, 1.0, 512.0, FP.frac_bits, 20), x, out_scale=20)
+    ref = 1.0 / np.clip(q(x), 1.0, 512.0)
+    assert np.abs(y - ref).max() < 1e-5
+
+
+def test_reciprocal_bad_range():
+    with pytest.raises(RangeError):
+        run1(lambda p, a: reciprocal(p, a, 0.0, 1.0, 12, 20), np.ones(2))
+
+
+def test_rsqrt():
+    rng = make_rng()
+    x = np.exp(rng.uniform(np.log(0.05), np.log(5000), 200))
+    y = run1(lambda p, a: rsqrt(p, a, FP.frac_bits, 0.05, 5000.0, 16), x, out_scale=16)
+    ref = 1.0 / np.sqrt(q(x))
+    assert np.abs(y / ref - 1).max() < 2e-3
+
+
+def test_max_exact_with_mask():
+    rng = make_rng()
+    x = rng.normal(0, 30, (5, 37))
+    mask = rng.random((5, 37)) < 0.7
+    mask[:, 0] = True
+    y = run1(lambda p, a: max_last(p, a, mask), x)
+    assert np.array_equal(y, np.where(mask, q(x), -np.inf).max(-1))
+
+
+def _softmax_ref(x, valid):
+    t = torch.tensor(q(x)).masked_fill(~torch.tensor(valid), float("-inf"))
+    return torch.softmax(t, -1).numpy()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_softmax_causal_prefill(provider):
+    rng = make_rng()
+    r, c = (6, 10) if provider == "he" else (16, 128)
+    x = rng.normal(0, 8, (r, c)).clip(-30, 30)
+    y = run1(lambda p, a: softmax(p, a, causal=True), x, provider=provider)
+    valid = np.arange(c)[None] <= np.arange(r)[:, None] + (c - r)
+    assert np.abs(y - _softmax_ref(x, valid)).max() < 1e-3
+    assert np.all(y[~valid] == 0)
+
+
+def test_softmax_wide_scores_and_mask():
+    rng = make_rng()
+    x = rng.normal(0, 300, (4, 33))
+    mask = rng.random((4, 33)) < 0.5
+    mask[:, 3] = True
+    y = run1(lambda p, a: softmax(p, a, mask=mask), x)
+    assert np.abs(y - _softmax_ref(x, mask)).max() < 1e-3
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_gelu(provider):
+    rng = make_rng()
+    n = 64 if provider == "he" else 2000
+    x = np.concatenate([rng.normal(0, 3, n), np.linspace(-10, 10, 41), [1e4, -1e4]])
+    y = run1(gelu, x, provider=provider)
+    ref = torch.nn.functional.gelu(torch.tensor(q(x)), approximate="tanh").numpy()
+    assert np.abs(y - ref).max() < 2e-3
+
+
+def _ln_ref(x, g, b):
+    return torch.nn.functional.layer_norm(torch.tensor(q(x)), (x.shape[-1],), torch.tensor(g),
+                                          torch.tensor(b), 1e-5).numpy()
+
+
+@pytest.mark.parametrize("provider,d,sigma", [("dealer", 128, 1.0), ("dealer", 768, 6.0),
+                                              ("dealer", 128, 0.3),
+                                              pytest.param("he", 16, 2.0, marks=pytest.mark.he_provider)])
+def test_layernorm_server_private_affine(provider, d, sigma):
+    rng = make_rng()
+    x = rng.normal(0.5, sigma, (3, d))
+    x[0, 1] = 12 * sigma  # an outlier inside the supported range
+    g, b = rng.normal(1, 0.5, d), rng.normal(0, 0.3, d)
+    y = run1(lambda p, a, gg=None, bb=None: layernorm(p, a, gg, bb), x, provider=provider,
+             server_extra=(g, b))
+    assert np.abs(y - _ln_ref(x, g, b)).max() < 1e-2
+
+
+def test_layernorm_out_of_range_saturates():
+    d = 64
+    x = np.zeros((1, d))
+    x[0, :2] = [1000.0, -1000.0]  # beyond R = 256: clipped, output saturates, stays finite
+    y = run1(lambda p, a: layernorm(p, a), x)
+    ref = _ln_ref(np.clip(x, -256, 256), np.ones(d), np.zeros(d))
+    assert np.abs(y - ref).max() < 1e-2
+
+
+def test_layernorm_client_cannot_pass_gamma():
+    with pytest.raises(RangeError):
+        run1(lambda p, a: layernorm(p, a, gamma=np.ones(8) if p.is_client else None), np.ones((1, 8)))

@@ -19,9 +19,10 @@ from cryptogen.model import GPTConfig
 from cryptogen.mpc.compare import trunc
 from cryptogen.mpc.gelu import gelu
 from cryptogen.mpc.layernorm import layernorm
-from cryptogen.mpc.softmax import softmax
 from cryptogen.sampling import Sampler, SamplingConfig
-from cryptogen.twoparty import kv_append_client, linear_client, scores_client, values_client
+from cryptogen.twoparty import (kv_append_client, kv_prefill_client, linear_client,
+                                scores_client, scores_prefill_client, softmax_heads, values_client,
+                                values_prefill_client)
 
 
 class ClientSession:
@@ -42,72 +43,85 @@ class ClientSession:
         self.layout = sp.kv_layout(cfg, self.n)
         self.x_c = None
         self.partials: list[np.ndarray] = []
-        self.length = 0  # tokens in the server's cache for this session
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(shard_plan.workers)))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 
     # ---- stages (same order and names as ServerShard; ``parties``: worker -> Party) ------
-    def embed(self, parties: dict, position: int) -> None:
+    def embed(self, parties: dict, start: int, T: int) -> None:
         (p,) = parties.values()
-        token = self.tokens[position]
-        if not 0 <= token < self.cfg.vocab_size:
-            raise ValueError(f"token id out of range [0, {self.cfg.vocab_size})")
+        tokens = self.tokens[start:start + T]
+        if len(tokens) != T or not all(0 <= t < self.cfg.vocab_size for t in tokens):
+            raise ValueError(f"token ids {start}..{start + T - 1} are missing or outside [0, {self.cfg.vocab_size})")
+        self.start, self.T = start, T
         plan = sp.embed_plan(self.cfg, self.n)
-        x_c = np.zeros(self.cfg.n_embd, np.int64)
-        for onehot in sp.embed_onehot_shards(self.cfg, token, self.n):
-            x_c = f_add(x_c, linear_client(p.chan, self.role, plan, onehot), self.fp.t)
+        x_c = np.zeros((T, self.cfg.n_embd), np.int64)
+        onehots = [sp.embed_onehot_shards(self.cfg, t, self.n) for t in tokens]  # [token][shard]
+        for i in range(len(sp.embed_shards(self.cfg))):
+            x_c = f_add(x_c, self._linear(p, plan, np.stack([oh[i] for oh in onehots])), self.fp.t)
         self.x_c, self.partials = x_c, []
 
     def layernorm(self, parties: dict) -> None:
         (p,) = parties.values()
         self._residual()
-        self.h_c = layernorm(p, self.x_c[None], eps=self.cfg.layer_norm_epsilon)[0]
+        self.h_c = layernorm(p, self.x_c, eps=self.cfg.layer_norm_epsilon)
 
-    def attention(self, parties: dict, layer: int, position: int) -> None:
-        self.partials = self._fan_out(parties, layer, lambda p, s: self._attention_one(p, layer, s, position))
+    def attention(self, parties: dict, layer: int, start: int) -> None:
+        self.partials = self._fan_out(parties, layer, lambda p, s: self._attention_one(p, s, start))
 
     def mlp(self, parties: dict, layer: int) -> None:
-        self.partials = self._fan_out(parties, layer, lambda p, s: self._mlp_one(p, layer, s))
+        self.partials = self._fan_out(parties, layer, lambda p, s: self._mlp_one(p, s))
 
-    def head(self, parties: dict) -> int:
+    def head(self, parties: dict, all_positions: bool) -> None:
         """Final LN, LM head, logits opened to the client only; samples the next token."""
         (p,) = parties.values()
         self._residual()
-        h = layernorm(p, self.x_c[None], eps=self.cfg.layer_norm_epsilon)[0]
-        logits_c = linear_client(p.chan, self.role, sp.head_plan(self.cfg, self.n), h)
-        logits_s = p.chan.recv(shape=(self.cfg.vocab_size,))
+        h = layernorm(p, self.x_c if all_positions else self.x_c[-1:], eps=self.cfg.layer_norm_epsilon)
+        logits_c = self._linear(p, sp.head_plan(self.cfg, self.n), h)
+        logits_s = p.chan.recv(shape=logits_c.shape)
         logits = self.fp.decode(f_add(logits_c, logits_s, self.fp.t), 2 * self.fp.frac_bits)
-        self.logit_history.append(logits)
-        token = self.sampler(logits)
-        self.tokens.append(token)
-        return token
+        self.logit_history.extend(logits)
+        last = self.start + self.T - 1
+        if last == len(self.tokens) - 1:  # generating: sample the next token (scoring: nothing to do)
+            self.tokens.append(self.sampler(logits[-1]))
 
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.n_prompt:]
 
     # ---- per-worker halves ----------------------------------------------------------------
-    def _attention_one(self, p, layer: int, shard, position: int) -> np.ndarray:
+    def _attention_one(self, p, shard, start: int) -> np.ndarray:
         lay = sp.layer_layouts(self.cfg, len(shard.heads), shard.ff_width, self.n)
-        f, dh, nh = self.fp.frac_bits, self.cfg.d_head, len(shard.heads)
-        q, k, v = trunc(p, linear_client(p.chan, self.role, lay.qkv, self.h_c), f).reshape(3, nh, dh)
-        for i in range(nh):
-            kv_append_client(p.chan, self.role, self.layout, position, k[i], v[i])
-        length = position + 1
-        scores = np.stack([scores_client(p.chan, self.role, self.layout, length, q[i]) for i in range(nh)])
-        probs = softmax(p, trunc(p, scores, f))
-        ctx = np.concatenate([values_client(p.chan, self.role, self.layout, length, probs[i]) for i in range(nh)])
-        ctx = trunc(p, ctx, f)
-        return trunc(p, linear_client(p.chan, self.role, lay.o, ctx), f)
+        f, dh, nh, T = self.fp.frac_bits, self.cfg.d_head, len(shard.heads), self.h_c.shape[0]
+        qkv = trunc(p, self._linear(p, lay.qkv, self.h_c), f)
+        Q, K, V = qkv.reshape(T, 3, nh, dh).transpose(1, 2, 0, 3)  # each (heads, T, d_head)
+        scores = np.stack([self._scores(p, start, Q[i], K[i], V[i]) for i in range(nh)])
+        probs = softmax_heads(p, trunc(p, scores, f), start)
+        ctx = np.stack([self._values(p, start, probs[i]) for i in range(nh)])
+        ctx = trunc(p, ctx.transpose(1, 0, 2).reshape(T, nh * dh), f)
+        return trunc(p, self._linear(p, lay.o, ctx), f)
 
-    def _mlp_one(self, p, layer: int, shard) -> np.ndarray:
+    def _mlp_one(self, p, shard) -> np.ndarray:
         lay = sp.layer_layouts(self.cfg, len(shard.heads), shard.ff_width, self.n)
         f = self.fp.frac_bits
-        h = trunc(p, linear_client(p.chan, self.role, lay.fc1, self.h_c), f)
-        g = gelu(p, h)
-        return trunc(p, linear_client(p.chan, self.role, lay.fc2, g), f)
+        h = trunc(p, self._linear(p, lay.fc1, self.h_c), f)
+        return trunc(p, self._linear(p, lay.fc2, gelu(p, h)), f)
+
+    def _linear(self, p, plan, X_c) -> np.ndarray:
+        return np.stack([linear_client(p.chan, self.role, plan, x) for x in X_c])
+
+    def _scores(self, p, start, Q, K, V) -> np.ndarray:
+        if Q.shape[0] == 1:
+            kv_append_client(p.chan, self.role, self.layout, start, K[0], V[0])
+            return scores_client(p.chan, self.role, self.layout, start + 1, Q[0])[None]
+        kv_prefill_client(p.chan, self.role, self.layout, start, K, V)
+        return scores_prefill_client(p.chan, self.role, self.layout, start, Q)
+
+    def _values(self, p, start, P) -> np.ndarray:
+        if P.shape[0] == 1:
+            return values_client(p.chan, self.role, self.layout, start + 1, P[0])[None]
+        return values_prefill_client(p.chan, self.role, self.layout, start, P)
 
     def _fan_out(self, parties: dict, layer: int, fn) -> list[np.ndarray]:
         owners = self.plan.owners(layer)

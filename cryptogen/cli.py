@@ -27,13 +27,14 @@ def _user_errors() -> tuple:
     from .registry import ModelNotFound
     from .tokenizer import TokenizerError
 
-    errs = [UsageError, DataError, CheckpointError, ModelNotFound, TokenizerError, FieldError]
-    try:
-        from .errors import CryptoGenError
-        errs.append(CryptoGenError)
-    except ImportError:
-        pass
-    return tuple(errs)
+    from .client.metrics import MetricsPortInUse
+    from .cluster.connect import ClusterError
+    from .scheduler.driver import DriverError
+    from .scheduler.plan import PlanError
+    from .scheduler.ray_runner import WorkerDied
+
+    return (UsageError, DataError, CheckpointError, ModelNotFound, TokenizerError, FieldError,
+            ClusterError, DriverError, PlanError, WorkerDied, MetricsPortInUse)
 
 
 def _run(fn, *args, **kwargs):
@@ -92,8 +93,16 @@ def evaluate(
     lambada: bool = typer.Option(False, help="Also report LAMBADA last-word accuracy."),
     lambada_limit: Optional[int] = typer.Option(None, min=1),
     data_dir: Optional[str] = typer.Option(None),
+    secure: bool = typer.Option(False, "--secure", help="Secure perplexity on a test subset, beside plaintext."),
+    windows: int = typer.Option(4, min=1, help="--secure: number of windows."),
+    window: int = typer.Option(128, min=2, help="--secure: tokens per window."),
+    workers: int = typer.Option(1, min=1), address: Optional[str] = typer.Option(None),
+    provider: str = typer.Option("dealer"),
 ):
     """Perplexity on a split (and LAMBADA accuracy) with the plaintext reference model."""
+    if secure:
+        from .secure_cli import secure_eval
+        return _run(secure_eval, model, data, split, data_dir, windows, window, workers, address, provider)
     from . import registry
     from .data import data_path
     from .evaluate import lambada_accuracy, perplexity
@@ -120,9 +129,19 @@ def generate(
     temperature: float = typer.Option(0.0, min=0.0, help="0 means greedy."),
     top_k: int = typer.Option(0, min=0, help="Sample among the k most likely tokens (0: all)."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    secure: bool = typer.Option(False, "--secure", help="Secure generation (HE + 2PC) on a Ray cluster."),
+    workers: int = typer.Option(1, min=1, help="Server worker actors (--secure)."),
+    mode: str = typer.Option("kv-reuse", help="kv-reuse (encrypted KV cache) or recompute (baseline)."),
+    address: Optional[str] = typer.Option(None, help="Join a Ray cluster at HOST:PORT (default: embedded local)."),
+    provider: str = typer.Option("dealer", help="Correlated randomness: dealer (Ray actor) or he (dealer-free)."),
+    metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on 127.0.0.1:PORT (0: any free port)."),
 ):
     """Generate text, streaming tokens as they come."""
-    _run(_generate_plain, prompt, model, max_new_tokens, temperature, top_k, seed)
+    sampling = (temperature, top_k, seed)
+    if secure:
+        _run(_generate_secure, prompt, model, max_new_tokens, sampling, workers, mode, address, provider, metrics_port)
+    else:
+        _run(_generate_plain, prompt, model, max_new_tokens, *sampling)
 
 
 def encode_prompt(tok, prompt: str, n_positions: int, max_new_tokens: int) -> list[int]:
@@ -179,6 +198,27 @@ def _generate_plain(prompt, model_name, max_new_tokens, temperature, top_k, seed
     dt = time.perf_counter() - t0
     stream.close()
     typer.echo(f"[{max_new_tokens} tokens in {dt * 1000:.0f} ms, plaintext]", err=True)
+
+
+def _generate_secure(prompt, model_name, max_new_tokens, sampling, workers, mode, address, provider, metrics_port):
+    from . import registry
+    from .sampling import SamplingConfig
+    from .secure_cli import open_generator, progress_printer
+
+    model, tok, _ = registry.load(model_name)
+    ids = encode_prompt(tok, prompt, model.config.n_positions, max_new_tokens)
+    with open_generator(model, workers, mode, address, provider, metrics_port) as gen:
+        stream = TokenStream(tok)
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        res = gen.generate(ids, max_new_tokens, SamplingConfig(*sampling), on_token=stream.push,
+                           on_step=progress_printer(max_new_tokens, mode))
+        stream.close()
+    dec = [t.seconds for t in res.timings if t.phase == "decode"]
+    msg = f"[secure {mode}, {workers} worker(s), provider {res.provider}: prefill {res.timings[0].seconds:.1f} s"
+    if dec:
+        msg += f", {1000 * sum(dec) / len(dec):.0f} ms per decoded token"
+    typer.echo(msg + "]", err=True)
 
 
 def main() -> None:

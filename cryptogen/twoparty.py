@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .he.arcc import (pv_decode, probs_cts_needed, probs_slots, qk_decode, query_slots, read_pv,
-                      read_scores)
+from .he.arcc import (pv_decode, pv_prefill, probs_cts_needed, probs_slots, qk_decode, qk_prefill,
+                      query_slots, read_pv, read_scores)
 from .he.convert import ClientRole, h2s_server, s2h_server
 from .he.engine import ServerEngine
 from .he.kvcache import EncryptedKVCache, KVLayout
+from .mpc.softmax import softmax
 from .he.linear import EncodedLinear, LinearPlan, matmul_ct_pt_decode
 
 TAG_RESULT, TAG_REFRESH = 1, 2
@@ -128,3 +129,67 @@ def values_client(chan, role: ClientRole, layout: KVLayout, length: int, p_c: np
     for c in range(probs_cts_needed(layout, length)):
         send_ct(chan, role.s2h_send(probs_slots(layout, p_c, c)))
     return read_pv(layout, role.h2s_receive(recv_ct(chan, role)))
+
+
+# ---- prefill (many tokens at once: ``lanes`` tokens per ciphertext, causal attention) ----------
+# Shares are (T, width) matrices for tokens start .. start+T-1. The KV cache and attention use
+# the prefill encodings (KVLayout.run_slots; arcc.*_prefill); linear layers go token by token.
+def kv_prefill_server(chan, cache: EncryptedKVCache, start: int, K_s: np.ndarray, V_s: np.ndarray) -> None:
+    n = len(cache.layout.run_slots(start, K_s))
+    k_c = [recv_ct(chan) for _ in range(n)]
+    v_c = [recv_ct(chan) for _ in range(n)]
+    cache.prefill(start, k_c, K_s, v_c, V_s)
+
+
+def kv_prefill_client(chan, role: ClientRole, layout: KVLayout, start: int, K_c, V_c) -> None:
+    for M in (K_c, V_c):
+        for _, slots in layout.run_slots(start, M):
+            send_ct(chan, role.s2h_send(slots))
+
+
+def _pad_scores(rows: list[np.ndarray], length: int) -> np.ndarray:
+    out = np.zeros((len(rows), length), np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def scores_prefill_server(chan, engine: ServerEngine, cache: EncryptedKVCache, start: int, Q_s) -> np.ndarray:
+    """(T, start+T) score shares; entries after each query's own position are junk (masked)."""
+    lay = cache.layout
+    qs = [s2h_server(engine, recv_ct(chan), query_slots(lay, q)) for q in Q_s]
+    out = qk_prefill(engine, cache, qs, start, RemoteRefresh(chan))
+    rows = [read_scores(lay, [_h2s_send(chan, engine, c, "attention scores") for c in row], start + i + 1)
+            for i, row in enumerate(out)]
+    return _pad_scores(rows, start + len(qs))
+
+
+def scores_prefill_client(chan, role: ClientRole, layout: KVLayout, start: int, Q_c) -> np.ndarray:
+    for q in Q_c:
+        send_ct(chan, role.s2h_send(query_slots(layout, q)))
+    rows = []
+    for i in range(len(Q_c)):
+        n = (start + i) // layout.tpc + 1
+        rows.append(read_scores(layout, [role.h2s_receive(recv_ct(chan, role)) for _ in range(n)], start + i + 1))
+    return _pad_scores(rows, start + len(Q_c))
+
+
+def values_prefill_server(chan, engine: ServerEngine, cache: EncryptedKVCache, start: int, P_s) -> np.ndarray:
+    lay = cache.layout
+    ps = [[s2h_server(engine, recv_ct(chan), probs_slots(lay, p, c)) for c in range((start + i) // lay.tpc + 1)]
+          for i, p in enumerate(P_s)]
+    outs = pv_prefill(engine, cache, ps, start, RemoteRefresh(chan))
+    return np.stack([read_pv(lay, _h2s_send(chan, engine, o, "attention output")) for o in outs])
+
+
+def values_prefill_client(chan, role: ClientRole, layout: KVLayout, start: int, P_c) -> np.ndarray:
+    for i, p in enumerate(P_c):
+        for c in range((start + i) // layout.tpc + 1):
+            send_ct(chan, role.s2h_send(probs_slots(layout, p, c)))
+    return np.stack([read_pv(layout, role.h2s_receive(recv_ct(chan, role))) for _ in range(len(P_c))])
+
+
+def softmax_heads(p, scores: np.ndarray, start: int) -> np.ndarray:
+    """Softmax over keys for (heads, T, start+T) score shares, causal within the new tokens;
+    all heads in one call (the rounds of one softmax)."""
+    return softmax(p, scores, causal=True)  # valid[i, j] = j <= start + i

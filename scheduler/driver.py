@@ -36,46 +36,58 @@ class Driver:
             raise DriverError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         self.r, self.cfg, self.plan, self.mode, self.ends = runner, cfg, plan, mode, ends_worker
 
-    # ---- one token through the model ---------------------------------------------------
-    def forward(self, position: int, want_logits: bool) -> None:
-        x = self.stage("embed", [self.ends], client=(position,), server=(position,))[self.ends]
+    # ---- tokens start .. start+T-1 through the model ----------------------------------------
+    def forward(self, start: int, T: int, logits: str | None) -> None:
+        """One pass; ``logits``: None, "last" (generation) or "all" (scoring)."""
+        x = self.stage("embed", [self.ends], client=(start, T), server=(start, T))[self.ends]
         partials: list = []
         for layer in range(self.cfg.n_layer):
             lead, owners = self.plan.lead(layer), [w for w, _ in self.plan.owners(layer)]
             x = self.stage("layernorm", [lead], client=(), server=(layer, "ln_1", x, *partials))[lead]
-            partials = self.stage("attention", owners, client=(layer, position), server=(layer, position, x))
+            partials = self.stage("attention", owners, client=(layer, start), server=(layer, start, x))
             x = self.stage("layernorm", [lead], client=(), server=(layer, "ln_2", x, *partials.values()))[lead]
-            partials = self.stage("mlp", owners, client=(layer,), server=(layer, x))
-            partials = list(partials.values())
-        if want_logits:
-            self.stage("head", [self.ends], client=(), server=(x, *partials))
+            partials = list(self.stage("mlp", owners, client=(layer,), server=(layer, x)).values())
+        if logits:
+            self.stage("head", [self.ends], client=(logits == "all",), server=(logits == "all", x, *partials))
 
     def stage(self, name: str, workers: list[int], client: tuple, server: tuple) -> dict:
         return self.r.stage(name, workers, client, server)
 
     # ---- generation ------------------------------------------------------------------------
     def prefill(self, n_prompt: int) -> StepTiming:
+        """The whole prompt in one pass (prefill encodings, causal softmax); fills the cache."""
         t0 = time.perf_counter()
-        for pos in range(n_prompt):
-            self.forward(pos, want_logits=pos == n_prompt - 1)
+        self.forward(0, n_prompt, logits="last")
         self.r.barrier()
         return StepTiming(n_prompt - 1, "prefill", time.perf_counter() - t0)
 
     def decode_one_token(self, position: int) -> StepTiming:
+        """kv-reuse: one token against the encrypted cache. recompute: the cache is dropped and
+        the whole prefix (position + 1 tokens) goes through prefill again, on the same kernels."""
         t0 = time.perf_counter()
         if self.mode == "recompute":
             self.r.reset_cache()
-            for pos in range(position):
-                self.forward(pos, want_logits=False)
-        self.forward(position, want_logits=True)
+            self.forward(0, position + 1, logits="last")
+        else:
+            self.forward(position, 1, logits="last")
         self.r.barrier()
         return StepTiming(position, "decode", time.perf_counter() - t0)
 
+    def score(self, n_tokens: int, on_step=None) -> list[StepTiming]:
+        """Logits at every position of a given text (secure perplexity), in one prefill pass."""
+        t0 = time.perf_counter()
+        self.forward(0, n_tokens, logits="all")
+        self.r.barrier()
+        timings = [StepTiming(n_tokens - 1, "prefill", time.perf_counter() - t0)]
+        if on_step:
+            on_step(timings[-1])
+        return timings
+
     def generate(self, n_prompt: int, max_new_tokens: int, on_step=None) -> list[StepTiming]:
-        """Runs prefill and decode steps; the client samples each token inside the ``head`` stage."""
+        """Prefill, then decode steps; the client samples each token inside the ``head`` stage."""
         if n_prompt < 1:
             raise DriverError("the prompt is empty")
-        if n_prompt + max_new_tokens > self.cfg.n_positions + 1:
+        if n_prompt + max_new_tokens - 1 > self.cfg.n_positions:
             raise DriverError(f"{n_prompt} prompt tokens + {max_new_tokens} new tokens exceed the context "
                               f"of {self.cfg.n_positions}")
         timings = [self.prefill(n_prompt)]

@@ -10,8 +10,13 @@ import ray
 
 from cryptogen.cluster.channel import Listener, link_host
 from cryptogen.mpc.party import Party
+from cryptogen.telemetry import Telemetry
 
 from .shard import ServerShard
+
+
+# HE-operation metric label of each stage's kernels (attention includes its q/k/v and W_o products).
+_KERNEL = {"embed": "embed", "layernorm": "linear", "attention": "attention", "mlp": "linear", "head": "lm_head"}
 
 
 @ray.remote(max_concurrency=16)
@@ -21,6 +26,7 @@ class WorkerActor:
         lead = {l for l in range(model.config.n_layer) if plan.lead(l) == index}
         self.shard = ServerShard(model, plan.workers[index], public_context, holds_ends=index == 0,
                                  lead_layers=lead)
+        self.telemetry = Telemetry(f"worker-{index}")
         self.listeners: dict[str, Listener] = {}
         self.parties: dict[str, Party] = {}
 
@@ -42,7 +48,19 @@ class WorkerActor:
 
     def stage(self, sid: str, name: str, *args, after=None) -> dict:
         """Run the server half of stage ``name``; ``after`` only orders calls (a previous ref)."""
-        return getattr(self.shard, name)(self.parties[sid], sid, *args)
+        before = self.shard.stats.snapshot()
+        with self.telemetry.stage(name):
+            out = getattr(self.shard, name)(self.parties[sid], sid, *args)
+        d = self.shard.stats.diff(before)
+        self.telemetry.he_ops(_KERNEL[name], ct_pt=d.ct_pt_mul, ct_ct=d.ct_ct_mul, rotations=d.rotations)
+        if d.refreshes:
+            self.telemetry.refreshes(d.refreshes)
+        return out
+
+    def telemetry_snapshot(self):
+        kv = self.shard.cache_stats()
+        self.telemetry.kv_cache(self.index, kv["ciphertexts"], kv["bytes"])
+        return self.telemetry.snapshot()
 
     def reset_cache(self, sid: str, after=None) -> bool:
         self.shard.reset_cache(sid)
@@ -55,8 +73,7 @@ class WorkerActor:
             party.chan.close()
 
     def stats(self) -> dict:
-        return {"worker": self.index, "he": self.shard.stats.as_dict() if hasattr(self.shard.stats, "as_dict")
-                else vars(self.shard.stats), "kv": self.shard.cache_stats()}
+        return {"worker": self.index, "he": self.shard.stats.as_dict(), "kv": self.shard.cache_stats()}
 
     def is_public_only(self) -> bool:
         """For the privacy test: raises (SecretKeyError) if this worker's HE context is not public."""

@@ -28,9 +28,10 @@ from cryptogen.model import GPT
 from cryptogen.mpc.compare import trunc
 from cryptogen.mpc.gelu import gelu
 from cryptogen.mpc.layernorm import layernorm
-from cryptogen.mpc.softmax import softmax
 from cryptogen.scheduler.plan import WorkerPlan
-from cryptogen.twoparty import kv_append_server, linear_server, scores_server, values_server
+from cryptogen.twoparty import (kv_append_server, kv_prefill_server, linear_server,
+                                scores_prefill_server, scores_server, softmax_heads, values_prefill_server,
+                                values_server)
 
 from .weights import model_weights
 
@@ -80,55 +81,67 @@ class ServerShard:
         nbytes = sum(c.nbytes() for s in self.sessions.values() for c in s.values())
         return {"ciphertexts": cts, "bytes": nbytes}
 
-    # ---- stages ---------------------------------------------------------------------
-    def embed(self, p, sid: str, position: int) -> dict:
-        """Encrypted one-hot x wte (row shards summed as ciphertexts), + public wpe[position]."""
-        parts = [self.linears[f"embed{i}"] for i in range(len(sp.embed_shards(self.cfg)))]
-        x_s = np.zeros(self.cfg.n_embd, np.int64)
-        for enc in parts:  # each part: one ciphertext up, one down (scale 2^f: one-hot is integer)
-            x_s = np.mod(x_s + linear_server(p.chan, self.engine, enc, np.zeros(enc.plan.d_in, np.int64)), self.fp.t)
-        return {"x": np.mod(x_s + self.weights.wpe[position], self.fp.t)}
+    # ---- stages (tokens start .. start+T-1; T == 1 uses the decode encodings) -------------
+    def embed(self, p, sid: str, start: int, T: int) -> dict:
+        """Encrypted one-hots x wte (one pass per vocabulary shard), + public wpe[positions]."""
+        x_s = np.zeros((T, self.cfg.n_embd), np.int64)
+        for i in range(len(sp.embed_shards(self.cfg))):
+            enc = self.linears[f"embed{i}"]  # one-hots are integers: the product is at scale 2^f
+            x_s = np.mod(x_s + self._linear(p, enc, np.zeros((T, enc.plan.d_in), np.int64)), self.fp.t)
+        return {"x": np.mod(x_s + self.weights.wpe[start:start + T], self.fp.t)}
 
     def layernorm(self, p, sid: str, layer: int, which: str, x: dict, *partials: dict) -> dict:
         """Residual add of the owners' partial shares, then LN (gamma/beta private)."""
-        x_s = self._residual(layer, which, x, partials)
+        x_s = self._residual(x, partials)
         gamma, beta = self.weights.layer(layer).ln[which]
-        return {"x": x_s, "h": layernorm(p, x_s[None], gamma, beta, eps=self.cfg.layer_norm_epsilon)[0]}
+        return {"x": x_s, "h": layernorm(p, x_s, gamma, beta, eps=self.cfg.layer_norm_epsilon)}
 
-    def attention(self, p, sid: str, layer: int, position: int, ln: dict) -> dict:
-        lw = self.weights.layer(layer)
-        heads, dh = lw.heads, self.cfg.d_head
-        qkv = trunc(p, linear_server(p.chan, self.engine, self.linears[f"qkv{layer}"], ln["h"], lw.b_qkv),
-                    self.fp.frac_bits)
-        q, k, v = qkv.reshape(3, len(heads), dh)
-        caches = [self._cache(sid, layer, h) for h in heads]
-        for i, cache in enumerate(caches):
-            kv_append_server(p.chan, cache, position, k[i], v[i])
-        scores = np.stack([scores_server(p.chan, self.engine, c, q[i]) for i, c in enumerate(caches)])
-        probs = softmax(p, trunc(p, scores, self.fp.frac_bits))  # (heads, T)
-        ctx = np.concatenate([values_server(p.chan, self.engine, c, probs[i]) for i, c in enumerate(caches)])
-        ctx = trunc(p, ctx, self.fp.frac_bits)
-        out = linear_server(p.chan, self.engine, self.linears[f"o{layer}"], ctx, lw.b_o)
-        return {"o": trunc(p, out, self.fp.frac_bits)}
+    def attention(self, p, sid: str, layer: int, start: int, ln: dict) -> dict:
+        lw, f = self.weights.layer(layer), self.fp.frac_bits
+        T, nh, dh = ln["h"].shape[0], len(lw.heads), self.cfg.d_head
+        qkv = trunc(p, self._linear(p, self.linears[f"qkv{layer}"], ln["h"], lw.b_qkv), f)
+        Q, K, V = qkv.reshape(T, 3, nh, dh).transpose(1, 2, 0, 3)  # each (heads, T, d_head)
+        caches = [self._cache(sid, layer, h) for h in lw.heads]
+        scores = np.stack([self._scores(p, c, start, Q[i], K[i], V[i]) for i, c in enumerate(caches)])
+        probs = softmax_heads(p, trunc(p, scores, f), start)  # (heads, T, start+T)
+        ctx = np.stack([self._values(p, c, start, probs[i]) for i, c in enumerate(caches)])  # (heads, T, dh)
+        ctx = trunc(p, ctx.transpose(1, 0, 2).reshape(T, nh * dh), f)
+        return {"o": trunc(p, self._linear(p, self.linears[f"o{layer}"], ctx, lw.b_o), f)}
 
     def mlp(self, p, sid: str, layer: int, ln: dict) -> dict:
-        lw = self.weights.layer(layer)
-        h = trunc(p, linear_server(p.chan, self.engine, self.linears[f"fc1{layer}"], ln["h"], lw.b_fc1),
-                  self.fp.frac_bits)
+        lw, f = self.weights.layer(layer), self.fp.frac_bits
+        h = trunc(p, self._linear(p, self.linears[f"fc1{layer}"], ln["h"], lw.b_fc1), f)
         g = gelu(p, h)
-        out = linear_server(p.chan, self.engine, self.linears[f"fc2{layer}"], g, lw.b_fc2)
-        return {"o": trunc(p, out, self.fp.frac_bits)}
+        return {"o": trunc(p, self._linear(p, self.linears[f"fc2{layer}"], g, lw.b_fc2), f)}
 
-    def head(self, p, sid: str, x: dict, *partials: dict) -> dict:
-        """Final LN and the tied LM head; sends the server's logit share to the client."""
-        x_s = self._residual(self.cfg.n_layer - 1, "ln_f", x, partials)
+    def head(self, p, sid: str, all_positions: bool, x: dict, *partials: dict) -> dict:
+        """Final LN and the tied LM head; sends the server's logit shares to the client."""
+        x_s = self._residual(x, partials)
         gamma, beta = self.weights.ln_f
-        h = layernorm(p, x_s[None], gamma, beta, eps=self.cfg.layer_norm_epsilon)[0]
-        logits_s = linear_server(p.chan, self.engine, self.linears["head"], h)
-        p.chan.send(logits_s)  # opening to the client only: the server learns nothing
+        h = layernorm(p, x_s if all_positions else x_s[-1:], gamma, beta, eps=self.cfg.layer_norm_epsilon)
+        p.chan.send(self._linear(p, self.linears["head"], h))  # opened to the client only
         return {}
 
-    def _residual(self, layer: int, which: str, x: dict, partials) -> np.ndarray:
+    # ---- kernels: decode (one token) or prefill (many) ----------------------------------
+    def _linear(self, p, enc, X_s, bias=None) -> np.ndarray:
+        """Token by token with the decode encoding also in prefill: it needs the same ct x pt per
+        token as the lane-packed prefill encoding at full occupancy, and far fewer at small T
+        (docs/DESIGN-NOTES.md, "prefill linear layers")."""
+        return np.stack([linear_server(p.chan, self.engine, enc, x, bias) for x in X_s])
+
+    def _scores(self, p, cache, start, Q, K, V) -> np.ndarray:
+        if Q.shape[0] == 1:
+            kv_append_server(p.chan, cache, start, K[0], V[0])
+            return scores_server(p.chan, self.engine, cache, Q[0])[None]
+        kv_prefill_server(p.chan, cache, start, K, V)
+        return scores_prefill_server(p.chan, self.engine, cache, start, Q)
+
+    def _values(self, p, cache, start, P) -> np.ndarray:
+        if P.shape[0] == 1:
+            return values_server(p.chan, self.engine, cache, P[0])[None]
+        return values_prefill_server(p.chan, self.engine, cache, start, P)
+
+    def _residual(self, x: dict, partials) -> np.ndarray:
         x_s = x["x"]
         for part in partials:
             x_s = np.mod(x_s + part["o"], self.fp.t)

@@ -60,6 +60,17 @@ class SecureGenerator:
         public = ray.get(self.client.public_context.remote())
         self.pool = ServerPool(model, self.plan, public, self.he_config.fixed_point, provider)
 
+    def close(self) -> None:
+        """Stop the client actor and the server pool (frees their CPUs)."""
+        self.pool.shutdown()
+        ray.kill(self.client)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def metrics_note(self) -> str:
         return f"; metrics at http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port is not None else ""
 

@@ -25,7 +25,10 @@ _FILES = {
     ("ptb", "test"): "ptb/ptb.test.txt",
     ("lambada", "train"): "lambada/lambada_development_plain_text.txt",
     ("lambada", "dev"): "lambada/lambada_development_plain_text.txt",
-    ("lambada", "test"): "lambada/lambada_test.jsonl",
+    # The shipped LAMBADA model trains on the original (lowercased, tokenized) release, so its
+    # test split is the same release; "test-openai" is OpenAI's detokenized version (GPT-2's).
+    ("lambada", "test"): "lambada/lambada_test_plain_text.txt",
+    ("lambada", "test-openai"): "lambada/lambada_test.jsonl",
 }
 DATASETS = ("wikitext2", "ptb", "lambada")
 

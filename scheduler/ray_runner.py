@@ -61,6 +61,14 @@ class ServerPool:
     def node_ids(self) -> list[str]:
         return ray.get([w.node_id.remote() for w in self.workers])
 
+    def shutdown(self) -> None:
+        """Kill the workers and the dealer and free the placement group."""
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.workers + ([self.dealer] if self.dealer is not None else []):
+            ray.kill(actor)
+        remove_placement_group(self.pg)
+
     def close(self, sid: str) -> None:
         for w in self.workers:
             w.close.remote(sid)

@@ -1,0 +1,61 @@
+"""Secure generation with both parties in one process (no Ray) against the plaintext model.
+
+Tolerance: secure logits within 0.05 (max abs) of the float32 reference; greedy tokens equal.
+The fixed-point pipeline (f = 12 fractional bits, truncations of +-1.5 ulp, 2PC softmax/GELU/
+LayerNorm errors of ~1e-3, see docs/MPC.md) measures ~0.01 on this model.
+"""
+import numpy as np
+import pytest
+from transformers import GPT2LMHeadModel
+
+from conftest import PROMPT, assert_logits_close, plain_greedy
+
+from cryptogen.scheduler.driver import Driver
+from cryptogen.scheduler.inprocess import InProcessRunner
+from cryptogen.scheduler.plan import make_plan
+
+pytestmark = pytest.mark.slow
+TOL = 0.05
+
+
+def run(model, workers, mode, n_tokens, prompt=PROMPT):
+    cfg = model.config
+    plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, workers)
+    runner = InProcessRunner(model, plan, prompt)
+    Driver(runner, cfg, plan, mode).generate(len(prompt), n_tokens)
+    return runner
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("mode", ["kv-reuse", "recompute"])
+def test_secure_greedy_equals_plaintext(tiny_model, workers, mode):
+    runner = run(tiny_model, workers, mode, 16)
+    tokens = runner.client.generated
+    assert tokens == plain_greedy(tiny_model, PROMPT, 16)
+    assert len(set(tokens)) > 3  # a non-degenerate continuation
+    assert_logits_close(runner.client.logit_history, tiny_model, PROMPT, tokens, TOL)
+    # kv-reuse keeps one cache entry per token; recompute rebuilt it for the last pass only
+    cache = runner.shards[0].sessions[runner.sid][(0, runner.shards[0].plan.shards[0].heads[0])]
+    assert cache.length == len(PROMPT) + 15
+
+
+def test_secure_logits_match_transformers(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path, dtype=__import__("torch").float32)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    runner = run(tiny_model, 1, "kv-reuse", 3)
+    ids = PROMPT + runner.client.generated
+    import torch
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    for i, lg in enumerate(runner.client.logit_history):
+        assert np.abs(lg - ref[len(PROMPT) - 1 + i]).max() <= TOL
+
+
+def test_server_shards_hold_no_secret_key(tiny_model):
+    runner = run(tiny_model, 2, "kv-reuse", 1)
+    sk = runner.keys.secret_key_bytes()
+    public = runner.keys.public_context_bytes()
+    assert sk[-4096:] not in public  # the serialized secret key does not cross
+    for shard in runner.shards.values():
+        shard.ctx.assert_public()
+        assert shard.ctx.he.is_secret_key_empty()

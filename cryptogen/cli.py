@@ -27,6 +27,7 @@ def _user_errors() -> tuple:
     from .registry import ModelNotFound
     from .tokenizer import TokenizerError
 
+    from .bench import BenchError
     from .client.metrics import MetricsPortInUse
     from .cluster.connect import ClusterError
     from .scheduler.driver import DriverError
@@ -34,7 +35,7 @@ def _user_errors() -> tuple:
     from .scheduler.ray_runner import WorkerDied
 
     return (UsageError, DataError, CheckpointError, ModelNotFound, TokenizerError, FieldError,
-            ClusterError, DriverError, PlanError, WorkerDied, MetricsPortInUse)
+            ClusterError, DriverError, PlanError, WorkerDied, MetricsPortInUse, BenchError)
 
 
 def _run(fn, *args, **kwargs):
@@ -57,7 +58,7 @@ def train(
     data: str = typer.Option("wikitext2", help="Data set: wikitext2, ptb or lambada (LAMBADA trains on its dev set)."),
     out: Optional[str] = typer.Option(None, help="Output model folder (default models/DATA)."),
     run_dir: Optional[str] = typer.Option(None, help="Run folder for checkpoints (default runs/DATA)."),
-    steps: int = typer.Option(3000, min=1), batch: int = typer.Option(8, min=1),
+    steps: int = typer.Option(1500, min=1), batch: int = typer.Option(8, min=1),
     block: int = typer.Option(512, min=2), vocab_size: int = typer.Option(4096, min=258),
     n_embd: int = typer.Option(128, min=8), n_layer: int = typer.Option(2, min=1),
     n_head: int = typer.Option(4, min=1), lr: float = typer.Option(3e-3),
@@ -219,6 +220,43 @@ def _generate_secure(prompt, model_name, max_new_tokens, sampling, workers, mode
     if dec:
         msg += f", {1000 * sum(dec) / len(dec):.0f} ms per decoded token"
     typer.echo(msg + "]", err=True)
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("wikitext2", help="Shipped model name or checkpoint folder (no tokenizer needed)."),
+    gpt2_base_layers: Optional[int] = typer.Option(
+        None, min=1, help="Instead of --model: GPT-2-base shape (d=768, 12 heads, vocab 50257, context 1024), "
+                          "random weights, this many layers."),
+    contexts: Optional[str] = typer.Option(
+        None, help="Context lengths, comma-separated (default: 64,128,256,512, capped to the model's context "
+                   "minus --tokens)."),
+    tokens: int = typer.Option(3, min=1, help="Decode tokens per point (latency: their median)."),
+    workers: str = typer.Option("1,2", help="Worker counts for the sweep; the first one is used for the context table."),
+    ray: bool = typer.Option(False, "--ray", help="Context table on Ray (SecureGenerator) instead of in-process."),
+    sweep_backend: str = typer.Option("ray", help="Worker sweep backend: ray (processes: real parallel speedup) "
+                                                  "or inprocess (threads, GIL-bound; same counts)."),
+    sweep_context: Optional[int] = typer.Option(None, min=1, help="Context of the worker sweep (default: largest <= 128)."),
+    recompute_max_context: int = typer.Option(128, min=0, help="Skip recompute (minutes per token) above this context."),
+    max_minutes: float = typer.Option(240.0, help="Stop measuring after this long (the rest is marked skipped)."),
+    out: str = typer.Option("docs/bench/bench.json", help="JSON output; the .md table and PNG plots go beside it."),
+    seed: int = typer.Option(0, help="Seed of the random prompt token ids (and --gpt2-base-layers weights)."),
+    address: Optional[str] = typer.Option(None, help="Join a Ray cluster at HOST:PORT (default: embedded local)."),
+):
+    """Secure decode latency, bytes, HE ops and KV-cache size by context: kv-reuse vs recompute, and workers."""
+    from .bench import BenchOptions, run, write_outputs
+
+    def go():
+        opts = BenchOptions(model=model, gpt2_base_layers=gpt2_base_layers, contexts=contexts, tokens=tokens,
+                            workers=workers, ray=ray, sweep_backend=sweep_backend, sweep_context=sweep_context,
+                            recompute_max_context=recompute_max_context, max_minutes=max_minutes, out=out,
+                            seed=seed, address=address, command=" ".join(["cryptogen", *sys.argv[1:]]))
+        report = run(opts)
+        json_path, md_path, pngs, md = write_outputs(report, out)
+        typer.echo(md)
+        typer.echo(f"wrote {json_path}, {md_path}, {', '.join(str(p) for p in pngs)}", err=True)
+
+    _run(go)
 
 
 def main() -> None:

@@ -33,8 +33,12 @@ def open_generator(model, workers: int, mode: str, address, provider: str, metri
 
 
 def progress_printer(max_new_tokens: int, mode: str):
-    """A progress line on stderr: tokens so far, ms per token."""
+    """A progress line on stderr: tokens so far, ms per token. When stdout is the same terminal,
+    the streamed text is the progress (a rewritten status line would erase it); the closing
+    summary still gives ms per token."""
     state = {"t0": time.perf_counter()}
+    if sys.stdout.isatty() and sys.stderr.isatty():
+        return None
 
     def on_step(timing, n_tokens):
         ms = 1000 * timing.seconds

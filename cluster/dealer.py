@@ -35,14 +35,7 @@ class DealerActor:
             if want != (kind, count, key) or other_role == role:
                 raise ProviderError(f"link {link!r}: the parties asked for different correlated randomness")
             return bundle
-        if kind == "triple":
-            pair = self.dealer.triples(count)
-        elif kind == "bits":
-            pair = self.dealer.solved_bits(count)
-        elif kind == "matrix":
-            pair = self.dealer.matrix_triples(count, *key)
-        else:
-            raise ProviderError(f"unknown kind {kind!r}")
+        pair = self.dealer.make(kind, count, key)
         self.made += count
         mine, theirs = (pair[0], pair[1]) if role == "client" else (pair[1], pair[0])
         self.pending[slot] = ((kind, count, key), role, theirs)

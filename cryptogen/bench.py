@@ -1,15 +1,13 @@
 """``cryptogen bench``: secure decode cost by context length, kv-reuse vs recompute, and workers.
 
-For each context length C a prompt of C random token ids is prefilled, then ``tokens`` tokens are
-decoded (the first one sees C cached tokens); per decoded token we record latency (median), bytes
-client<->server, protocol rounds and the server's HE operations (mean), and after the prefill the
-encrypted KV-cache size. ``recompute`` (no cache, whole prefix again per token) is measured only
-up to ``recompute_max_context``. A worker sweep measures kv-reuse at one context per worker count.
-
-Backends: ``inprocess`` (both parties as threads of this process: deterministic counts, but the
-GIL serialises the workers) and ``ray`` (SecureGenerator on an embedded or given Ray cluster:
-one process per worker, so only it shows parallel speedup; the sweep uses it by default).
-No tokenizer is needed: prompts are random token ids.
+For each context C a prompt of C random token ids (no tokenizer needed) is prefilled, then ``tokens``
+tokens are decoded (the first sees C cached tokens): latency (median), client<->server bytes, rounds
+and the server's HE ops (mean) per decoded token, and the encrypted KV-cache size after the prefill.
+``recompute`` (no cache: the whole prefix again per token) runs up to ``recompute_max_context``; in
+process its prefill is skipped (it keeps no state between tokens, so it cannot change a decode step).
+Backends: ``inprocess`` (both parties as threads: deterministic counts, but the GIL serialises the
+workers) and ``ray`` (SecureGenerator, one process per worker: the only one to show parallel speedup,
+so the worker sweep uses it by default).
 """
 from __future__ import annotations
 
@@ -17,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -26,8 +25,10 @@ from pathlib import Path
 DEFAULT_CONTEXTS = (64, 128, 256, 512)
 MODES = ("kv-reuse", "recompute")
 OPS = ("ct_pt_mul", "ct_ct_mul", "rotations")
-TRAFFIC = ("to_server", "to_client", "rounds")
 BACKENDS = ("inprocess", "ray")
+NOTES = ["latency: median over decoded tokens; HE ops (the server's, all workers), client<->server bytes and "
+         "rounds: mean per decoded token", "KV cache: allocated = whole ciphertexts after the prefill; marginal = "
+         "the layout's bytes per added token (2 x ciphertext bytes x heads / tokens per ciphertext)"]
 
 
 class BenchError(ValueError):
@@ -52,6 +53,16 @@ class BenchOptions:
     command: str = ""
 
 
+def command_line(opts: BenchOptions) -> str:
+    """The ``cryptogen bench`` command that reproduces ``opts`` (options that differ from the defaults)."""
+    base = BenchOptions()
+    parts = ["cryptogen", "bench"]
+    for k, v in asdict(opts).items():
+        if k != "command" and v != getattr(base, k):
+            parts += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", shlex.quote(str(v))]
+    return " ".join(parts)
+
+
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
@@ -66,21 +77,13 @@ def _ints(text: str, what: str) -> list[int]:
     return sorted(set(vals))
 
 
-# ---- model ---------------------------------------------------------------------------------
-def gpt2_base_config(layers: int):
-    from .model import GPTConfig
-    return GPTConfig(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=layers, n_head=12)
-
-
 def model_config(opts: BenchOptions):
-    """The model's config without loading weights (no tokenizer needed)."""
+    """(config, label) without loading weights (no tokenizer needed)."""
     from .model import GPT, GPTConfig
     from .registry import resolve_model
-
-    if opts.gpt2_base_layers is not None:
-        if opts.gpt2_base_layers < 1:
-            raise BenchError(f"--gpt2-base-layers must be >= 1, got {opts.gpt2_base_layers}")
-        return gpt2_base_config(opts.gpt2_base_layers), f"gpt2-base shape, {opts.gpt2_base_layers} layer(s), random"
+    if opts.gpt2_base_layers is not None:  # n_layer < 1: CheckpointError (a user error too)
+        return (GPTConfig(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=opts.gpt2_base_layers, n_head=12),
+                f"gpt2-base shape, {opts.gpt2_base_layers} layer(s), random weights")
     folder = resolve_model(opts.model)
     try:
         return GPTConfig.from_hf(json.loads((folder / "config.json").read_text())), str(opts.model)
@@ -90,10 +93,8 @@ def model_config(opts: BenchOptions):
 
 def load_model(opts: BenchOptions, cfg):
     import torch
-
     from .model import GPT
     from .registry import resolve_model
-
     if opts.gpt2_base_layers is None:
         return GPT.from_pretrained(resolve_model(opts.model))
     torch.manual_seed(opts.seed)
@@ -103,13 +104,11 @@ def load_model(opts: BenchOptions, cfg):
 def validate(opts: BenchOptions):
     """(cfg, model label, contexts, worker counts, sweep context); raises BenchError before any work."""
     from .scheduler.plan import make_plan
-
-    if opts.tokens < 1:
-        raise BenchError(f"--tokens must be >= 1, got {opts.tokens}")
-    if opts.sweep_backend not in BACKENDS:
-        raise BenchError(f"--sweep-backend must be one of {', '.join(BACKENDS)}, got {opts.sweep_backend!r}")
-    if opts.max_minutes <= 0:
-        raise BenchError(f"--max-minutes must be positive, got {opts.max_minutes}")
+    for bad, msg in ((opts.tokens < 1, f"--tokens must be >= 1, got {opts.tokens}"),
+                     (opts.sweep_backend not in BACKENDS, "--sweep-backend must be ray or inprocess"),
+                     (opts.max_minutes <= 0, f"--max-minutes must be positive, got {opts.max_minutes}")):
+        if bad:
+            raise BenchError(msg)
     cfg, label = model_config(opts)
     fit = cfg.n_positions - opts.tokens  # positions 0 .. C + tokens - 1 must exist
     if opts.contexts is None:
@@ -118,16 +117,13 @@ def validate(opts: BenchOptions):
             log(f"default contexts capped at {fit} (= context {cfg.n_positions} - {opts.tokens} decode tokens)")
     else:
         contexts = _ints(opts.contexts, "--contexts")
-    if not contexts or max(contexts) > fit:
-        raise BenchError(f"context {max(contexts, default=0)} + {opts.tokens} decode token(s) exceed the model's "
-                         f"context of {cfg.n_positions}; use --contexts up to {fit} or fewer --tokens")
+    sweep_ctx = opts.sweep_context or max([c for c in contexts if c <= 128] or contexts[:1] or [1])
+    if not contexts or max(contexts + [sweep_ctx]) > fit:
+        raise BenchError(f"context {max(contexts + [sweep_ctx])} + {opts.tokens} decode token(s) exceed the model's "
+                         f"context of {cfg.n_positions}; use contexts up to {fit} or fewer --tokens")
     workers = _ints(opts.workers, "--workers")
     for w in workers:
         make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, w)  # PlanError (one line) if impossible
-    sweep_ctx = opts.sweep_context or max([c for c in contexts if c <= 128] or [min(contexts)])
-    if sweep_ctx > fit:
-        raise BenchError(f"--sweep-context {sweep_ctx} + {opts.tokens} token(s) exceed the model's context "
-                         f"of {cfg.n_positions}")
     return cfg, label, contexts, workers, sweep_ctx
 
 
@@ -135,11 +131,13 @@ def validate(opts: BenchOptions):
 class _Recorder:
     def __init__(self, totals, kv, progress):
         self.totals, self.kv, self.progress = totals, kv, progress
-        self.prefill_s, self.decode_s, self.deltas, self.kv_after = None, [], [], None
-        self._before = None
+        self.prefill_s, self.decode_s, self.deltas, self.kv_after, self._before = None, [], [], None, None
 
     def on_step(self, timing) -> None:
         now = self.totals()
+        if timing.phase == "start":
+            self._before = now
+            return
         if timing.phase == "prefill":
             self.prefill_s, self.kv_after = timing.seconds, self.kv()
         else:
@@ -149,13 +147,11 @@ class _Recorder:
         self.progress(timing)
 
     def result(self) -> dict:
-        mean = {k: sum(d[k] for d in self.deltas) / len(self.deltas) for k in self.deltas[0]}
-        return {"prefill_s": self.prefill_s, "decode_s": self.decode_s,
-                "median_decode_s": statistics.median(self.decode_s),
-                "he_ops_per_token": {k: mean[k] for k in OPS},
-                "bytes_per_token": {"to_server": mean["to_server"], "to_client": mean["to_client"],
-                                    "total": mean["to_server"] + mean["to_client"]},
-                "rounds_per_token": mean["rounds"], "kv_cache_after_prefill": self.kv_after}
+        m = {k: sum(d[k] for d in self.deltas) / len(self.deltas) for k in self.deltas[0]}
+        return {"prefill_s": self.prefill_s, "decode_s": self.decode_s, "median_decode_s": statistics.median(self.decode_s),
+                "he_ops_per_token": {k: m[k] for k in OPS}, "rounds_per_token": m["rounds"],
+                "bytes_per_token": {"to_server": m["to_server"], "to_client": m["to_client"],
+                                    "total": m["to_server"] + m["to_client"]}, "kv_cache_after_prefill": self.kv_after}
 
 
 def _traffic(chans) -> dict:
@@ -170,12 +166,9 @@ def _client_traffic(actor) -> dict:
 
 
 class InProcessBackend:
-    name = "inprocess"
-
     def __init__(self, model, workers: int):
         from .scheduler.inprocess import InProcessRunner
         from .scheduler.plan import make_plan
-
         self.cfg = model.config
         self.plan = make_plan(self.cfg.n_layer, self.cfg.n_head, self.cfg.d_ff, workers)
         self.runner = InProcessRunner(model, self.plan, [0])  # weights encoded and keys made once
@@ -185,19 +178,27 @@ class InProcessBackend:
         return {**he, **_traffic([p.chan for p in self.runner.client_parties.values()])}
 
     def _kv(self) -> dict:
-        stats = [s.cache_stats() for s in self.runner.shards.values()]
-        return {k: sum(s[k] for s in stats) for k in ("ciphertexts", "bytes")}
+        return {k: sum(s.cache_stats()[k] for s in self.runner.shards.values()) for k in ("ciphertexts", "bytes")}
 
     def run(self, mode: str, prompt: list[int], tokens: int, progress) -> dict:
         from .client.session import ClientSession
-        from .scheduler.driver import Driver
-
-        r = self.runner
+        from .scheduler.driver import Driver, StepTiming
+        r, C = self.runner, len(prompt) - 1  # prompt: the C context tokens + the first token to decode
         r.client.close()
-        r.client = ClientSession(self.cfg, self.plan, r.keys, prompt)  # a fresh session, same keys and shards
-        r.reset_cache()
         rec = _Recorder(self._totals, self._kv, progress)
-        Driver(r, self.cfg, self.plan, mode).generate(len(prompt), tokens + 1, on_step=rec.on_step)
+        driver = Driver(r, self.cfg, self.plan, mode)
+        if mode == "kv-reuse":
+            r.client = ClientSession(self.cfg, self.plan, r.keys, prompt[:C])  # fresh session, same keys and shards
+            r.reset_cache()
+            driver.generate(C, tokens + 1, on_step=rec.on_step)
+            return rec.result()
+        # recompute keeps no state between tokens, so its prefill cannot change a decode step: skip it and
+        # decode from position C directly (the step re-runs all C + 1 tokens, as after a prefill).
+        r.client = ClientSession(self.cfg, self.plan, r.keys, prompt)
+        r.reset_cache()
+        rec.on_step(StepTiming(C - 1, "start", 0.0))
+        for i in range(tokens):
+            rec.on_step(driver.decode_one_token(C + i))
         return rec.result()
 
     def close(self) -> None:
@@ -205,56 +206,36 @@ class InProcessBackend:
 
 
 class RayBackend:
-    name = "ray"
-
-    def __init__(self, model, workers: int, address: str | None):
-        import ray
-
+    def __init__(self, model, workers: int, address: str | None, max_workers: int):
         from .client.generate import SecureGenerator
         from .cluster.connect import connect
-
-        self.started_ray = not ray.is_initialized()
-        if self.started_ray:  # embedded: logical CPUs for the workers, the client and the dealer
-            connect(address, num_cpus=None if address else max(4, workers + 2))
-        self.model, self.workers, self.gens, self._new = model, workers, {}, SecureGenerator
-
-    def _gen(self, mode: str):
-        if mode not in self.gens:
-            self.gens[mode] = self._new(self.model, workers=self.workers, mode=mode)
-        return self.gens[mode]
+        connect(address, num_cpus=None if address else max(4, max_workers + 2))  # no-op if Ray is up
+        self.gen = SecureGenerator(model, workers=workers)
 
     def run(self, mode: str, prompt: list[int], tokens: int, progress) -> dict:
         import ray
+        gen = self.gen
+        gen.mode = mode  # one client + worker pool for both modes (each session's Driver takes the mode)
 
-        gen = self._gen(mode)
-
-        def totals() -> dict:
+        def worker_sum(part: str, keys) -> dict:
             stats = ray.get([w.stats.remote() for w in gen.pool.workers])
-            he = {k: sum(s["he"][k] for s in stats) for k in OPS}
-            return {**he, **ray.get(gen.client.__ray_call__.remote(_client_traffic))}
+            return {k: sum(s[part][k] for s in stats) for k in keys}
 
-        def kv() -> dict:
-            stats = ray.get([w.stats.remote() for w in gen.pool.workers])
-            return {k: sum(s["kv"][k] for s in stats) for k in ("ciphertexts", "bytes")}
-
-        rec = _Recorder(totals, kv, progress)
-        gen.generate(prompt, tokens + 1, on_step=lambda t, _n: rec.on_step(t))
+        rec = _Recorder(lambda: {**worker_sum("he", OPS), **ray.get(gen.client.__ray_call__.remote(_client_traffic))},
+                        lambda: worker_sum("kv", ("ciphertexts", "bytes")), progress)
+        gen.generate(prompt[:-1], tokens + 1, on_step=lambda t, _n: rec.on_step(t))
         return rec.result()
 
     def close(self) -> None:
-        for gen in self.gens.values():
-            gen.close()
-        self.gens = {}
+        self.gen.close()
 
 
-# ---- the run ---------------------------------------------------------------------------------
 def machine() -> dict:
-    cpu = platform.processor() or ""
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name")) or cpu
+                   if l.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        cpu = platform.processor()
     return {"nproc": os.cpu_count(), "sched_cpus": len(os.sched_getaffinity(0)), "cpu_model": cpu,
             "platform": platform.platform(), "python": platform.python_version()}
 
@@ -263,7 +244,6 @@ def kv_summary(kv: dict, context: int, cfg) -> dict:
     """Allocated bytes (whole ciphertexts) and the layout's marginal bytes per token per layer."""
     from .he.kvcache import KVLayout
     from .he.params import HEConfig
-
     tpc = KVLayout(cfg.d_head, HEConfig().n).tpc
     ct = kv["bytes"] / kv["ciphertexts"] if kv["ciphertexts"] else 0
     marginal = 2 * ct * cfg.n_head / tpc  # K and V, all heads, one layer
@@ -272,9 +252,13 @@ def kv_summary(kv: dict, context: int, cfg) -> dict:
             "marginal_bytes_per_token_per_layer": marginal, "bytes_used": marginal * cfg.n_layer * context}
 
 
+def _ratio(slow: dict, fast: dict) -> float | None:
+    ok = "median_decode_s" in slow and "median_decode_s" in fast
+    return slow["median_decode_s"] / fast["median_decode_s"] if ok else None
+
+
 def run(opts: BenchOptions) -> dict:
     import numpy as np
-
     cfg, label, contexts, workers, sweep_ctx = validate(opts)
     deadline = time.monotonic() + 60 * opts.max_minutes
     t_start = time.monotonic()
@@ -282,170 +266,125 @@ def run(opts: BenchOptions) -> dict:
         f"contexts {contexts}, {opts.tokens} decode token(s), workers {workers}")
     model = load_model(opts, cfg)
     rng = np.random.default_rng(opts.seed)
-    prompt_all = rng.integers(0, cfg.vocab_size, max(contexts + [sweep_ctx])).tolist()
-    backends: dict = {}
-    made: list = []  # every backend made (to know whether this run started Ray)
-    results: dict = {}  # (backend, workers, mode, context) -> measurement
+    prompt_all = rng.integers(0, cfg.vocab_size, max(contexts + [sweep_ctx]) + 1).tolist()
+    backends, results = {}, {}
+    ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
     def backend(name: str, w: int):
         if (name, w) not in backends:
             log(f"setting up {name} backend, {w} worker(s) (keys, weight encoding)...")
-            backends[(name, w)] = InProcessBackend(model, w) if name == "inprocess" else RayBackend(model, w, opts.address)
-            made.append(backends[(name, w)])
+            backends[(name, w)] = (InProcessBackend(model, w) if name == "inprocess"
+                                   else RayBackend(model, w, opts.address, max(workers)))
         return backends[(name, w)]
 
     def measure(name: str, w: int, mode: str, ctx: int) -> dict:
         key = (name, w, mode, ctx)
-        if key in results:
-            return results[key]
-        if time.monotonic() > deadline:
-            return {"skipped": "time limit (--max-minutes)"}
+        if key in results or time.monotonic() > deadline:
+            return results.get(key, {"skipped": "time limit (--max-minutes)"})
         t0 = time.monotonic()
-
-        def progress(t):
-            what = "prefill" if t.phase == "prefill" else f"decode @{t.position}"
-            log(f"{mode} ctx {ctx} [{name}, {w}w]: {what} {t.seconds:.2f} s (elapsed {time.monotonic() - t_start:.0f} s)")
-
-        res = backend(name, w).run(mode, prompt_all[:ctx], opts.tokens, progress)
-        res["wall_s"] = time.monotonic() - t0
-        results[key] = res
-        return res
+        progress = lambda t: log(  # noqa: E731
+            f"{mode} ctx {ctx} [{name}, {w} worker(s)]: {t.phase} @{t.position} {t.seconds:.2f} s "
+            f"(elapsed {time.monotonic() - t_start:.0f} s)")
+        results[key] = r = backend(name, w).run(mode, prompt_all[:ctx + 1], opts.tokens, progress)
+        r["wall_s"] = time.monotonic() - t0
+        return r
 
     main_backend, main_w = ("ray" if opts.ray else "inprocess"), workers[0]
     rows = []
     try:
         for ctx in contexts:
-            row = {"context": ctx, "kv-reuse": measure(main_backend, main_w, "kv-reuse", ctx)}
-            if ctx > opts.recompute_max_context:
-                row["recompute"] = {"skipped": "too slow (--recompute-max-context)"}
-            else:
-                row["recompute"] = measure(main_backend, main_w, "recompute", ctx)
-            kv, rc = row["kv-reuse"], row["recompute"]
-            row["ratio"] = (rc["median_decode_s"] / kv["median_decode_s"]
-                            if "median_decode_s" in rc and "median_decode_s" in kv else None)
+            kv = measure(main_backend, main_w, "kv-reuse", ctx)
+            rc = (measure(main_backend, main_w, "recompute", ctx) if ctx <= opts.recompute_max_context
+                  else {"skipped": "too slow (--recompute-max-context)"})
+            rows.append({"context": ctx, "kv-reuse": kv, "recompute": rc, "ratio": _ratio(rc, kv)})
             if kv.get("kv_cache_after_prefill"):
-                row["kv_cache"] = kv_summary(kv["kv_cache_after_prefill"], ctx, cfg)
-            rows.append(row)
+                rows[-1]["kv_cache"] = kv_summary(kv["kv_cache_after_prefill"], ctx, cfg)
         sweep = []
-        for w in workers:
-            m = measure(opts.sweep_backend, w, "kv-reuse", sweep_ctx)
-            if (opts.sweep_backend, w) in backends:  # free the worker processes before the next count
-                backends.pop((opts.sweep_backend, w)).close()
-            sweep.append({"workers": w, "backend": opts.sweep_backend, "context": sweep_ctx, **m})
-        base = next((s.get("median_decode_s") for s in sweep if "median_decode_s" in s), None)
-        for s in sweep:
-            s["speedup"] = base / s["median_decode_s"] if base and "median_decode_s" in s else None
+        for w in workers:  # one backend at a time (frees memory and worker processes); results are cached
+            for key in list(backends):
+                backends.pop(key).close()
+            sweep.append({"workers": w, "backend": opts.sweep_backend, "context": sweep_ctx,
+                          **measure(opts.sweep_backend, w, "kv-reuse", sweep_ctx)})
+            sweep[-1]["speedup"] = _ratio(sweep[0], sweep[-1])
     finally:
         for b in backends.values():
             b.close()
-        if any(getattr(b, "started_ray", False) for b in made):
-            from .cluster.connect import shutdown
-            shutdown()
-
-    return {
-        "meta": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                 "command": opts.command, "machine": machine(), "model": label, "config": asdict(cfg),
-                 "backend": main_backend, "main_workers": main_w, "tokens": opts.tokens,
-                 "recompute_max_context": opts.recompute_max_context, "seed": opts.seed,
-                 "total_seconds": time.monotonic() - t_start, "he_n": _he_n(),
-                 "notes": ["latency: median over decoded tokens; counts and bytes: mean per decoded token",
-                           "HE ops are the server's (all workers); bytes are client<->server channel bytes",
-                           "kv_cache.bytes: allocated ciphertexts after the prefill (whole ciphertexts); "
-                           "bytes_used: the layout's marginal cost x tokens"]},
-        "contexts": rows, "workers": sweep}
-
-
-def _he_n() -> int:
-    from .he.params import HEConfig
-    return HEConfig().n
+        if not ray_was_up and "ray" in sys.modules:  # Ray started (or joined) by this run
+            sys.modules["ray"].shutdown()
+    meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "command": opts.command
+            or command_line(opts), "argv": sys.argv, "machine": machine(), "model": label, "config": asdict(cfg),
+            "backend": main_backend, "main_workers": main_w, "tokens": opts.tokens, "seed": opts.seed,
+            "recompute_max_context": opts.recompute_max_context, "total_seconds": time.monotonic() - t_start}
+    return {"meta": {**meta, "notes": NOTES}, "contexts": rows, "workers": sweep}
 
 
 # ---- outputs ---------------------------------------------------------------------------------
-def _ms(m: dict) -> str:
-    return f"{1000 * m['median_decode_s']:.0f}" if "median_decode_s" in m else f"skipped ({m.get('skipped', '?')})"
-
-
-def _mib(b) -> str:
-    return f"{b / 2**20:.2f}"
-
-
 def markdown(report: dict) -> str:
     meta, mc = report["meta"], report["meta"]["machine"]
+    _ms = lambda m: (f"{1000 * m['median_decode_s']:.0f}" if "median_decode_s" in m  # noqa: E731
+                     else f"skipped: {m.get('skipped', '?')}")
+    _kib = lambda m: f"{m['bytes_per_token']['total'] / 1024:.0f}" if "bytes_per_token" in m else "—"  # noqa: E731
     out = [f"# Secure decode benchmark ({meta['model']})", "",
            f"`{meta['command']}` — {meta['date']}, {mc['nproc']} CPU(s) ({mc['cpu_model']}), backend "
            f"{meta['backend']} with {meta['main_workers']} worker(s), {meta['tokens']} decode token(s) per point, "
            f"total {meta['total_seconds'] / 60:.1f} min.", "",
            "| context | kv-reuse ms/token | recompute ms/token | recompute / kv-reuse | kv-reuse KiB/token | "
-           "recompute KiB/token | KV cache MiB | KV KiB/token/layer (alloc / marginal) |",
+           "recompute KiB/token | KV cache MiB | KV KiB/token/layer (allocated / marginal) |",
            "|---|---|---|---|---|---|---|---|"]
     for r in report["contexts"]:
-        kv, rc, c = r["kv-reuse"], r["recompute"], r.get("kv_cache", {})
-        kib = lambda m: f"{m['bytes_per_token']['total'] / 1024:.0f}" if "bytes_per_token" in m else "—"  # noqa: E731
+        kv, rc, c = r["kv-reuse"], r["recompute"], r.get("kv_cache")
         ratio = f"{r['ratio']:.1f}x" if r["ratio"] else "—"
-        kvs = (f"{_mib(c['bytes'])} | {c['bytes_per_token_per_layer'] / 1024:.1f} / "
+        kvs = (f"{c['bytes'] / 2**20:.2f} | {c['bytes_per_token_per_layer'] / 1024:.1f} / "
                f"{c['marginal_bytes_per_token_per_layer'] / 1024:.1f}" if c else "— | —")
-        out.append(f"| {r['context']} | {_ms(kv)} | {_ms(rc)} | {ratio} | {kib(kv)} | {kib(rc)} | {kvs} |")
-    out += ["", "HE operations per decoded token (server, all workers):", "",
+        out.append(f"| {r['context']} | {_ms(kv)} | {_ms(rc)} | {ratio} | {_kib(kv)} | {_kib(rc)} | {kvs} |")
+    out += ["", "Per decoded token (HE ops: the server's, all workers):", "",
             "| context | mode | ct×pt | ct×ct | rotations | rounds |", "|---|---|---|---|---|---|"]
     for r in report["contexts"]:
-        for mode in MODES:
-            m = r[mode]
-            if "he_ops_per_token" in m:
-                o = m["he_ops_per_token"]
-                out.append(f"| {r['context']} | {mode} | {o['ct_pt_mul']:.0f} | {o['ct_ct_mul']:.0f} | "
-                           f"{o['rotations']:.0f} | {m['rounds_per_token']:.0f} |")
+        for mode in (m for m in MODES if "he_ops_per_token" in r[m]):
+            o = r[mode]["he_ops_per_token"]
+            out.append(f"| {r['context']} | {mode} | {o['ct_pt_mul']:.0f} | {o['ct_ct_mul']:.0f} | "
+                       f"{o['rotations']:.0f} | {r[mode]['rounds_per_token']:.0f} |")
     if report["workers"]:
         s0 = report["workers"][0]
         out += ["", f"Worker sweep (kv-reuse, context {s0['context']}, backend {s0['backend']}):", "",
                 "| workers | ms/token | speedup | prefill s | KiB/token |", "|---|---|---|---|---|"]
         for s in report["workers"]:
             sp = f"{s['speedup']:.2f}x" if s.get("speedup") else "—"
-            pre = f"{s['prefill_s']:.1f}" if "prefill_s" in s else "—"
-            kib = f"{s['bytes_per_token']['total'] / 1024:.0f}" if "bytes_per_token" in s else "—"
-            out.append(f"| {s['workers']} | {_ms(s)} | {sp} | {pre} | {kib} |")
+            pre = f"{s['prefill_s']:.1f}" if s.get("prefill_s") else "—"
+            out.append(f"| {s['workers']} | {_ms(s)} | {sp} | {pre} | {_kib(s)} |")
     return "\n".join(out + [""] + [f"- {n}" for n in meta["notes"]]) + "\n"
 
 
 def plots(report: dict, folder: Path) -> list[Path]:
+    """latency.png (both modes, log scale) and memory.png (KV cache) vs context."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    rows, paths = report["contexts"], []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, marker in zip(MODES, "os"):
-        pts = [(r["context"], r[mode]["median_decode_s"]) for r in rows if "median_decode_s" in r[mode]]
-        if pts:
-            ax.plot(*zip(*pts), marker=marker, label=mode)
-    ax.set(xlabel="context (cached tokens)", ylabel="seconds per decoded token", yscale="log",
-           title=f"Secure decode latency ({report['meta']['model']})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    paths.append(folder / "latency.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    kv = [(r["context"], r["kv_cache"]) for r in rows if "kv_cache" in r]
-    if kv:
-        ax.plot([c for c, _ in kv], [k["bytes"] / 2**20 for _, k in kv], marker="o", label="allocated ciphertexts")
-        ax.plot([c for c, _ in kv], [k["bytes_used"] / 2**20 for _, k in kv], marker="s", ls="--",
-                label="marginal bytes x tokens")
-    ax.set(xlabel="context (cached tokens)", ylabel="encrypted KV cache (MiB)", title="Encrypted KV-cache memory")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    paths.append(folder / "memory.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+    rows, kv = report["contexts"], [r for r in report["contexts"] if "kv_cache" in r]
+    lat = [(mode, [(r["context"], r[mode]["median_decode_s"]) for r in rows if "median_decode_s" in r[mode]], st)
+           for mode, st in zip(MODES, ("o-", "s-"))]
+    mem = [("allocated ciphertexts", [(r["context"], r["kv_cache"]["bytes"] / 2**20) for r in kv], "o-"),
+           ("marginal bytes x tokens", [(r["context"], r["kv_cache"]["bytes_used"] / 2**20) for r in kv], "s--")]
+    figures = [("latency.png", lat, "seconds per decoded token", f"Secure decode latency ({report['meta']['model']})"),
+               ("memory.png", mem, "encrypted KV cache (MiB)", "Encrypted KV-cache memory")]
+    for name, series, ylabel, title in figures:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, pts, style in (x for x in series if x[1]):
+            ax.plot(*zip(*pts), style, label=label)
+        ax.set(xlabel="context (cached tokens)", ylabel=ylabel, title=title,
+               yscale="log" if name == "latency.png" else "linear")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=120)
+        plt.close(fig)
+    return [folder / name for name, *_ in figures]
 
 
 def write_outputs(report: dict, out: str) -> tuple[Path, Path, list[Path], str]:
-    json_path = Path(out)
+    """JSON at ``out``; the Markdown table (.md) and latency.png, memory.png beside it."""
+    json_path, md = Path(out), markdown(report)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md = markdown(report)
-    md_path = json_path.with_suffix(".md")
-    md_path.write_text(md)
-    return json_path, md_path, plots(report, json_path.parent), md
+    json_path.with_suffix(".md").write_text(md)
+    return json_path, json_path.with_suffix(".md"), plots(report, json_path.parent), md

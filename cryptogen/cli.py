@@ -232,12 +232,14 @@ def bench(
         None, help="Context lengths, comma-separated (default: 64,128,256,512, capped to the model's context "
                    "minus --tokens)."),
     tokens: int = typer.Option(3, min=1, help="Decode tokens per point (latency: their median)."),
-    workers: str = typer.Option("1,2", help="Worker counts for the sweep; the first one is used for the context table."),
+    workers: str = typer.Option("1,2", help="Worker counts of the sweep; the smallest also runs the context table."),
     ray: bool = typer.Option(False, "--ray", help="Context table on Ray (SecureGenerator) instead of in-process."),
     sweep_backend: str = typer.Option("ray", help="Worker sweep backend: ray (processes: real parallel speedup) "
                                                   "or inprocess (threads, GIL-bound; same counts)."),
-    sweep_context: Optional[int] = typer.Option(None, min=1, help="Context of the worker sweep (default: largest <= 128)."),
-    recompute_max_context: int = typer.Option(128, min=0, help="Skip recompute (minutes per token) above this context."),
+    sweep_context: Optional[int] = typer.Option(
+        None, min=1, help="Context of the worker sweep (default: the largest context <= 128)."),
+    recompute_max_context: int = typer.Option(
+        128, min=0, help="Skip recompute (minutes per token) above this context."),
     max_minutes: float = typer.Option(240.0, help="Stop measuring after this long (the rest is marked skipped)."),
     out: str = typer.Option("docs/bench/bench.json", help="JSON output; the .md table and PNG plots go beside it."),
     seed: int = typer.Option(0, help="Seed of the random prompt token ids (and --gpt2-base-layers weights)."),
@@ -250,7 +252,7 @@ def bench(
         opts = BenchOptions(model=model, gpt2_base_layers=gpt2_base_layers, contexts=contexts, tokens=tokens,
                             workers=workers, ray=ray, sweep_backend=sweep_backend, sweep_context=sweep_context,
                             recompute_max_context=recompute_max_context, max_minutes=max_minutes, out=out,
-                            seed=seed, address=address, command=" ".join(["cryptogen", *sys.argv[1:]]))
+                            seed=seed, address=address)
         report = run(opts)
         json_path, md_path, pngs, md = write_outputs(report, out)
         typer.echo(md)

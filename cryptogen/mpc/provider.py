@@ -165,6 +165,16 @@ class Dealer:
         (bc, bs), (rc, rs) = self._split(bits), self._split(r)
         return {"bits": bc, "r": rc}, {"bits": bs, "r": rs}
 
+    def make(self, kind: str, count: int, key=None):
+        """(client_bundle, server_bundle) of ``count`` items of ``kind`` (matrix: key = (m, k, n))."""
+        if kind == "triple":
+            return self.triples(count)
+        if kind == "bits":
+            return self.solved_bits(count)
+        if kind == "matrix":
+            return self.matrix_triples(count, *key)
+        raise ProviderError(f"unknown kind {kind!r}")
+
     def matrix_triples(self, count: int, m: int, k: int, n: int):
         A = random_elements((count, m, k), self.t)
         B = random_elements((count, k, n), self.t)
@@ -197,14 +207,7 @@ class DealerProvider:
 
     def refill_locked(self, kind: str, count: int, key=None) -> None:
         """Make `count` items and push each party's bundle into its pool (caller holds the lock)."""
-        if kind == "triple":
-            bundles = self.dealer.triples(count)
-        elif kind == "bits":
-            bundles = self.dealer.solved_bits(count)
-        elif kind == "matrix":
-            bundles = self.dealer.matrix_triples(count, *key)
-        else:
-            raise ProviderError(f"unknown kind {kind!r}")
+        bundles = self.dealer.make(kind, count, key)
         for role, bundle in zip(("client", "server"), bundles):
             src = self._sources.get(role)
             if src is None:

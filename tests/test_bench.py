@@ -1,0 +1,91 @@
+"""``cryptogen bench`` end to end on a tiny random checkpoint (in-process backend, no tokenizer)."""
+import json
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cryptogen.cli import app
+from cryptogen.model import GPT, GPTConfig
+
+pytestmark = pytest.mark.slow
+
+TINY = GPTConfig(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-bench-model")
+    torch.manual_seed(0)
+    GPT(TINY).save_pretrained(folder)  # config.json + model.safetensors only: bench needs no tokenizer
+    return folder
+
+
+def bench(*args):
+    return CliRunner().invoke(app, ["bench", *map(str, args)])
+
+
+def test_bench_reports_both_modes_counts_memory_and_plots(checkpoint, tmp_path):
+    out = tmp_path / "bench" / "bench.json"
+    res = bench("--model", checkpoint, "--contexts", "4,8", "--tokens", 1, "--workers", 1,
+                "--sweep-backend", "inprocess", "--out", out)
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    meta = report["meta"]
+    assert meta["machine"]["nproc"] >= 1 and meta["machine"]["cpu_model"] and meta["date"]
+    assert meta["command"].startswith("cryptogen bench") and "--contexts 4,8" in meta["command"]
+    rows = report["contexts"]
+    assert [r["context"] for r in rows] == [4, 8]
+    for r in rows:
+        for mode in ("kv-reuse", "recompute"):
+            m = r[mode]
+            assert len(m["decode_s"]) == 1 and m["median_decode_s"] > 0
+            assert all(m["he_ops_per_token"][op] > 0 for op in ("ct_pt_mul", "ct_ct_mul", "rotations"))
+            assert m["bytes_per_token"]["to_server"] > 0 and m["bytes_per_token"]["to_client"] > 0
+            assert m["rounds_per_token"] > 0
+        assert r["ratio"] > 0
+        # recompute re-runs the whole prefix: strictly more HE work per token than kv-reuse
+        assert r["recompute"]["he_ops_per_token"]["ct_pt_mul"] > r["kv-reuse"]["he_ops_per_token"]["ct_pt_mul"]
+    kv4, kv8 = rows[0]["kv_cache"], rows[1]["kv_cache"]
+    # allocation is whole ciphertexts (tokens_per_ciphertext >> 8 here); the occupied bytes grow with context
+    assert 0 < kv4["bytes"] <= kv8["bytes"] and kv4["ciphertexts"] > 0
+    assert kv8["bytes_used"] > kv4["bytes_used"] > 0
+    assert kv4["marginal_bytes_per_token_per_layer"] == kv8["marginal_bytes_per_token_per_layer"] > 0
+    # recompute work grows with context; kv-reuse linear-layer work does not
+    assert (rows[1]["recompute"]["he_ops_per_token"]["ct_pt_mul"]
+            > rows[0]["recompute"]["he_ops_per_token"]["ct_pt_mul"])
+    assert rows[1]["kv-reuse"]["he_ops_per_token"]["ct_pt_mul"] == rows[0]["kv-reuse"]["he_ops_per_token"]["ct_pt_mul"]
+    assert [s["workers"] for s in report["workers"]] == [1] and report["workers"][0]["speedup"] == 1.0
+    for name in ("bench.md", "latency.png", "memory.png"):
+        path = out.parent / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    assert (out.parent / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out.parent / "bench.md").read_text()
+    assert "| 4 |" in md and "| 8 |" in md and "recompute / kv-reuse" in md and md in res.output
+
+
+def test_recompute_beyond_limit_is_marked_skipped(checkpoint, tmp_path):
+    out = tmp_path / "b.json"
+    res = bench("--model", checkpoint, "--contexts", "2", "--tokens", 1, "--workers", 1,
+                "--sweep-backend", "inprocess", "--recompute-max-context", 1, "--out", out)
+    assert res.exit_code == 0, res.output
+    row = json.loads(out.read_text())["contexts"][0]
+    assert row["recompute"] == {"skipped": "too slow (--recompute-max-context)"} and row["ratio"] is None
+    assert "skipped: too slow" in (tmp_path / "b.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--contexts", "4,16", "--tokens", 1], "context 16 + 1 decode token(s) exceed the model's context of 16"),
+    (["--contexts", "14", "--tokens", 3], "context 14 + 3 decode token(s) exceed"),
+    (["--contexts", "4,x"], "--contexts must be comma-separated integers"),
+    (["--contexts", "4", "--workers", "3"], "3 workers share a layer but it has only 2 heads"),
+])
+def test_bad_input_errors_before_any_work(checkpoint, tmp_path, args, message):
+    out = tmp_path / "never" / "bench.json"
+    t0 = time.monotonic()
+    res = bench("--model", checkpoint, *args, "--out", out)
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.output
+    assert time.monotonic() - t0 < 10 and not out.parent.exists()  # no keys, no encoding, no files

@@ -179,8 +179,6 @@ class TokenStream:
 
 
 def _generate_plain(prompt, model_name, max_new_tokens, temperature, top_k, seed):
-    import torch
-
     from . import registry
     from .sampling import Sampler, SamplingConfig
 
@@ -190,12 +188,8 @@ def _generate_plain(prompt, model_name, max_new_tokens, temperature, top_k, seed
     stream = TokenStream(tok)
     sys.stdout.write(prompt)
     t0 = time.perf_counter()
-    logits, cache = model.prefill(torch.tensor([ids]))
-    for i in range(max_new_tokens):
-        token = sampler(logits[0].numpy())
+    for token in model.generate(ids, max_new_tokens, sampler):
         stream.push(token)
-        if i + 1 < max_new_tokens:
-            logits, cache = model.decode_one_token(torch.tensor([token]), cache)
     dt = time.perf_counter() - t0
     stream.close()
     typer.echo(f"[{max_new_tokens} tokens in {dt * 1000:.0f} ms, plaintext]", err=True)

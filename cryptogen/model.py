@@ -193,6 +193,17 @@ class GPT(nn.Module):
         logits, cache = self(token.view(-1, 1), cache)
         return logits[:, -1], cache
 
+    @torch.no_grad()
+    def generate(self, ids: list[int], max_new_tokens: int, choose):
+        """Yield ``max_new_tokens`` tokens after ``ids``: prefill, then cached decode steps;
+        ``choose(logits (V,) numpy) -> int`` picks each token (greedy, sampling)."""
+        logits, cache = self.prefill(torch.tensor([ids]))
+        for i in range(max_new_tokens):
+            token = choose(logits[0].numpy())
+            yield token
+            if i + 1 < max_new_tokens:
+                logits, cache = self.decode_one_token(torch.tensor([token]), cache)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

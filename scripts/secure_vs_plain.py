@@ -29,15 +29,7 @@ PROMPTS = [
 
 
 def plain_greedy(model, ids, n):
-    out = []
-    with torch.no_grad():
-        logits, cache = model.prefill(torch.tensor([ids]))
-        for i in range(n):
-            tok = int(logits[0].argmax())
-            out.append(tok)
-            if i + 1 < n:
-                logits, cache = model.decode_one_token(torch.tensor([tok]), cache)
-    return out
+    return list(model.generate(ids, n, lambda logits: int(logits.argmax())))
 
 
 def main():

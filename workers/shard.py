@@ -4,7 +4,7 @@ A worker holds, for every layer its ``WorkerPlan`` gives it, the plaintext weigh
 of its heads and feed-forward columns (encoded once as HE plaintexts), the encrypted KV
 cache of its heads per session, and runs the server role of each stage against the client
 over a ``Party`` (channel + correlated randomness). It is built from a *public* HE context
-only: it cannot decrypt.
+only: it holds no key that opens a ciphertext.
 
 Stages (the names are the metric labels; scheduler/driver.py calls them in this order):
   embed      token one-hot (encrypted by the client) x embedding table -> residual share

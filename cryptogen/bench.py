@@ -28,7 +28,9 @@ OPS = ("ct_pt_mul", "ct_ct_mul", "rotations")
 BACKENDS = ("inprocess", "ray")
 NOTES = ["latency: median over decoded tokens; HE ops (the server's, all workers), client<->server bytes and "
          "rounds: mean per decoded token", "KV cache: allocated = whole ciphertexts after the prefill; marginal = "
-         "the layout's bytes per added token (2 x ciphertext bytes x heads / tokens per ciphertext)"]
+         "the layout's bytes per added token (2 x ciphertext bytes x heads / tokens per ciphertext)",
+         "in-process kv-reuse grows one session's cache from context to context (chunked prefill of the "
+         "prefill_tokens between them); a decode step at context C is the same as after a fresh prefill of C"]
 
 
 class BenchError(ValueError):
@@ -47,6 +49,7 @@ class BenchOptions:
     sweep_context: int | None = None  # None: the largest context <= 128
     recompute_max_context: int = 128
     max_minutes: float = 240.0
+    grow: bool = True  # in-process kv-reuse: one session grown context to context (chunked prefill)
     out: str = "docs/bench/bench.json"
     seed: int = 0
     address: str | None = None
@@ -105,7 +108,7 @@ def validate(opts: BenchOptions):
     """(cfg, model label, contexts, worker counts, sweep context); raises BenchError before any work."""
     from .scheduler.plan import make_plan
     for bad, msg in ((opts.tokens < 1, f"--tokens must be >= 1, got {opts.tokens}"),
-                     (opts.sweep_backend not in BACKENDS, "--sweep-backend must be ray or inprocess"),
+                     (opts.sweep_backend not in BACKENDS + ("none",), "--sweep-backend must be ray, inprocess or none"),
                      (opts.max_minutes <= 0, f"--max-minutes must be positive, got {opts.max_minutes}")):
         if bad:
             raise BenchError(msg)
@@ -201,6 +204,29 @@ class InProcessBackend:
             rec.on_step(driver.decode_one_token(C + i))
         return rec.result()
 
+    def run_growing(self, contexts: list[int], prompt: list[int], tokens: int, progress, deadline) -> dict:
+        """kv-reuse at increasing contexts in one session: after the decode steps at context C the
+        cache grows to the next context by one chunked prefill pass over more prompt tokens (the
+        decode step at a context is the same as after a fresh prefill; the prefill work is shared)."""
+        from .client.session import ClientSession
+        from .scheduler.driver import Driver
+        r, out, done = self.runner, {}, 0
+        r.client.close()
+        r.client = ClientSession(self.cfg, self.plan, r.keys, prompt[:contexts[0]])
+        r.reset_cache()
+        driver = Driver(r, self.cfg, self.plan, "kv-reuse")
+        for C in contexts:
+            if time.monotonic() > deadline:
+                break
+            rec = _Recorder(self._totals, self._kv, lambda t, C=C: progress(C, t))
+            r.client.tokens = r.client.tokens[:done] + prompt[done:C]  # cached tokens, then more prompt
+            rec.on_step(driver.extend(done, C - done))
+            for i in range(tokens):
+                rec.on_step(driver.decode_one_token(C + i))
+            out[C] = {**rec.result(), "prefill_tokens": C - done}
+            done = C + tokens
+        return out
+
     def close(self) -> None:
         self.runner.client.close()
 
@@ -228,6 +254,16 @@ class RayBackend:
 
     def close(self) -> None:
         self.gen.close()
+
+
+def git_commit() -> str | None:
+    import subprocess
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent.parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def machine() -> dict:
@@ -292,6 +328,14 @@ def run(opts: BenchOptions) -> dict:
     main_backend, main_w = ("ray" if opts.ray else "inprocess"), workers[0]
     rows = []
     try:
+        if main_backend == "inprocess" and opts.grow and all(b >= a + opts.tokens for a, b in zip(contexts, contexts[1:])):
+            t0 = time.monotonic()
+            progress = lambda ctx, t: log(  # noqa: E731
+                f"kv-reuse ctx {ctx} [inprocess, {main_w} worker(s), growing]: {t.phase} @{t.position} "
+                f"{t.seconds:.2f} s (elapsed {time.monotonic() - t_start:.0f} s)")
+            grown = backend("inprocess", main_w).run_growing(contexts, prompt_all, opts.tokens, progress, deadline)
+            for ctx, r in grown.items():
+                results[("inprocess", main_w, "kv-reuse", ctx)] = {**r, "wall_s": time.monotonic() - t0}
         for ctx in contexts:
             kv = measure(main_backend, main_w, "kv-reuse", ctx)
             rc = (measure(main_backend, main_w, "recompute", ctx) if ctx <= opts.recompute_max_context
@@ -300,7 +344,7 @@ def run(opts: BenchOptions) -> dict:
             if kv.get("kv_cache_after_prefill"):
                 rows[-1]["kv_cache"] = kv_summary(kv["kv_cache_after_prefill"], ctx, cfg)
         sweep = []
-        for w in workers:  # one backend at a time (frees memory and worker processes); results are cached
+        for w in (workers if opts.sweep_backend != "none" else []):  # one backend at a time (frees memory and worker processes); results are cached
             for key in list(backends):
                 backends.pop(key).close()
             sweep.append({"workers": w, "backend": opts.sweep_backend, "context": sweep_ctx,
@@ -312,7 +356,7 @@ def run(opts: BenchOptions) -> dict:
         if not ray_was_up and "ray" in sys.modules:  # Ray started (or joined) by this run
             sys.modules["ray"].shutdown()
     meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "command": opts.command
-            or command_line(opts), "argv": sys.argv, "machine": machine(), "model": label, "config": asdict(cfg),
+            or command_line(opts), "argv": sys.argv, "commit": git_commit(), "machine": machine(), "model": label, "config": asdict(cfg),
             "backend": main_backend, "main_workers": main_w, "tokens": opts.tokens, "seed": opts.seed,
             "recompute_max_context": opts.recompute_max_context, "total_seconds": time.monotonic() - t_start}
     return {"meta": {**meta, "notes": NOTES}, "contexts": rows, "workers": sweep}

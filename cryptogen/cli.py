@@ -229,12 +229,14 @@ def bench(
     workers: str = typer.Option("1,2", help="Worker counts of the sweep; the smallest also runs the context table."),
     ray: bool = typer.Option(False, "--ray", help="Context table on Ray (SecureGenerator) instead of in-process."),
     sweep_backend: str = typer.Option("ray", help="Worker sweep backend: ray (processes: real parallel speedup) "
-                                                  "or inprocess (threads, GIL-bound; same counts)."),
+                                                  "or inprocess (threads, GIL-bound; same counts), or none (no sweep)."),
     sweep_context: Optional[int] = typer.Option(
         None, min=1, help="Context of the worker sweep (default: the largest context <= 128)."),
     recompute_max_context: int = typer.Option(
         128, min=0, help="Skip recompute (minutes per token) above this context."),
     max_minutes: float = typer.Option(240.0, help="Stop measuring after this long (the rest is marked skipped)."),
+    grow: bool = typer.Option(True, help="In-process kv-reuse: grow one session's cache from context to context "
+                                         "by chunked prefill (--no-grow: a fresh prefill per context)."),
     out: str = typer.Option("docs/bench/bench.json", help="JSON output; the .md table and PNG plots go beside it."),
     seed: int = typer.Option(0, help="Seed of the random prompt token ids (and --gpt2-base-layers weights)."),
     address: Optional[str] = typer.Option(None, help="Join a Ray cluster at HOST:PORT (default: embedded local)."),
@@ -245,8 +247,8 @@ def bench(
     def go():
         opts = BenchOptions(model=model, gpt2_base_layers=gpt2_base_layers, contexts=contexts, tokens=tokens,
                             workers=workers, ray=ray, sweep_backend=sweep_backend, sweep_context=sweep_context,
-                            recompute_max_context=recompute_max_context, max_minutes=max_minutes, out=out,
-                            seed=seed, address=address)
+                            recompute_max_context=recompute_max_context, max_minutes=max_minutes, grow=grow,
+                            out=out, seed=seed, address=address)
         report = run(opts)
         json_path, md_path, pngs, md = write_outputs(report, out)
         typer.echo(md)

@@ -54,12 +54,27 @@ class Driver:
         return self.r.stage(name, workers, client, server)
 
     # ---- generation ------------------------------------------------------------------------
-    def prefill(self, n_prompt: int) -> StepTiming:
-        """The whole prompt in one pass (prefill encodings, causal softmax); fills the cache."""
+    def prefill(self, n_prompt: int, chunk: int | None = None) -> StepTiming:
+        """The prompt in one pass (prefill encodings, causal softmax), or in passes of ``chunk``
+        tokens that each attend to the cache the earlier ones filled; fills the cache."""
+        if chunk is not None and chunk < 1:
+            raise DriverError(f"the prefill chunk must be at least 1 token, got {chunk}")
         t0 = time.perf_counter()
-        self.forward(0, n_prompt, logits="last")
-        self.r.barrier()
+        step = chunk or n_prompt
+        for start in range(0, n_prompt, step):
+            self.extend(start, min(step, n_prompt - start), sample=start + step >= n_prompt)
         return StepTiming(n_prompt - 1, "prefill", time.perf_counter() - t0)
+
+    def extend(self, start: int, T: int, sample: bool = True) -> StepTiming:
+        """Tokens start .. start+T-1 (already in the client's session) into the encrypted cache
+        after ``start`` cached ones, in one prefill pass; with ``sample`` the LM head runs and the
+        client samples the next token."""
+        if start + T > self.cfg.n_positions:
+            raise DriverError(f"positions up to {start + T - 1} exceed the context of {self.cfg.n_positions}")
+        t0 = time.perf_counter()
+        self.forward(start, T, logits="last" if sample else None)
+        self.r.barrier()
+        return StepTiming(start + T - 1, "prefill", time.perf_counter() - t0)
 
     def decode_one_token(self, position: int) -> StepTiming:
         """kv-reuse: one token against the encrypted cache. recompute: the cache is dropped and

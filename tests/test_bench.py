@@ -47,6 +47,8 @@ def test_bench_reports_both_modes_counts_memory_and_plots(checkpoint, tmp_path):
         assert r["ratio"] > 0
         # recompute re-runs the whole prefix: strictly more HE work per token than kv-reuse
         assert r["recompute"]["he_ops_per_token"]["ct_pt_mul"] > r["kv-reuse"]["he_ops_per_token"]["ct_pt_mul"]
+    # kv-reuse grew one session's cache: context 8 prefilled only the 3 tokens after 4 + 1 decoded
+    assert [r["kv-reuse"]["prefill_tokens"] for r in rows] == [4, 3]
     kv4, kv8 = rows[0]["kv_cache"], rows[1]["kv_cache"]
     # allocation is whole ciphertexts (tokens_per_ciphertext >> 8 here); the occupied bytes grow with context
     assert 0 < kv4["bytes"] <= kv8["bytes"] and kv4["ciphertexts"] > 0

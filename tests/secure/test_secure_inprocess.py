@@ -74,3 +74,22 @@ def test_dealer_free_provider_end_to_end(tiny_model):
     counters = runner.client_parties[0].cr.counters()
     assert counters["provider"] == "he" and counters["produced"]["triple"] > 0
     assert runner.client_parties[0].chan.stats["offline"].bytes_sent > 0
+
+
+def test_chunked_prefill_equals_one_pass(tiny_model):
+    """A prompt prefilled in chunks (each attending to the cache the earlier ones filled, as
+    ``cryptogen bench`` grows the context) continues exactly like plaintext."""
+    prompt = [3, 17, 200, 9, 41, 77, 5]
+    cfg = tiny_model.config
+    plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, 1)
+    runner = InProcessRunner(tiny_model, plan, prompt)
+    driver = Driver(runner, cfg, plan)
+    driver.prefill(len(prompt), chunk=3)  # passes of 3, 3 and 1 tokens (the last one a decode step)
+    for i in range(3):
+        driver.decode_one_token(len(prompt) + i)
+    tokens = runner.client.generated
+    assert tokens == plain_greedy(tiny_model, prompt, 4)
+    assert len(runner.client.logit_history) == 4  # the LM head ran on the last chunk only
+    assert_logits_close(runner.client.logit_history, tiny_model, prompt, tokens, TOL)
+    with pytest.raises(ValueError, match="chunk"):
+        driver.prefill(len(prompt), chunk=0)

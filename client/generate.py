@@ -58,7 +58,7 @@ class SecureGenerator:
             except ray.exceptions.RayTaskError as e:
                 raise e.as_instanceof_cause() if isinstance(e.cause, MetricsPortInUse) else e from None
         public = ray.get(self.client.public_context.remote())
-        self.pool = ServerPool(model, self.plan, public, self.he_config.fixed_point, provider)
+        self.pool = ServerPool(model, self.plan, public, self.he_config, provider)
 
     def close(self) -> None:
         """Stop the client actor and the server pool (frees their CPUs)."""

@@ -8,6 +8,7 @@ its own bundle.
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import ray
@@ -66,6 +67,7 @@ class RayDealerProvider:
 
     def __init__(self, dealer, link: str, t: int):
         self.dealer, self.link, self.t = dealer, link, t
+        self.tag = f"dealer:{os.urandom(8).hex()}"  # the handshake checks both ends got this provider
 
     def source(self, role, channel=None, party=None) -> RayDealerSource:
         return RayDealerSource(role, self.t, self.dealer, self.link)

@@ -154,13 +154,20 @@ class _Recorder:
         return {"prefill_s": self.prefill_s, "decode_s": self.decode_s, "median_decode_s": statistics.median(self.decode_s),
                 "he_ops_per_token": {k: m[k] for k in OPS}, "rounds_per_token": m["rounds"],
                 "bytes_per_token": {"to_server": m["to_server"], "to_client": m["to_client"],
-                                    "total": m["to_server"] + m["to_client"]}, "kv_cache_after_prefill": self.kv_after}
+                                    "total": m["to_server"] + m["to_client"]}, "kv_cache_after_prefill": self.kv_after,
+                **({"cpu_s_per_token": {k[4:]: m[k] for k in m if k.startswith("cpu_")}}
+                   if any(k.startswith("cpu_") for k in m) else {})}
 
 
 def _traffic(chans) -> dict:
     phases = [ph for ch in chans for ph in ch.stats.phases.values()]
     return {"to_server": sum(p.bytes_sent for p in phases), "to_client": sum(p.bytes_recv for p in phases),
             "rounds": sum(p.rounds for p in phases)}
+
+
+def _process_cpu(_actor) -> float:
+    """Runs inside an actor (``__ray_call__``): CPU seconds of its process, all threads."""
+    return time.process_time()
 
 
 def _client_traffic(actor) -> dict:
@@ -247,7 +254,14 @@ class RayBackend:
             stats = ray.get([w.stats.remote() for w in gen.pool.workers])
             return {k: sum(s[part][k] for s in stats) for k in keys}
 
-        rec = _Recorder(lambda: {**worker_sum("he", OPS), **ray.get(gen.client.__ray_call__.remote(_client_traffic))},
+        def cpu() -> dict:  # process CPU seconds of each party's processes (where the time goes)
+            roles = {"client": [gen.client], "workers": gen.pool.workers,
+                     "dealer": [gen.pool.dealer] if gen.pool.dealer is not None else []}
+            refs = {r: [a.__ray_call__.remote(_process_cpu) for a in actors] for r, actors in roles.items()}
+            return {f"cpu_{r}": sum(ray.get(v)) for r, v in refs.items()} | {"cpu_driver": time.process_time()}
+
+        rec = _Recorder(lambda: {**worker_sum("he", OPS), **ray.get(gen.client.__ray_call__.remote(_client_traffic)),
+                                 **cpu()},
                         lambda: worker_sum("kv", ("ciphertexts", "bytes")), progress)
         gen.generate(prompt[:-1], tokens + 1, on_step=lambda t, _n: rec.on_step(t))
         return rec.result()
@@ -391,11 +405,14 @@ def markdown(report: dict) -> str:
     if report["workers"]:
         s0 = report["workers"][0]
         out += ["", f"Worker sweep (kv-reuse, context {s0['context']}, backend {s0['backend']}):", "",
-                "| workers | ms/token | speedup | prefill s | KiB/token |", "|---|---|---|---|---|"]
+                "| workers | ms/token | speedup | prefill s | KiB/token | CPU s/token: client / workers / dealer / "
+                "driver |", "|---|---|---|---|---|---|"]
         for s in report["workers"]:
             sp = f"{s['speedup']:.2f}x" if s.get("speedup") else "—"
             pre = f"{s['prefill_s']:.1f}" if s.get("prefill_s") else "—"
-            out.append(f"| {s['workers']} | {_ms(s)} | {sp} | {pre} | {_kib(s)} |")
+            c = s.get("cpu_s_per_token")
+            cpu = " / ".join(f"{c[k]:.2f}" for k in ("client", "workers", "dealer", "driver")) if c else "—"
+            out.append(f"| {s['workers']} | {_ms(s)} | {sp} | {pre} | {_kib(s)} | {cpu} |")
     return "\n".join(out + [""] + [f"- {n}" for n in meta["notes"]]) + "\n"
 
 

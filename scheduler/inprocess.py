@@ -45,11 +45,11 @@ class InProcessRunner:
     def __init__(self, model, plan, prompt_ids, sampler=None, he_config: HEConfig | None = None,
                  provider_factory=DealerProvider, keys: ClientKeys | None = None):
         cfg = model.config
-        self.he_config = he_config or HEConfig()
+        self.he_config = he_config or (keys.config if keys is not None else HEConfig())
         steps = sp.rotation_steps(cfg, plan, self.he_config.n)
         self.keys = keys or ClientKeys.generate(self.he_config, steps)
         public = self.keys.public_context_bytes()
-        self.shards = {w.worker: ServerShard(model, w, public, holds_ends=w.worker == 0,
+        self.shards = {w.worker: ServerShard(model, w, public, holds_ends=w.worker == 0, he_config=self.he_config,
                                              lead_layers={l for l in range(cfg.n_layer) if plan.lead(l) == w.worker})
                        for w in plan.workers}
         for shard in self.shards.values():

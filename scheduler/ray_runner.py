@@ -29,16 +29,18 @@ class WorkerDied(RuntimeError):
 class ServerPool:
     """The server side: worker actors (one per plan worker) holding shards and caches."""
 
-    def __init__(self, model, plan, public_context: bytes, fp, provider: str = "dealer"):
+    def __init__(self, model, plan, public_context: bytes, he_config, provider: str = "dealer"):
+        """``he_config``: the server's HE parameters; the client's public context must match them."""
         if provider not in PROVIDERS:
             raise ValueError(f"unknown correlated-randomness provider {provider!r}; choose {' or '.join(PROVIDERS)}")
-        self.plan, self.fp, self.provider_name = plan, fp, provider
+        fp = he_config.fixed_point
+        self.plan, self.fp, self.he_config, self.provider_name = plan, fp, he_config, provider
         self.pg = worker_placement(len(plan.workers))
         model_ref, ctx_ref = ray.put(model), ray.put(public_context)  # once, shared by all workers
         self.workers = [
             WorkerActor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=i), num_cpus=1)
-            .remote(i, model_ref, plan, ctx_ref, fp)
+            .remote(i, model_ref, plan, ctx_ref, he_config)
             for i in range(len(plan.workers))]
         ray.get([w.ready.remote() for w in self.workers])
         self.dealer = DealerActor.remote(fp.t) if provider == "dealer" else None
@@ -46,7 +48,7 @@ class ServerPool:
     def provider_for(self, link: str):
         if self.provider_name == "dealer":
             return RayDealerProvider(self.dealer, link, self.fp.t)
-        return HEProvider()
+        return HEProvider(self.he_config)
 
     def connect(self, sid: str, client) -> None:
         """Handshake every client<->worker link of a new session (fan out, one get)."""

@@ -21,11 +21,11 @@ _KERNEL = {"embed": "embed", "layernorm": "linear", "attention": "attention", "m
 
 @ray.remote(max_concurrency=16)
 class WorkerActor:
-    def __init__(self, index: int, model, plan, public_context: bytes, fp):
-        self.index, self.fp = index, fp
+    def __init__(self, index: int, model, plan, public_context: bytes, he_config):
+        self.index, self.fp = index, he_config.fixed_point
         lead = {l for l in range(model.config.n_layer) if plan.lead(l) == index}
         self.shard = ServerShard(model, plan.workers[index], public_context, holds_ends=index == 0,
-                                 lead_layers=lead)
+                                 lead_layers=lead, he_config=he_config)
         self.telemetry = Telemetry(f"worker-{index}")
         self.listeners: dict[str, Listener] = {}
         self.parties: dict[str, Party] = {}

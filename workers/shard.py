@@ -21,6 +21,7 @@ import numpy as np
 from cryptogen import secure_plan as sp
 from cryptogen.he.engine import ServerEngine
 from cryptogen.he.keys import PublicContext
+from cryptogen.he.params import HEConfig
 from cryptogen.he.kvcache import EncryptedKVCache
 from cryptogen.he.linear import EncodedLinear
 from cryptogen.he.stats import HEStats
@@ -42,9 +43,11 @@ class SessionError(KeyError):
 
 class ServerShard:
     def __init__(self, model: GPT, plan: WorkerPlan, public_context: bytes, holds_ends: bool,
-                 lead_layers=frozenset()):
+                 lead_layers=frozenset(), he_config: HEConfig | None = None):
+        """``he_config``: the server's own parameters (default ``HEConfig()``); a public context
+        made with any other (e.g. weaker noise flooding) is rejected."""
         self.cfg = model.config
-        self.ctx = PublicContext.from_bytes(public_context)
+        self.ctx = PublicContext.from_bytes(public_context, he_config or HEConfig())
         self.ctx.assert_public()
         self.stats = HEStats()
         self.engine = ServerEngine(self.ctx, self.stats)

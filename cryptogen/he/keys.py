@@ -94,6 +94,9 @@ class PublicContext(_HEBase):
         config = HEConfig.from_dict(meta["config"])
         if config.fingerprint != fp:
             raise SerializationError("public context metadata does not match its fingerprint")
+        if expected is not None and config != expected:  # e.g. flood_sigma is the server's policy, not the client's
+            diff = sorted(k for k, v in expected.to_dict().items() if config.to_dict()[k] != v)
+            raise SerializationError(f"public context parameters differ from the server's in {', '.join(diff)}")
         ctx_b, pk_b, rk_b, gk_b = serialize.split_blobs(payload)
         if _key_id(pk_b) != kid:
             raise SerializationError("public key does not match the envelope key id")

@@ -60,6 +60,9 @@ def _is_prime(p: int) -> bool:
     return True
 
 
+MIN_FLOOD_SIGMA = 40  # bits of statistical distance of the flooded noise (engine.export)
+
+
 @dataclass(frozen=True)
 class HEConfig:
     """Public HE parameters. Frozen; validated on construction."""
@@ -95,6 +98,9 @@ class HEConfig:
             raise ConfigError("qi_sizes needs >=2 primes of 20..60 bits (last one is the special prime)")
 
     def _check_security(self) -> None:
+        if self.flood_sigma < MIN_FLOOD_SIGMA:
+            raise ConfigError(f"flood_sigma must be at least {MIN_FLOOD_SIGMA} bits (statistical circuit privacy "
+                              f"of the server's weights), got {self.flood_sigma}")
         table = SEAL_MAX_BITS.get(self.security_bits)
         if table is None:
             raise ConfigError(f"security_bits must be one of {sorted(SEAL_MAX_BITS)}")

@@ -17,6 +17,8 @@ def test_config_validation():
         HEConfig(max_abs_output=2.0 ** 20)
     with pytest.raises(ConfigError, match="BFV"):
         HEConfig(scheme="ckks")
+    with pytest.raises(ConfigError, match="flood_sigma must be at least 40"):
+        HEConfig(flood_sigma=0)  # would switch off the flooding that hides the server's weights
     assert HEConfig().fingerprint != HEConfig(qi_sizes=(43, 43, 44, 44, 44)).fingerprint
     assert HEConfig.from_dict(HEConfig().to_dict()) == HEConfig()
 
@@ -64,6 +66,17 @@ def test_other_parameter_set_rejected(engine, ctx):
         engine.receive(ClientRole(k2).s2h_send(np.zeros(cfg2.n)))
     with pytest.raises(ParameterMismatchError):
         PublicContext.from_bytes(k2.public_context_bytes(), ctx.config)
+
+
+def test_server_rejects_a_context_with_other_parameters(cfg, keys):
+    """The client cannot choose the server's policy: a public context whose config differs from the
+    server's own (here: flooding at 48 instead of 40 bits; same ciphertext fingerprint) is refused."""
+    other = HEConfig(flood_sigma=48)
+    assert other.fingerprint == cfg.fingerprint
+    theirs = ClientKeys.generate(other).public_context_bytes()
+    with pytest.raises(SerializationError, match="differ from the server's in flood_sigma"):
+        PublicContext.from_bytes(theirs, cfg)
+    assert PublicContext.from_bytes(keys.public_context_bytes(), cfg).config == cfg
 
 
 def test_client_keys_roundtrip(keys, engine, client):

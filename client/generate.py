@@ -10,6 +10,7 @@ tokens or logits, from the client actor.
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cryptogen.cluster.connect import connect
 from cryptogen.he.params import HEConfig
+from cryptogen.model import GPT
 from cryptogen.sampling import SamplingConfig
 from cryptogen.scheduler.driver import Driver, StepTiming
 from cryptogen.scheduler.plan import make_plan
@@ -44,7 +46,10 @@ class SecureGenerator:
                  provider: str = "dealer", layer_groups: int = 1, he_config: HEConfig | None = None,
                  metrics_port: int | None = None):
         connect(address)
-        self.cfg, self.mode = model.config, mode
+        # ``model``: a checkpoint folder the server's workers load (the user's process reads only its
+        # config.json), or a GPT object (tests and benchmarks: it passes through this process)
+        self.cfg = GPT.read_config(model) if isinstance(model, (str, os.PathLike)) else model.config
+        self.mode = mode
         self.plan = make_plan(self.cfg.n_layer, self.cfg.n_head, self.cfg.d_ff, workers, layer_groups)
         self.he_config = he_config or HEConfig()
         here = ray.get_runtime_context().get_node_id()  # the client actor stays on the user's node

@@ -200,9 +200,13 @@ def _generate_secure(prompt, model_name, max_new_tokens, sampling, workers, mode
     from .sampling import SamplingConfig
     from .secure_cli import open_generator, progress_printer
 
-    model, tok, _ = registry.load(model_name)
-    ids = encode_prompt(tok, prompt, model.config.n_positions, max_new_tokens)
-    with open_generator(model, workers, mode, address, provider, metrics_port) as gen:
+    from .model import GPT
+    from .tokenizer import load_tokenizer
+
+    folder = registry.checkpoint_folder(model_name)  # the server's workers load the weights from here
+    cfg, tok = GPT.read_config(folder), load_tokenizer(folder)
+    ids = encode_prompt(tok, prompt, cfg.n_positions, max_new_tokens)
+    with open_generator(str(folder), workers, mode, address, provider, metrics_port) as gen:
         stream = TokenStream(tok)
         sys.stdout.write(prompt)
         sys.stdout.flush()

@@ -217,6 +217,15 @@ class GPT(nn.Module):
         _atomic_write(folder / "config.json",
                       lambda p: Path(p).write_text(json.dumps(self.config.to_hf(), indent=2) + "\n"))
 
+    @staticmethod
+    def read_config(folder: str | os.PathLike) -> GPTConfig:
+        """The checkpoint's (public) shapes from config.json, without reading any weight."""
+        path = Path(folder) / "config.json"
+        try:
+            return GPTConfig.from_hf(json.loads(path.read_text()))
+        except (json.JSONDecodeError, OSError) as e:
+            raise CheckpointError(f"cannot read {path}: {e.__class__.__name__}") from None
+
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "GPT":
         folder = Path(folder)

@@ -32,6 +32,16 @@ def resolve_model(name: str) -> Path:
     return path
 
 
+def checkpoint_folder(name: str) -> Path:
+    """Absolute folder of a model, checked to hold everything a secure run reads (workers on other
+    nodes and processes resolve it as given, so it must not be relative)."""
+    folder = resolve_model(name).resolve()
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (folder / f).is_file()]
+    if missing:
+        raise ModelNotFound(f"model folder {folder} has no {', '.join(missing)}")
+    return folder
+
+
 def load(name: str):
     """(model, tokenizer, folder) for a model name or folder."""
     from .model import GPT

@@ -67,7 +67,8 @@ def secure_eval(model_name, data, split, data_dir, windows: int, window: int, wo
     chunks = [ids[i * window:(i + 1) * window] for i in range(windows) if len(ids) >= (i + 1) * window]
     nll_secure = nll_plain = 0.0
     count = 0
-    with open_generator(model, workers, "kv-reuse", address, provider) as gen:
+    # the workers load their own copy; the plaintext model here is only for the comparison
+    with open_generator(str(folder.resolve()), workers, "kv-reuse", address, provider) as gen:
         for w, chunk in enumerate(chunks):
             t0 = time.perf_counter()
             secure = gen.score(chunk.tolist(), on_step=lambda s, w=w: print(

@@ -8,6 +8,8 @@ waits once per token and fails fast, naming the worker, if an actor died.
 """
 from __future__ import annotations
 
+import os
+
 import uuid
 
 import ray
@@ -36,7 +38,10 @@ class ServerPool:
         fp = he_config.fixed_point
         self.plan, self.fp, self.he_config, self.provider_name = plan, fp, he_config, provider
         self.pg = worker_placement(len(plan.workers))
-        model_ref, ctx_ref = ray.put(model), ray.put(public_context)  # once, shared by all workers
+        # a checkpoint folder (str) is read by each worker on its own node: the weights never pass
+        # through the driver; a GPT object (tests, bench) is put once and shared
+        model_ref = str(model) if isinstance(model, (str, os.PathLike)) else ray.put(model)
+        ctx_ref = ray.put(public_context)  # once, shared by all workers
         self.workers = [
             WorkerActor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=i), num_cpus=1)

@@ -83,3 +83,15 @@ def test_shipped_wikitext2_model_generates(repo_root):
     assert r.exit_code == 0, r.output
     assert model.config.n_positions == 512 and tok.get_vocab_size() == model.config.vocab_size
     assert sum((folder / f).stat().st_size for f in ("model.safetensors", "tokenizer.json")) <= 12 * 2**20
+
+
+def test_secure_generate_checks_the_checkpoint_before_starting(tiny_model_dir, tmp_path):
+    """The user's process reads only config.json and the tokenizer (the workers load the weights);
+    a folder without weights is a one-line error before Ray or key generation starts."""
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
+    r = runner.invoke(app, ["generate", "--secure", "--prompt", "hi", "--model", str(tmp_path)])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert f"model folder {tmp_path.resolve()} has no model.safetensors" in r.output
+    r = runner.invoke(app, ["generate", "--secure", "--prompt", "word " * 40, "--model", str(tiny_model_dir)])
+    assert r.exit_code == 2 and "more than the model's context of 32" in r.output

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ray
 
 from cryptogen.cluster.channel import Listener, link_host
+from cryptogen.model import GPT
 from cryptogen.mpc.party import Party
 from cryptogen.telemetry import Telemetry
 
@@ -22,6 +23,9 @@ _KERNEL = {"embed": "embed", "layernorm": "linear", "attention": "attention", "m
 @ray.remote(max_concurrency=16)
 class WorkerActor:
     def __init__(self, index: int, model, plan, public_context: bytes, he_config):
+        """``model``: a GPT, or the path of a checkpoint folder on this node (the server's model store)."""
+        if isinstance(model, str):
+            model = GPT.from_pretrained(model)
         self.index, self.fp = index, he_config.fixed_point
         lead = {l for l in range(model.config.n_layer) if plan.lead(l) == index}
         self.shard = ServerShard(model, plan.workers[index], public_context, holds_ends=index == 0,

@@ -1,5 +1,6 @@
 """A simulated multi-node cluster (ray.cluster_utils.Cluster): shards land on different nodes."""
 import pytest
+import torch
 
 from conftest import PROMPT, plain_greedy
 
@@ -23,10 +24,14 @@ def three_nodes():
     cluster.shutdown()
 
 
-def test_shards_on_different_nodes_still_match(three_nodes, tiny_model):
+def test_shards_on_different_nodes_still_match(three_nodes, tiny_model, tmp_path):
+    """Given a checkpoint folder, each worker loads the weights on its own node: the weights
+    never pass through the user's process (which reads only config.json)."""
+    tiny_model.save_pretrained(tmp_path, dtype=torch.float32)
     info = connect(three_nodes.address)
     assert info.nodes == 3
-    with SecureGenerator(tiny_model, workers=2, address=three_nodes.address) as gen:
+    with SecureGenerator(str(tmp_path), workers=2, address=three_nodes.address) as gen:
+        assert gen.cfg == tiny_model.config
         res = gen.generate(PROMPT, 6)
     assert len(set(res.worker_nodes)) == 2
     assert res.tokens == plain_greedy(tiny_model, PROMPT, 6)

@@ -50,22 +50,28 @@ class ClientSession:
 
     # ---- stages (same order and names as ServerShard; ``parties``: worker -> Party) ------
     def embed(self, parties: dict, start: int, T: int) -> None:
-        (p,) = parties.values()
+        """Encrypted one-hots of the tokens, to each worker for its embedding row shards (in parallel)."""
         tokens = self.tokens[start:start + T]
         if len(tokens) != T or not all(0 <= t < self.cfg.vocab_size for t in tokens):
             raise ValueError(f"token ids {start}..{start + T - 1} are missing or outside [0, {self.cfg.vocab_size})")
         self.start, self.T = start, T
-        plan = sp.embed_plan(self.cfg, self.n)
-        x_c = np.zeros((T, self.cfg.n_embd), np.int64)
+        plan, owners = sp.embed_plan(self.cfg, self.n), sp.embed_owners(self.cfg, self.plan)
         onehots = [sp.embed_onehot_shards(self.cfg, t, self.n) for t in tokens]  # [token][shard]
-        for i in range(len(sp.embed_shards(self.cfg))):
-            x_c = f_add(x_c, self._linear(p, plan, np.stack([oh[i] for oh in onehots])), self.fp.t)
-        self.x_c, self.partials = x_c, []
 
-    def layernorm(self, parties: dict) -> None:
+        def one(w):
+            x = np.zeros((T, self.cfg.n_embd), np.int64)
+            for i in owners[w]:
+                x = f_add(x, self._linear(parties[w], plan, np.stack([oh[i] for oh in onehots])), self.fp.t)
+            return x
+        futures = [self._pool.submit(one, w) for w in parties]
+        self.x_c, self.partials = futures[0].result(), [fut.result() for fut in futures[1:]]
+
+    def layernorm(self, parties: dict, rows: str = "all") -> None:
+        """Residual add, then LN; ``rows`` "last": the last position only (the final LN when generating)."""
         (p,) = parties.values()
         self._residual()
-        self.h_c = layernorm(p, self.x_c, eps=self.cfg.layer_norm_epsilon)
+        x = self.x_c[-1:] if rows == "last" else self.x_c
+        self.h_c = layernorm(p, x, eps=self.cfg.layer_norm_epsilon)
 
     def attention(self, parties: dict, layer: int, start: int) -> None:
         self.partials = self._fan_out(parties, layer, lambda p, s: self._attention_one(p, s, start))
@@ -73,14 +79,17 @@ class ClientSession:
     def mlp(self, parties: dict, layer: int) -> None:
         self.partials = self._fan_out(parties, layer, lambda p, s: self._mlp_one(p, s))
 
-    def head(self, parties: dict, all_positions: bool) -> None:
-        """Final LN, LM head, logits opened to the client only; samples the next token."""
-        (p,) = parties.values()
-        self._residual()
-        h = layernorm(p, self.x_c if all_positions else self.x_c[-1:], eps=self.cfg.layer_norm_epsilon)
-        logits_c = self._linear(p, sp.head_plan(self.cfg, self.n), h)
-        logits_s = p.chan.recv(shape=logits_c.shape)
-        logits = self.fp.decode(f_add(logits_c, logits_s, self.fp.t), 2 * self.fp.frac_bits)
+    def head(self, parties: dict) -> None:
+        """LM head on each worker's vocabulary columns (in parallel), logits opened to the client
+        only; samples the next token when generating."""
+        cols = sp.head_columns(self.cfg, self.plan)
+
+        def one(w):
+            p = parties[w]
+            logits_c = self._linear(p, sp.head_plan(self.cfg, self.n, cols[w]), self.h_c)
+            return f_add(logits_c, p.chan.recv(shape=logits_c.shape), self.fp.t)
+        futures = [self._pool.submit(one, w) for w in sorted(parties, key=lambda w: cols[w])]
+        logits = self.fp.decode(np.concatenate([f.result() for f in futures], axis=1), 2 * self.fp.frac_bits)
         self.logit_history.extend(logits)
         last = self.start + self.T - 1
         if last == len(self.tokens) - 1:  # generating: sample the next token (scoring: nothing to do)

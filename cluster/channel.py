@@ -34,8 +34,15 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+# How long a party waits for its peer to send or to read. A peer may compute for minutes between
+# two messages (a long prefill step on a loaded machine: at 300 s a 128-token scoring window
+# timed out while the peer was still working); a peer that dies closes its socket, which is seen
+# at once, and a dead actor is reported by Ray, so this only bounds a peer that hangs.
+IDLE_TIMEOUT = 1800.0
+
+
 class SocketChannel(Channel):
-    def __init__(self, sock: socket.socket, timeout: float = 300.0):
+    def __init__(self, sock: socket.socket, timeout: float = IDLE_TIMEOUT):
         super().__init__()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(timeout)
@@ -47,6 +54,8 @@ class SocketChannel(Channel):
         head = _HEAD.pack(_DTYPES.index(arr.dtype), arr.ndim) + struct.pack(f"<{arr.ndim}q", *arr.shape)
         try:
             self.sock.sendall(head + np.ascontiguousarray(arr).tobytes())
+        except socket.timeout:
+            raise ChannelError(f"the peer read nothing within {self.timeout:.0f} s (it may hang)") from None
         except OSError as e:
             raise ChannelError(f"send failed: {e.__class__.__name__}") from None
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .he.kvcache import KVLayout
-from .he.linear import LinearPlan, pad_rows, plan_linear
+from .he.linear import LinearPlan, pad_rows, plan_linear, shard_cols
 from .model import GPTConfig
 
 EMBED_ROWS = 1024  # vocabulary rows per embedding shard: one output ciphertext each
@@ -48,8 +48,22 @@ def embed_plan(cfg: GPTConfig, n: int) -> LinearPlan:
     return linear_plan(min(EMBED_ROWS, cfg.vocab_size), cfg.n_embd, n)
 
 
-def head_plan(cfg: GPTConfig, n: int) -> LinearPlan:
-    return linear_plan(cfg.n_embd, cfg.vocab_size, n)
+def head_plan(cfg: GPTConfig, n: int, cols: tuple[int, int] | None = None) -> LinearPlan:
+    """The tied LM head, or its vocabulary columns ``cols`` (a worker's slice)."""
+    lo, hi = cols or (0, cfg.vocab_size)
+    return linear_plan(cfg.n_embd, hi - lo, n)
+
+
+def embed_owners(cfg: GPTConfig, shard_plan) -> dict[int, tuple[int, ...]]:
+    """Embedding row shards per worker, dealt round robin so their encrypted one-hot products run
+    in parallel (worker 0, which adds the positions, always has shard 0; a worker may have none)."""
+    ws = [w.worker for w in shard_plan.workers]
+    return {w: tuple(range(k, len(embed_shards(cfg)), len(ws))) for k, w in enumerate(ws)}
+
+
+def head_columns(cfg: GPTConfig, shard_plan) -> dict[int, tuple[int, int]]:
+    """Contiguous LM-head vocabulary columns per worker (every column exactly once, in worker order)."""
+    return dict(zip((w.worker for w in shard_plan.workers), shard_cols(cfg.vocab_size, len(shard_plan.workers))))
 
 
 def kv_layout(cfg: GPTConfig, n: int) -> KVLayout:
@@ -59,7 +73,9 @@ def kv_layout(cfg: GPTConfig, n: int) -> KVLayout:
 def rotation_steps(cfg: GPTConfig, shard_plan, n: int) -> set[int]:
     """Every Galois step any worker's kernels use (the client generates exactly these)."""
     steps = set(kv_layout(cfg, n).rotation_steps())
-    steps |= embed_plan(cfg, n).rotation_steps() | head_plan(cfg, n).rotation_steps()
+    steps |= embed_plan(cfg, n).rotation_steps()
+    for cols in head_columns(cfg, shard_plan).values():
+        steps |= head_plan(cfg, n, cols).rotation_steps()
     for w in shard_plan.workers:
         for s in w.shards:
             lay = layer_layouts(cfg, len(s.heads), s.ff_width, n)

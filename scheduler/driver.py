@@ -16,6 +16,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from cryptogen import secure_plan as sp
+
 MODES = ("kv-reuse", "recompute")
 
 
@@ -35,20 +37,25 @@ class Driver:
         if mode not in MODES:
             raise DriverError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         self.r, self.cfg, self.plan, self.mode, self.ends = runner, cfg, plan, mode, ends_worker
+        self.embedders = [w for w, shards in sp.embed_owners(cfg, plan).items() if shards]
+        self.heads = list(sp.head_columns(cfg, plan))
 
     # ---- tokens start .. start+T-1 through the model ----------------------------------------
     def forward(self, start: int, T: int, logits: str | None) -> None:
         """One pass; ``logits``: None, "last" (generation) or "all" (scoring)."""
-        x = self.stage("embed", [self.ends], client=(start, T), server=(start, T))[self.ends]
-        partials: list = []
+        emb = self.stage("embed", self.embedders, client=(start, T), server=(start, T))
+        x, partials = emb.pop(self.ends), list(emb.values())  # positions added on the ends worker
         for layer in range(self.cfg.n_layer):
             lead, owners = self.plan.lead(layer), [w for w, _ in self.plan.owners(layer)]
-            x = self.stage("layernorm", [lead], client=(), server=(layer, "ln_1", x, *partials))[lead]
+            x = self.stage("layernorm", [lead], client=("all",), server=(layer, "ln_1", "all", x, *partials))[lead]
             partials = self.stage("attention", owners, client=(layer, start), server=(layer, start, x))
-            x = self.stage("layernorm", [lead], client=(), server=(layer, "ln_2", x, *partials.values()))[lead]
+            x = self.stage("layernorm", [lead], client=("all",),
+                           server=(layer, "ln_2", "all", x, *partials.values()))[lead]
             partials = list(self.stage("mlp", owners, client=(layer,), server=(layer, x)).values())
         if logits:
-            self.stage("head", [self.ends], client=(logits == "all",), server=(logits == "all", x, *partials))
+            rows = "all" if logits == "all" else "last"
+            ln = self.stage("layernorm", [self.ends], client=(rows,), server=(None, "ln_f", rows, x, *partials))
+            self.stage("head", self.heads, client=(), server=(ln[self.ends],))
 
     def stage(self, name: str, workers: list[int], client: tuple, server: tuple) -> dict:
         return self.r.stage(name, workers, client, server)

@@ -49,8 +49,10 @@ class InProcessRunner:
         steps = sp.rotation_steps(cfg, plan, self.he_config.n)
         self.keys = keys or ClientKeys.generate(self.he_config, steps)
         public = self.keys.public_context_bytes()
+        embeds, heads = sp.embed_owners(cfg, plan), sp.head_columns(cfg, plan)
         self.shards = {w.worker: ServerShard(model, w, public, holds_ends=w.worker == 0, he_config=self.he_config,
-                                             lead_layers={l for l in range(cfg.n_layer) if plan.lead(l) == w.worker})
+                                             lead_layers={l for l in range(cfg.n_layer) if plan.lead(l) == w.worker},
+                                             embed_shards=embeds[w.worker], head_cols=heads.get(w.worker))
                        for w in plan.workers}
         for shard in self.shards.values():
             shard.open_session(self.sid)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ray
 
 from cryptogen.cluster.channel import Listener, link_host
+from cryptogen import secure_plan as sp
 from cryptogen.model import GPT
 from cryptogen.mpc.party import Party
 from cryptogen.telemetry import Telemetry
@@ -29,7 +30,9 @@ class WorkerActor:
         self.index, self.fp = index, he_config.fixed_point
         lead = {l for l in range(model.config.n_layer) if plan.lead(l) == index}
         self.shard = ServerShard(model, plan.workers[index], public_context, holds_ends=index == 0,
-                                 lead_layers=lead, he_config=he_config)
+                                 lead_layers=lead, he_config=he_config,
+                                 embed_shards=sp.embed_owners(model.config, plan)[index],
+                                 head_cols=sp.head_columns(model.config, plan).get(index))
         self.telemetry = Telemetry(f"worker-{index}")
         self.listeners: dict[str, Listener] = {}
         self.parties: dict[str, Party] = {}

@@ -7,11 +7,13 @@ over a ``Party`` (channel + correlated randomness). It is built from a *public* 
 only: it holds no key that opens a ciphertext.
 
 Stages (the names are the metric labels; scheduler/driver.py calls them in this order):
-  embed      token one-hot (encrypted by the client) x embedding table -> residual share
+  embed      token one-hot (encrypted by the client) x this worker's embedding row shards
+             -> partial residual share (+ positions on the ends worker)
   layernorm  LN with the server's private gamma/beta (2PC), on the layer's lead worker
+             (the final LN on the ends worker)
   attention  qkv linear -> truncate -> KV append -> q.K^T -> softmax -> p.V -> W_o rows
   mlp        c_fc columns -> truncate -> GELU (2PC) -> c_proj rows -> truncate
-  head       final LN -> tied LM head; the logit shares are opened to the client only
+  head       tied LM head on this worker's vocabulary columns; logit shares opened to the client only
 Residual adds are local: the lead sums the partial shares of the owners.
 """
 from __future__ import annotations
@@ -43,9 +45,11 @@ class SessionError(KeyError):
 
 class ServerShard:
     def __init__(self, model: GPT, plan: WorkerPlan, public_context: bytes, holds_ends: bool,
-                 lead_layers=frozenset(), he_config: HEConfig | None = None):
+                 lead_layers=frozenset(), he_config: HEConfig | None = None, embed_shards=None, head_cols=None):
         """``he_config``: the server's own parameters (default ``HEConfig()``); a public context
-        made with any other (e.g. weaker noise flooding) is rejected."""
+        made with any other (e.g. weaker noise flooding) is rejected. ``embed_shards`` / ``head_cols``:
+        this worker's embedding row shards and LM-head columns (default: all of them if it holds
+        the ends, as with one worker)."""
         self.cfg = model.config
         self.ctx = PublicContext.from_bytes(public_context, he_config or HEConfig())
         self.ctx.assert_public()
@@ -53,7 +57,13 @@ class ServerShard:
         self.engine = ServerEngine(self.ctx, self.stats)
         self.fp = self.engine.config.fixed_point
         self.plan, self.n = plan, self.engine.config.n
-        self.weights = model_weights(model, plan, self.fp, holds_ends, frozenset(lead_layers))
+        if embed_shards is None:
+            embed_shards = range(len(sp.embed_shards(self.cfg))) if holds_ends else ()
+        if head_cols is None and holds_ends:
+            head_cols = (0, self.cfg.vocab_size)
+        self.embed_idx = tuple(embed_shards)
+        self.weights = model_weights(model, plan, self.fp, holds_ends, frozenset(lead_layers),
+                                     self.embed_idx, head_cols)
         self.linears = {name: EncodedLinear(self.engine, w) for name, w in self.weights.encodable().items()}
         self.sessions: dict[str, dict] = {}
 
@@ -86,18 +96,23 @@ class ServerShard:
 
     # ---- stages (tokens start .. start+T-1; T == 1 uses the decode encodings) -------------
     def embed(self, p, sid: str, start: int, T: int) -> dict:
-        """Encrypted one-hots x wte (one pass per vocabulary shard), + public wpe[positions]."""
+        """Encrypted one-hots x this worker's wte row shards; the ends worker adds public wpe[positions]
+        and returns the residual share "x", the others a partial "o" (summed by the next LN)."""
         x_s = np.zeros((T, self.cfg.n_embd), np.int64)
-        for i in range(len(sp.embed_shards(self.cfg))):
+        for i in self.embed_idx:
             enc = self.linears[f"embed{i}"]  # one-hots are integers: the product is at scale 2^f
             x_s = np.mod(x_s + self._linear(p, enc, np.zeros((T, enc.plan.d_in), np.int64)), self.fp.t)
+        if self.weights.wpe is None:
+            return {"o": x_s}
         return {"x": np.mod(x_s + self.weights.wpe[start:start + T], self.fp.t)}
 
-    def layernorm(self, p, sid: str, layer: int, which: str, x: dict, *partials: dict) -> dict:
-        """Residual add of the owners' partial shares, then LN (gamma/beta private)."""
+    def layernorm(self, p, sid: str, layer: int | None, which: str, rows: str, x: dict, *partials: dict) -> dict:
+        """Residual add of the owners' partial shares, then LN (gamma/beta private); ``which`` "ln_f"
+        is the final LN, ``rows`` "last" normalises the last position only (generation)."""
         x_s = self._residual(x, partials)
-        gamma, beta = self.weights.layer(layer).ln[which]
-        return {"x": x_s, "h": layernorm(p, x_s, gamma, beta, eps=self.cfg.layer_norm_epsilon)}
+        gamma, beta = self.weights.ln_f if which == "ln_f" else self.weights.layer(layer).ln[which]
+        h_in = x_s[-1:] if rows == "last" else x_s
+        return {"x": x_s, "h": layernorm(p, h_in, gamma, beta, eps=self.cfg.layer_norm_epsilon)}
 
     def attention(self, p, sid: str, layer: int, start: int, ln: dict) -> dict:
         lw, f = self.weights.layer(layer), self.fp.frac_bits
@@ -117,12 +132,10 @@ class ServerShard:
         g = gelu(p, h)
         return {"o": trunc(p, self._linear(p, self.linears[f"fc2{layer}"], g, lw.b_fc2), f)}
 
-    def head(self, p, sid: str, all_positions: bool, x: dict, *partials: dict) -> dict:
-        """Final LN and the tied LM head; sends the server's logit shares to the client."""
-        x_s = self._residual(x, partials)
-        gamma, beta = self.weights.ln_f
-        h = layernorm(p, x_s if all_positions else x_s[-1:], gamma, beta, eps=self.cfg.layer_norm_epsilon)
-        p.chan.send(self._linear(p, self.linears["head"], h))  # opened to the client only
+    def head(self, p, sid: str, ln: dict) -> dict:
+        """The tied LM head on this worker's vocabulary columns; sends the server's logit shares to
+        the client (opened to the client only)."""
+        p.chan.send(self._linear(p, self.linears["head"], ln["h"]))
         return {}
 
     # ---- kernels: decode (one token) or prefill (many) ----------------------------------

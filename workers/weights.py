@@ -56,8 +56,11 @@ def _ln(mod) -> tuple[np.ndarray, np.ndarray]:
     return _np(mod.weight), _np(mod.bias)
 
 
-def model_weights(model: GPT, plan, fp: FixedPoint, holds_ends: bool, lead_layers=frozenset()) -> WorkerWeights:
-    """``plan`` is this worker's WorkerPlan; ``lead_layers`` the layers it leads (residual, LN, biases)."""
+def model_weights(model: GPT, plan, fp: FixedPoint, holds_ends: bool, lead_layers=frozenset(),
+                  embed_shards=(), head_cols=None) -> WorkerWeights:
+    """``plan`` is this worker's WorkerPlan; ``lead_layers`` the layers it leads (residual, LN, biases);
+    ``holds_ends``: positions and the final LN; ``embed_shards`` / ``head_cols``: its embedding row
+    shards and LM-head vocabulary columns (``secure_plan.embed_owners`` / ``head_columns``)."""
     cfg, tr = model.config, model.transformer
     d, dh, f2 = cfg.n_embd, cfg.d_head, 2 * fp.frac_bits
     layers = {}
@@ -83,15 +86,16 @@ def model_weights(model: GPT, plan, fp: FixedPoint, holds_ends: bool, lead_layer
             lw.ln = {"ln_1": _ln(blk.ln_1), "ln_2": _ln(blk.ln_2)}
         layers[s.layer] = lw
     ends, wpe, ln_f = {}, None, None
+    wte = _np(tr.wte.weight)  # (V, d)
+    ends = _embedding_shards(cfg, wte, fp, embed_shards)
+    if head_cols is not None:
+        ends["head"] = fp.encode(wte[head_cols[0]:head_cols[1]].T)  # (d, its vocabulary columns)
     if holds_ends:
-        wte = _np(tr.wte.weight)  # (V, d)
-        ends = _embedding_shards(cfg, wte, fp)
-        ends["head"] = fp.encode(wte.T)  # (d, V)
         wpe = fp.encode(_np(tr.wpe.weight))
         ln_f = _ln(tr.ln_f)
     return WorkerWeights(layers, wpe, ln_f, ends)
 
 
-def _embedding_shards(cfg, wte: np.ndarray, fp: FixedPoint) -> dict:
-    rows = min(sp.EMBED_ROWS, cfg.vocab_size)
-    return {f"embed{i}": pad_rows(fp.encode(wte[lo:hi]), rows) for i, (lo, hi) in enumerate(sp.embed_shards(cfg))}
+def _embedding_shards(cfg, wte: np.ndarray, fp: FixedPoint, which) -> dict:
+    rows, bounds = min(sp.EMBED_ROWS, cfg.vocab_size), sp.embed_shards(cfg)
+    return {f"embed{i}": pad_rows(fp.encode(wte[bounds[i][0]:bounds[i][1]]), rows) for i in which}

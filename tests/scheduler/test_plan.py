@@ -49,3 +49,21 @@ def test_validate_catches_a_double_assignment():
     bad = dataclasses.replace(w0, shards=(dataclasses.replace(w0.shards[0], heads=(0, 1)),))
     with pytest.raises(PlanError, match="exactly once"):
         dataclasses.replace(plan, workers=(bad, plan.workers[1])).validate()
+
+
+@pytest.mark.parametrize("vocab, workers", [(256, 1), (256, 3), (4096, 2), (4096, 3), (50257, 4)])
+def test_embedding_and_head_are_dealt_exactly_once(vocab, workers):
+    """Every embedding row shard and every LM-head column goes to exactly one worker; worker 0
+    (which adds the positions) has shard 0; the head columns are contiguous in worker order."""
+    from cryptogen import secure_plan as sp
+    from cryptogen.model import GPTConfig
+
+    cfg = GPTConfig(vocab_size=vocab, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, workers)
+    owners = sp.embed_owners(cfg, plan)
+    dealt = sorted(i for shards in owners.values() for i in shards)
+    assert dealt == list(range(len(sp.embed_shards(cfg)))) and 0 in owners[0]
+    cols = sp.head_columns(cfg, plan)
+    spans = [cols[w] for w in sorted(cols)]
+    assert spans[0][0] == 0 and spans[-1][1] == vocab
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(spans, spans[1:]))

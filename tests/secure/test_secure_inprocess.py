@@ -93,3 +93,26 @@ def test_chunked_prefill_equals_one_pass(tiny_model):
     assert_logits_close(runner.client.logit_history, tiny_model, prompt, tokens, TOL)
     with pytest.raises(ValueError, match="chunk"):
         driver.prefill(len(prompt), chunk=0)
+
+
+def test_embedding_and_head_sharded_over_two_workers():
+    """A vocabulary of 3 embedding shards and a head split in two: worker 0 runs shards 0 and 2 plus
+    the first half of the LM-head columns, worker 1 shard 1 and the second half; still plaintext."""
+    import torch
+
+    from cryptogen.model import GPT, GPTConfig
+
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=2100, n_positions=64, n_embd=64, n_layer=1, n_head=2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    cfg, prompt = model.config, [5, 2099, 1500, 7]
+    plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, 2)
+    runner = InProcessRunner(model, plan, prompt)
+    Driver(runner, cfg, plan).generate(len(prompt), 3)
+    assert runner.client.generated == plain_greedy(model, prompt, 3)
+    assert_logits_close(runner.client.logit_history, model, prompt, runner.client.generated, TOL)
+    held = {w: sorted(k for k in s.linears if k.startswith(("embed", "head"))) for w, s in runner.shards.items()}
+    assert held == {0: ["embed0", "embed2", "head"], 1: ["embed1", "head"]}

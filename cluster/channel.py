@@ -6,11 +6,18 @@ connection per (session, worker) link, set up through Ray: the worker listens, t
 client dials. On one node the link uses 127.0.0.1; across nodes the worker's node IP.
 Framing is a fixed header (dtype code, rank, shape) plus the raw array bytes: no pickle,
 so a peer can only ever send arrays of the four dtypes the protocols use.
+
+Sends are queued to one sender thread per channel, in order. Both parties of a symmetric step
+(an opening: send mine, then receive theirs) send at the same time; with a blocking send, two
+messages larger than the kernel's socket buffers (a 2PC LayerNorm over a 128-token window sends
+several MB each way) wait for each other forever. The queue makes a send return at once.
 """
 from __future__ import annotations
 
+import queue
 import socket
 import struct
+import threading
 
 import numpy as np
 
@@ -34,11 +41,9 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-# How long a party waits for its peer to send or to read. A peer may compute for minutes between
-# two messages (a long prefill step on a loaded machine: at 300 s a 128-token scoring window
-# timed out while the peer was still working); a peer that dies closes its socket, which is seen
-# at once, and a dead actor is reported by Ray, so this only bounds a peer that hangs.
-IDLE_TIMEOUT = 1800.0
+# How long a party waits for its peer to send or to read. A peer that dies closes its socket,
+# which is seen at once, and a dead actor is reported by Ray, so this only bounds a peer that hangs.
+IDLE_TIMEOUT = 300.0
 
 
 class SocketChannel(Channel):
@@ -47,17 +52,32 @@ class SocketChannel(Channel):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(timeout)
         self.sock, self.timeout = sock, timeout
+        self._outbox: queue.Queue = queue.Queue()
+        self._send_error: ChannelError | None = None
+        self._sender = threading.Thread(target=self._send_loop, name="channel-send", daemon=True)
+        self._sender.start()
+
+    def _send_loop(self) -> None:
+        while (data := self._outbox.get()) is not None:
+            if self._send_error is not None:
+                continue  # the link is broken: drop the rest (the next send/recv raises)
+            try:
+                self.sock.sendall(data)
+            except socket.timeout:
+                self._send_error = ChannelError(f"the peer read nothing within {self.timeout:.0f} s (it may hang)")
+            except OSError as e:
+                self._send_error = ChannelError(f"send failed: {e.__class__.__name__}")
 
     def _send_raw(self, arr: np.ndarray) -> None:
         if arr.dtype not in _DTYPES or arr.ndim > _MAX_RANK:
             raise ChannelError(f"cannot send an array of dtype {arr.dtype} and rank {arr.ndim}")
+        self._raise_send_error()
         head = _HEAD.pack(_DTYPES.index(arr.dtype), arr.ndim) + struct.pack(f"<{arr.ndim}q", *arr.shape)
-        try:
-            self.sock.sendall(head + np.ascontiguousarray(arr).tobytes())
-        except socket.timeout:
-            raise ChannelError(f"the peer read nothing within {self.timeout:.0f} s (it may hang)") from None
-        except OSError as e:
-            raise ChannelError(f"send failed: {e.__class__.__name__}") from None
+        self._outbox.put(head + np.ascontiguousarray(arr).tobytes())
+
+    def _raise_send_error(self) -> None:
+        if self._send_error is not None:
+            raise self._send_error
 
     def _recv_raw(self) -> np.ndarray:
         try:
@@ -73,15 +93,17 @@ class SocketChannel(Channel):
             n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             return np.frombuffer(_recv_exact(self.sock, n), dtype=dtype).reshape(shape)
         except socket.timeout:
+            self._raise_send_error()
             raise ChannelError(f"no message from the peer within {self.timeout:.0f} s (it may have died)") from None
         except OSError as e:
+            self._raise_send_error()
             raise ChannelError(f"receive failed: {e.__class__.__name__}") from None
 
     def close(self) -> None:
-        try:
-            self.sock.sendall(_HEAD.pack(_CLOSE, 0))
-        except OSError:
-            pass
+        """Flush the queued sends (bounded by the idle timeout), say goodbye, close the socket."""
+        self._outbox.put(_HEAD.pack(_CLOSE, 0))
+        self._outbox.put(None)
+        self._sender.join(self.timeout)
         self.sock.close()
 
     def abort(self) -> None:

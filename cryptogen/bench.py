@@ -311,7 +311,7 @@ def run(opts: BenchOptions) -> dict:
     import numpy as np
     cfg, label, contexts, workers, sweep_ctx = validate(opts)
     deadline = time.monotonic() + 60 * opts.max_minutes
-    t_start = time.monotonic()
+    t_start, commit = time.monotonic(), git_commit()  # the code this process runs
     log(f"model {label}: d={cfg.n_embd}, {cfg.n_layer} layer(s), {cfg.n_head} heads, vocab {cfg.vocab_size}; "
         f"contexts {contexts}, {opts.tokens} decode token(s), workers {workers}")
     model = load_model(opts, cfg)
@@ -370,7 +370,7 @@ def run(opts: BenchOptions) -> dict:
         if not ray_was_up and "ray" in sys.modules:  # Ray started (or joined) by this run
             sys.modules["ray"].shutdown()
     meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "command": opts.command
-            or command_line(opts), "argv": sys.argv, "commit": git_commit(), "machine": machine(), "model": label, "config": asdict(cfg),
+            or command_line(opts), "argv": sys.argv, "commit": commit, "machine": machine(), "model": label, "config": asdict(cfg),
             "backend": main_backend, "main_workers": main_w, "tokens": opts.tokens, "seed": opts.seed,
             "recompute_max_context": opts.recompute_max_context, "total_seconds": time.monotonic() - t_start}
     return {"meta": {**meta, "notes": NOTES}, "contexts": rows, "workers": sweep}

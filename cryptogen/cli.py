@@ -16,8 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 _state = {"debug": False}
 
 
-class UsageError(ValueError):
-    """Bad command-line input that the user can fix."""
+from .cli_common import TokenStream, UsageError, encode_prompt  # noqa: F401  (re-exported)
 
 
 def _user_errors() -> tuple:
@@ -28,14 +27,20 @@ def _user_errors() -> tuple:
     from .tokenizer import TokenizerError
 
     from .bench import BenchError
-    from .client.metrics import MetricsPortInUse
+    from .exporter import MetricsPortInUse
     from .cluster.connect import ClusterError
+    from .mpc.errors import ChannelError
+    from .net.control import ProtocolError, RemoteError
+    from .net.tls import TLSError
     from .scheduler.driver import DriverError
     from .scheduler.plan import PlanError
-    from .scheduler.ray_runner import WorkerDied
+    from .client.local_server import LocalServerError
+    from .client.remote import ConnectError
+    from .server.serve import ServeError
 
     return (UsageError, DataError, CheckpointError, ModelNotFound, TokenizerError, FieldError,
-            ClusterError, DriverError, PlanError, WorkerDied, MetricsPortInUse, BenchError)
+            ClusterError, DriverError, PlanError, MetricsPortInUse, BenchError, ChannelError, ProtocolError,
+            RemoteError, TLSError, ConnectError, LocalServerError, ServeError)
 
 
 def _run(fn, *args, **kwargs):
@@ -97,13 +102,17 @@ def evaluate(
     secure: bool = typer.Option(False, "--secure", help="Secure perplexity on a test subset, beside plaintext."),
     windows: int = typer.Option(4, min=1, help="--secure: number of windows."),
     window: int = typer.Option(128, min=2, help="--secure: tokens per window."),
-    workers: int = typer.Option(1, min=1), address: Optional[str] = typer.Option(None),
-    provider: str = typer.Option("dealer"),
+    workers: int = typer.Option(1, min=1, help="--secure: workers of the local server."),
+    address: Optional[str] = typer.Option(None, help="--secure: the local server joins this Ray cluster."),
+    provider: str = typer.Option("he", help="--secure: correlated randomness, he (dealer-free) or dealer."),
+    connect: Optional[str] = typer.Option(None, "--connect", help="--secure: a running server's connection file."),
+    dealer: Optional[str] = typer.Option(None, help="--secure --provider dealer: the dealer's client connection file."),
 ):
     """Perplexity on a split (and LAMBADA accuracy) with the plaintext reference model."""
     if secure:
         from .secure_cli import secure_eval
-        return _run(secure_eval, model, data, split, data_dir, windows, window, workers, address, provider)
+        return _run(secure_eval, model, data, split, data_dir, windows, window, workers, address, provider,
+                    connect_file=connect, dealer=dealer)
     from . import registry
     from .data import data_path
     from .evaluate import lambada_accuracy, perplexity
@@ -130,52 +139,71 @@ def generate(
     temperature: float = typer.Option(0.0, min=0.0, help="0 means greedy."),
     top_k: int = typer.Option(0, min=0, help="Sample among the k most likely tokens (0: all)."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
-    secure: bool = typer.Option(False, "--secure", help="Secure generation (HE + 2PC) on a Ray cluster."),
-    workers: int = typer.Option(1, min=1, help="Server worker actors (--secure)."),
+    secure: bool = typer.Option(False, "--secure", help="Secure generation (HE + 2PC): against --connect's server, "
+                                                        "or a local server started in its own process."),
+    connect: Optional[str] = typer.Option(None, "--connect", help="Connection file a `cryptogen serve` wrote."),
+    server: Optional[str] = typer.Option(None, help="Server HOST:PORT (instead of --connect)."),
+    server_cert: Optional[str] = typer.Option(None, help="The server's certificate, PEM file (with --server)."),
+    api_key: Optional[str] = typer.Option(None, envvar="CRYPTOGEN_API_KEY", help="API key (with --server)."),
+    workers: int = typer.Option(1, min=1, help="Workers of the local server (no --connect)."),
     mode: str = typer.Option("kv-reuse", help="kv-reuse (encrypted KV cache) or recompute (baseline)."),
-    address: Optional[str] = typer.Option(None, help="Join a Ray cluster at HOST:PORT (default: embedded local)."),
-    provider: str = typer.Option("dealer", help="Correlated randomness: dealer (Ray actor) or he (dealer-free)."),
-    metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on 127.0.0.1:PORT (0: any free port)."),
+    address: Optional[str] = typer.Option(None, help="The local server joins the Ray cluster at HOST:PORT."),
+    provider: str = typer.Option("he", help="Correlated randomness: he (dealer-free, default) or dealer "
+                                            "(a third party's `cryptogen dealer`, needs --dealer)."),
+    dealer: Optional[str] = typer.Option(None, help="The dealer's client connection file (--provider dealer)."),
+    metrics_port: Optional[int] = typer.Option(None, help="Serve the client's Prometheus metrics on 127.0.0.1:PORT "
+                                                          "(0: any free port)."),
 ):
     """Generate text, streaming tokens as they come."""
     sampling = (temperature, top_k, seed)
-    if secure:
-        _run(_generate_secure, prompt, model, max_new_tokens, sampling, workers, mode, address, provider, metrics_port)
+    if secure or connect or server:
+        from .secure_cli import generate_secure
+        _run(generate_secure, prompt, model, max_new_tokens, sampling, workers, mode, address, provider, metrics_port,
+             connect_file=connect, server=server, server_cert=server_cert, api_key=api_key, dealer=dealer)
     else:
         _run(_generate_plain, prompt, model, max_new_tokens, *sampling)
 
 
-def encode_prompt(tok, prompt: str, n_positions: int, max_new_tokens: int) -> list[int]:
-    if not prompt.strip():
-        raise UsageError("the prompt is empty; pass some text with --prompt")
-    ids = tok.encode(prompt).ids
-    if len(ids) + max_new_tokens > n_positions:
-        raise UsageError(
-            f"the prompt is {len(ids)} tokens and --max-new-tokens is {max_new_tokens}: together more than "
-            f"the model's context of {n_positions}; shorten the prompt or ask for fewer tokens")
-    return ids
+@app.command()
+def serve(
+    model: str = typer.Option("wikitext2", help="Shipped model name or checkpoint folder (read on each worker's node)."),
+    workers: int = typer.Option(1, min=1, help="Worker actors (heads and feed-forward columns sharded over them)."),
+    layer_groups: int = typer.Option(1, min=1, help="Split the layers over this many worker groups."),
+    address: Optional[str] = typer.Option(None, help="Join the Ray cluster at HOST:PORT (`ray start --head`); "
+                                                     "default: an embedded local Ray."),
+    listen: str = typer.Option("127.0.0.1:7860", help="TLS address for clients (0.0.0.0:PORT: every address)."),
+    connection_file: str = typer.Option("cryptogen-server.json", help="Where to write the address, certificate "
+                                                                       "and API key for clients (mode 0600)."),
+    max_sessions: int = typer.Option(4, min=1, help="Sessions at once; more get 'busy, retry after N s'."),
+    idle_timeout: float = typer.Option(600.0, help="Seconds a session may wait for its client."),
+    state_dir: Optional[str] = typer.Option(None, help="Certificate and API key folder "
+                                                       "(default ~/.local/state/cryptogen/server)."),
+    cert: Optional[str] = typer.Option(None, help="TLS certificate (PEM) instead of the self-signed one."),
+    key: Optional[str] = typer.Option(None, help="Its private key (PEM)."),
+    dealer: Optional[str] = typer.Option(None, help="The dealer's server connection file, to offer --provider dealer."),
+    metrics_port: Optional[int] = typer.Option(None, help="Server metrics (sessions, HE ops, KV cache) on "
+                                                          "127.0.0.1:PORT."),
+):
+    """Run the secure server (the model owner's side) until interrupted."""
+    from .server.serve import ServeOptions, serve as run_serve
+
+    opts = ServeOptions(model=model, workers=workers, layer_groups=layer_groups, address=address, listen=listen,
+                        connection_file=connection_file, max_sessions=max_sessions, idle_timeout=idle_timeout,
+                        state_dir=state_dir, cert=cert, key=key, metrics_port=metrics_port, dealer=dealer)
+    _run(run_serve, opts)
 
 
-class TokenStream:
-    """Prints generated text as it comes (decoding the whole tail so multi-byte characters stay whole)."""
-
-    def __init__(self, tok, out=None):
-        self.tok, self.out, self.ids, self.shown = tok, out or sys.stdout, [], ""
-
-    def push(self, token: int) -> None:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            self.out.write(text[len(self.shown):])
-            self.out.flush()
-            self.shown = text
-
-    def close(self) -> None:
-        """Flush whatever is left, even an incomplete multi-byte character."""
-        text = self.tok.decode(self.ids)
-        self.out.write(text[len(self.shown):] + "\n")
-        self.out.flush()
-        self.shown = text
+@app.command("dealer")
+def dealer_cmd(
+    listen: str = typer.Option("127.0.0.1:7870", help="TLS address the two parties connect to."),
+    state_dir: Optional[str] = typer.Option(None, help="Certificate folder (default ~/.local/state/cryptogen/dealer)."),
+    out: str = typer.Option(".", help="Folder for the two parties' connection files."),
+):
+    """Run a dealer of correlated randomness (a third party trusted by both sides, on its own machine)."""
+    def go():
+        from .dealer.service import run_dealer
+        run_dealer(listen, state_dir, out)
+    _run(go)
 
 
 def _generate_plain(prompt, model_name, max_new_tokens, temperature, top_k, seed):
@@ -193,31 +221,6 @@ def _generate_plain(prompt, model_name, max_new_tokens, temperature, top_k, seed
     dt = time.perf_counter() - t0
     stream.close()
     typer.echo(f"[{max_new_tokens} tokens in {dt * 1000:.0f} ms, plaintext]", err=True)
-
-
-def _generate_secure(prompt, model_name, max_new_tokens, sampling, workers, mode, address, provider, metrics_port):
-    from . import registry
-    from .sampling import SamplingConfig
-    from .secure_cli import open_generator, progress_printer
-
-    from .model import GPT
-    from .tokenizer import load_tokenizer
-
-    folder = registry.checkpoint_folder(model_name)  # the server's workers load the weights from here
-    cfg, tok = GPT.read_config(folder), load_tokenizer(folder)
-    ids = encode_prompt(tok, prompt, cfg.n_positions, max_new_tokens)
-    with open_generator(str(folder), workers, mode, address, provider, metrics_port) as gen:
-        stream = TokenStream(tok)
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
-        res = gen.generate(ids, max_new_tokens, SamplingConfig(*sampling), on_token=stream.push,
-                           on_step=progress_printer(max_new_tokens, mode))
-        stream.close()
-    dec = [t.seconds for t in res.timings if t.phase == "decode"]
-    msg = f"[secure {mode}, {workers} worker(s), provider {res.provider}: prefill {res.timings[0].seconds:.1f} s"
-    if dec:
-        msg += f", {1000 * sum(dec) / len(dec):.0f} ms per decoded token"
-    typer.echo(msg + "]", err=True)
 
 
 @app.command()

@@ -1,5 +1,11 @@
-"""CLI glue for secure generation and secure evaluation (kept out of cli.py so the plaintext
-commands start without importing Ray or Pyfhel)."""
+"""CLI glue for the secure commands: the client side of ``generate --secure`` / ``eval --secure``
+(in the user's process, no Ray), and the programs of the other parties (``serve``, ``dealer``).
+Kept out of cli.py so the plaintext commands start without importing Pyfhel.
+
+``generate --secure`` with no ``--connect`` starts a local server: ``cryptogen serve`` in its own
+OS process with its own embedded Ray, on loopback; this process is only the client and talks to
+it over the same TLS links as to a remote server.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,54 +13,108 @@ import sys
 import time
 
 import numpy as np
-import torch
 
-from .scheduler.driver import MODES
+from .cli_common import TokenStream, UsageError, encode_prompt
+
+
+def _say(msg: str) -> None:
+    print(f"[{msg}]", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
-def open_generator(model, workers: int, mode: str, address, provider: str, metrics_port=None):
-    from .client.generate import SecureGenerator
-    from .cluster.connect import shutdown
-    from .scheduler.driver import DriverError
+def open_connection(connect_file, server, server_cert, api_key, model, workers, address, metrics_port=None,
+                    dealer=None):
+    """A client connection: to the given server, or to a local server started for this command."""
+    from .client.local_server import LocalServer
+    from .client.remote import connect
 
-    if mode not in MODES:
-        raise DriverError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    remote = connect_file or server or server_cert or api_key
+    local = None
     t0 = time.perf_counter()
-    print(f"[starting Ray ({'embedded' if not address else address}), generating keys, "
-          f"encoding weights on {workers} worker(s)...]", file=sys.stderr, flush=True)
     try:
-        gen = SecureGenerator(model, workers=workers, mode=mode, address=address, provider=provider,
-                              metrics_port=metrics_port)
-        print(f"[ready in {time.perf_counter() - t0:.0f} s{gen.metrics_note()}]", file=sys.stderr, flush=True)
-        yield gen
+        if remote:
+            conn = connect(connect_file, server=server, server_cert=server_cert, api_key=api_key,
+                           metrics_port=metrics_port, dealer=dealer)
+        else:
+            from . import registry
+            folder = registry.checkpoint_folder(model)  # one-line error before anything starts
+            _say(f"starting a local server (its own process, embedded Ray, {workers} worker(s)) for {folder.name}")
+            local = LocalServer(str(folder), workers=workers, address=address).start()
+            conn = connect(local.connection_file, metrics_port=metrics_port, dealer=dealer)
+        note = f"; metrics at {conn.exporter.url}" if conn.exporter is not None else ""
+        _say(f"connected to {conn.model_name or 'the server'} at {conn.info.host}:{conn.info.port} (TLS, pinned) "
+             f"in {time.perf_counter() - t0:.0f} s{note}")
+        try:
+            yield conn
+        finally:
+            conn.close()
     finally:
-        shutdown()
+        if local is not None:
+            local.stop()
 
 
 def progress_printer(max_new_tokens: int, mode: str):
     """A progress line on stderr: tokens so far, ms per token. When stdout is the same terminal,
-    the streamed text is the progress (a rewritten status line would erase it); the closing
-    summary still gives ms per token."""
-    state = {"t0": time.perf_counter()}
+    the streamed text is the progress (a rewritten status line would erase it)."""
+    state = {"t0": time.perf_counter(), "n": 0}
     if sys.stdout.isatty() and sys.stderr.isatty():
         return None
 
-    def on_step(timing, n_tokens):
-        ms = 1000 * timing.seconds
+    def on_step(timing):
+        state["n"] += 1
         what = "prefill" if timing.phase == "prefill" else "decode"
-        print(f"\r\x1b[2K[{n_tokens}/{max_new_tokens} tokens | {what} {ms:.0f} ms | {mode} | "
+        print(f"\r\x1b[2K[{state['n']}/{max_new_tokens} tokens | {what} {1000 * timing.seconds:.0f} ms | {mode} | "
               f"{time.perf_counter() - state['t0']:.0f} s]", end="", file=sys.stderr, flush=True)
-        if n_tokens >= max_new_tokens:
+        if state["n"] >= max_new_tokens:
             print(file=sys.stderr, flush=True)
 
     return on_step
 
 
-def secure_eval(model_name, data, split, data_dir, windows: int, window: int, workers, address, provider):
-    """Secure perplexity on ``windows`` x ``window`` test tokens, beside plaintext on the same tokens."""
+def generate_secure(prompt, model, max_new_tokens, sampling, workers, mode, address, provider, metrics_port,
+                    connect_file=None, server=None, server_cert=None, api_key=None, dealer=None):
+    from .client.remote import MODES, PROVIDERS
+    from .sampling import SamplingConfig
+
+    if mode not in MODES:
+        raise UsageError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
+    if provider not in PROVIDERS:
+        raise UsageError(f"unknown --provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    if provider == "dealer" and not dealer:
+        raise UsageError("--provider dealer needs --dealer FILE (the dealer's client connection file)")
+    sampling = SamplingConfig(*sampling)
+    with open_connection(connect_file, server, server_cert, api_key, model, workers, address, metrics_port,
+                         dealer) as conn:
+        if conn.tokenizer is None:
+            raise UsageError("the server sent no tokenizer, so a text prompt cannot be encoded")
+        ids = encode_prompt(conn.tokenizer, prompt, conn.cfg.n_positions, max_new_tokens)
+        stream = TokenStream(conn.tokenizer)
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        timings = []
+        on_step = progress_printer(max_new_tokens, mode)
+
+        def step(t):
+            timings.append(t)
+            if on_step:
+                on_step(t)
+        for token in conn.generate(ids, max_new_tokens, sampling, mode=mode, provider=provider, on_step=step):
+            stream.push(token)
+        stream.close()
+    dec = [t.seconds for t in timings if t.phase == "decode"]
+    msg = f"secure {mode}, {len(conn.plan.workers)} worker(s), provider {provider}: prefill {timings[0].seconds:.1f} s"
+    if dec:
+        msg += f", {1000 * sum(dec) / len(dec):.0f} ms per decoded token"
+    _say(msg)
+
+
+def secure_eval(model_name, data, split, data_dir, windows: int, window: int, workers, address, provider,
+                connect_file=None, server=None, server_cert=None, api_key=None, dealer=None):
+    """Secure perplexity on ``windows`` x ``window`` test tokens, beside plaintext on the same tokens
+    (the plaintext reference needs the weights: this is the model owner's evaluation or a local run)."""
+    import torch
+
     from . import registry
-    from .cli import UsageError
     from .data import data_path, load_text
 
     ds = data or (model_name if model_name in registry.SHIPPED else "wikitext2")
@@ -67,13 +127,13 @@ def secure_eval(model_name, data, split, data_dir, windows: int, window: int, wo
     chunks = [ids[i * window:(i + 1) * window] for i in range(windows) if len(ids) >= (i + 1) * window]
     nll_secure = nll_plain = 0.0
     count = 0
-    # the workers load their own copy; the plaintext model here is only for the comparison
-    with open_generator(str(folder.resolve()), workers, "kv-reuse", address, provider) as gen:
+    with open_connection(connect_file, server, server_cert, api_key, str(folder.resolve()), workers, address,
+                         dealer=dealer) as conn:
         for w, chunk in enumerate(chunks):
             t0 = time.perf_counter()
-            secure = gen.score(chunk.tolist(), on_step=lambda s, w=w: print(
-                f"\r\x1b[2K[window {w + 1}/{len(chunks)}: {s.position + 1}/{window} tokens]",
-                end="", file=sys.stderr, flush=True))
+            print(f"\r\x1b[2K[window {w + 1}/{len(chunks)}: {window} tokens in one secure pass]", end="",
+                  file=sys.stderr, flush=True)
+            secure = conn.score(chunk.tolist(), provider=provider)
             with torch.no_grad():
                 plain = model(torch.as_tensor(chunk[None]))[0][0].double().numpy()
             nll_secure += _nll(secure[:-1], chunk[1:])

@@ -2,7 +2,7 @@
 
 A :class:`Telemetry` collector is plain Python: thread-safe (one lock), no Prometheus import, and
 its :meth:`Telemetry.snapshot` returns a :class:`TelemetrySnapshot`, a picklable value object that
-crosses Ray actor boundaries. The exporter (``cryptogen.client.metrics``) reads a snapshot at
+crosses Ray actor boundaries. The exporter (``cryptogen.exporter``) reads a snapshot at
 scrape time.
 
 Merge semantics (counters stay monotonic, nothing is counted twice):

@@ -42,8 +42,8 @@ def send_ct(chan, data: bytes, tag: int = TAG_RESULT) -> None:
 
 
 def _recv_tagged(chan) -> tuple[int, bytes]:
-    arr = chan.recv()
-    if arr.dtype != np.uint8 or arr.size < 2:
+    arr = chan.recv(dtype=np.uint8)
+    if arr.ndim != 1 or arr.size < 2:
         raise ProtocolError("expected a ciphertext message")
     raw = arr.tobytes()
     return raw[0], raw[1:]
@@ -83,7 +83,7 @@ def linear_server(chan, engine: ServerEngine, enc: EncodedLinear, x_s: np.ndarra
                   bias_2f: np.ndarray | None = None) -> np.ndarray:
     plan = enc.plan
     x = s2h_server(engine, recv_ct(chan), plan.input_slots_decode(x_s))
-    shares = [_h2s_send(chan, engine, y, "linear output") for y in matmul_ct_pt_decode(enc, x)]
+    shares = [_h2s_send(chan, engine, y, "linear output") for y in matmul_ct_pt_decode(enc, x, engine)]
     y_s = plan.read_output_decode(shares)
     return y_s if bias_2f is None else np.mod(y_s + bias_2f, engine.config.t)
 

@@ -1,27 +1,22 @@
-"""Ray backend for the driver: worker actors in a placement group, stages fanned out.
+"""Ray backend for the server's driver: worker actors in a placement group, stages fanned out.
 
-``stage`` submits the client's call and every serving worker's call at once and returns
-the workers' result refs (never fetched by the driver: later stages take them as
-arguments, so server shares flow worker -> worker through the object store). Calls to
-one actor are chained with an ``after`` ref so they run in submission order. ``barrier``
-waits once per token and fails fast, naming the worker, if an actor died.
+Server side only (it runs in the gateway's process on the model owner's cluster). ``stage``
+submits every serving worker's call at once and returns the result refs: later stages take them
+as arguments, so server shares flow worker -> worker through the object store and only this
+process (the server's own) could ever read them. Calls to one actor are chained with an
+``after`` ref so they run in submission order. ``barrier`` waits once per step and fails fast,
+naming the worker, if an actor died.
 """
 from __future__ import annotations
 
 import os
 
-import uuid
-
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cryptogen.cluster.connect import worker_placement
-from cryptogen.cluster.dealer import DealerActor, RayDealerProvider
-from cryptogen.mpc.provider_he import HEProvider
 
 from ..workers.actor import WorkerActor
-
-PROVIDERS = ("dealer", "he")
 
 
 class WorkerDied(RuntimeError):
@@ -29,69 +24,55 @@ class WorkerDied(RuntimeError):
 
 
 class ServerPool:
-    """The server side: worker actors (one per plan worker) holding shards and caches."""
+    """The server's worker actors (one per plan worker): weights loaded and encoded once, serving
+    every session; each listens for data links on one TLS port."""
 
-    def __init__(self, model, plan, public_context: bytes, he_config, provider: str = "dealer"):
-        """``he_config``: the server's HE parameters; the client's public context must match them."""
-        if provider not in PROVIDERS:
-            raise ValueError(f"unknown correlated-randomness provider {provider!r}; choose {' or '.join(PROVIDERS)}")
-        fp = he_config.fixed_point
-        self.plan, self.fp, self.he_config, self.provider_name = plan, fp, he_config, provider
+    def __init__(self, model, plan, he_config, tls: tuple[str, str], gateway_host: str, link_cap: int):
+        self.plan, self.he_config = plan, he_config
         self.pg = worker_placement(len(plan.workers))
         # a checkpoint folder (str) is read by each worker on its own node: the weights never pass
-        # through the driver; a GPT object (tests, bench) is put once and shared
+        # through this process; a GPT object (tests, bench) is put once and shared
         model_ref = str(model) if isinstance(model, (str, os.PathLike)) else ray.put(model)
-        ctx_ref = ray.put(public_context)  # once, shared by all workers
+        here = ray.get_runtime_context().get_node_id()
         self.workers = [
             WorkerActor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=i), num_cpus=1)
-            .remote(i, model_ref, plan, ctx_ref, he_config)
+            .remote(i, model_ref, plan, he_config, tls, gateway_host, here, link_cap)
             for i in range(len(plan.workers))]
-        ray.get([w.ready.remote() for w in self.workers])
-        self.dealer = DealerActor.remote(fp.t) if provider == "dealer" else None
+        self.addresses = ray.get([w.address.remote() for w in self.workers])
 
-    def provider_for(self, link: str):
-        if self.provider_name == "dealer":
-            return RayDealerProvider(self.dealer, link, self.fp.t)
-        return HEProvider(self.he_config)
+    def open_session(self, sid: str, public_context: bytes, tokens: list[dict]) -> None:
+        ctx_ref = ray.put(public_context)  # once, shared by all workers
+        ray.get([w.open_session.remote(sid, ctx_ref, tokens[i]) for i, w in enumerate(self.workers)])
 
-    def connect(self, sid: str, client) -> None:
-        """Handshake every client<->worker link of a new session (fan out, one get)."""
-        client_ip = ray.get(client.node_ip.remote())
-        addrs = ray.get([w.listen.remote(sid, client_ip) for w in self.workers])
-        refs = []
-        for i, (w, (host, port)) in enumerate(zip(self.workers, addrs)):
-            provider = self.provider_for(f"{sid}/{i}")
-            refs += [w.accept.remote(sid, provider), client.dial.remote(sid, i, host, port, provider)]
-        ray.get(refs)
+    def connect(self, sid: str, providers: list) -> list:
+        """Refs of every worker's link set-up (they complete when the client has dialled)."""
+        return [w.connect.remote(sid, providers[i]) for i, w in enumerate(self.workers)]
+
+    def close(self, sid: str) -> None:
+        ray.get([w.close.remote(sid) for w in self.workers])
 
     def node_ids(self) -> list[str]:
         return ray.get([w.node_id.remote() for w in self.workers])
 
+    def snapshots(self) -> list:
+        return ray.get([w.telemetry_snapshot.remote() for w in self.workers])
+
     def shutdown(self) -> None:
-        """Kill the workers and the dealer and free the placement group."""
+        """Kill the workers and free the placement group."""
         from ray.util.placement_group import remove_placement_group
 
-        for actor in self.workers + ([self.dealer] if self.dealer is not None else []):
+        for actor in self.workers:
             ray.kill(actor)
         remove_placement_group(self.pg)
 
-    def close(self, sid: str) -> None:
-        for w in self.workers:
-            w.close.remote(sid)
-        if self.dealer is not None:
-            self.dealer.forget.remote(f"{sid}/")
-
 
 class RayRunner:
-    def __init__(self, pool: ServerPool, client, sid: str | None = None):
-        self.pool, self.client = pool, client
-        self.sid = sid or uuid.uuid4().hex[:12]
-        self._last_client = None
+    def __init__(self, pool: ServerPool, sid: str):
+        self.pool, self.sid = pool, sid
         self._last_worker: dict[int, object] = {}
 
     def stage(self, name: str, workers: list[int], client: tuple, server: tuple) -> dict:
-        self._last_client = self.client.stage.remote(self.sid, name, workers, client, after=self._last_client)
         refs = {}
         for w in workers:
             refs[w] = self.pool.workers[w].stage.remote(self.sid, name, *server, after=self._last_worker.get(w))
@@ -103,21 +84,16 @@ class RayRunner:
             self._last_worker[w] = actor.reset_cache.remote(self.sid, after=self._last_worker.get(w))
 
     def barrier(self) -> None:
-        pending = [self._last_client, *self._last_worker.values()]
-        pending = [r for r in pending if r is not None]
+        pending = [r for r in self._last_worker.values() if r is not None]
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             try:
                 ray.get(done[0])
             except ray.exceptions.RayActorError as e:
-                self.client.abort.remote(self.sid)
                 raise WorkerDied(self._who(done[0], e)) from None
-            except ray.exceptions.RayTaskError:
-                self.client.abort.remote(self.sid)
-                raise
 
     def _who(self, ref, err) -> str:
         for w, r in self._last_worker.items():
             if r == ref:
-                return f"worker {w} died during generation (session {self.sid}); other sessions are unaffected"
-        return f"an actor died during generation (session {self.sid}): {type(err).__name__}"
+                return f"server worker {w} died during this session"
+        return f"a server actor died during this session ({type(err).__name__})"

@@ -1,63 +1,106 @@
-"""Worker actor: a ``ServerShard`` behind Ray, plus its end of each session's channel.
+"""Worker actor: a ``ServerShard`` behind Ray, long-lived, serving many sessions.
 
-Built from the public HE context only (``ray.put`` once by the driver and shared by all
-workers); ciphertexts arrive as bytes over the session's TCP channel to the client
-(``cluster/channel.py``).
+It loads the checkpoint on its own node and encodes its weight shards once, with the server's
+own key-less encoding context. Each session brings the client's *public* HE context (``ray.put``
+once by the gateway); its ciphertexts and shares travel over the session's TLS data links to
+the client (``links.py``), never through Ray. The actor never holds a secret key.
 """
 from __future__ import annotations
 
+import threading
+
 import ray
 
-from cryptogen.cluster.channel import Listener, link_host
 from cryptogen import secure_plan as sp
 from cryptogen.model import GPT
 from cryptogen.mpc.party import Party
 from cryptogen.telemetry import Telemetry
 
-from .shard import ServerShard
-
+from .links import LinkServer
+from .shard import ServerShard, SessionError
 
 # HE-operation metric label of each stage's kernels (attention includes its q/k/v and W_o products).
 _KERNEL = {"embed": "embed", "layernorm": "linear", "attention": "attention", "mlp": "linear", "head": "lm_head"}
+LINK_TIMEOUT = 60.0
 
 
-@ray.remote(max_concurrency=16)
+def link_bind_host(gateway_host: str, gateway_node: str | None) -> tuple[str, str]:
+    """(bind, advertise) address of this worker's data links: the gateway's listen host when the
+    worker shares its node (loopback stays loopback), else this node's address."""
+    node_ip = ray.util.get_node_ip_address()
+    same_node = gateway_node is None or gateway_node == ray.get_runtime_context().get_node_id()
+    if same_node and gateway_host not in ("", "0.0.0.0", "::"):
+        return gateway_host, gateway_host
+    if gateway_host in ("", "0.0.0.0", "::"):
+        return gateway_host or "0.0.0.0", node_ip
+    return node_ip, node_ip
+
+
+@ray.remote(max_concurrency=64)
 class WorkerActor:
-    def __init__(self, index: int, model, plan, public_context: bytes, he_config):
-        """``model``: a GPT, or the path of a checkpoint folder on this node (the server's model store)."""
+    def __init__(self, index: int, model, plan, he_config, tls: tuple[str, str], gateway_host: str,
+                 gateway_node: str | None, link_cap: int, link_timeout: float = LINK_TIMEOUT):
+        """``model``: a GPT, or the path of a checkpoint folder on this node (the server's model store).
+        ``tls``: the server's certificate and key (PEM), presented on the data links."""
         if isinstance(model, str):
             model = GPT.from_pretrained(model)
-        self.index, self.fp = index, he_config.fixed_point
+        self.index, self.fp, self.he_config, self.link_timeout = index, he_config.fixed_point, he_config, link_timeout
         lead = {l for l in range(model.config.n_layer) if plan.lead(l) == index}
-        self.shard = ServerShard(model, plan.workers[index], public_context, holds_ends=index == 0,
+        self.shard = ServerShard(model, plan.workers[index], None, holds_ends=index == 0,
                                  lead_layers=lead, he_config=he_config,
                                  embed_shards=sp.embed_owners(model.config, plan)[index],
                                  head_cols=sp.head_columns(model.config, plan).get(index))
         self.telemetry = Telemetry(f"worker-{index}")
-        self.listeners: dict[str, Listener] = {}
+        bind, self.advertise = link_bind_host(gateway_host, gateway_node)
+        self.links = LinkServer(bind, tls[0], tls[1], link_cap)
         self.parties: dict[str, Party] = {}
+        self.offline: dict[str, object] = {}
+        self.tokens: dict[str, dict] = {}
+        self._lock = threading.Lock()
 
-    def ready(self) -> int:
-        return self.index
+    def address(self) -> tuple[str, int]:
+        return self.advertise, self.links.port
 
-    def listen(self, sid: str, client_ip: str) -> tuple[str, int]:
-        """Open a listening socket for the session's link; returns (host, port) for the client."""
-        self.listeners[sid] = Listener(link_host(ray.util.get_node_ip_address(), client_ip))
-        return self.listeners[sid].host, self.listeners[sid].port
+    def open_session(self, sid: str, public_context: bytes, tokens: dict) -> bool:
+        """Check the client's public context against the server's parameters and expect its links."""
+        self.shard.open_session(sid, public_context)
+        with self._lock:
+            self.tokens[sid] = dict(tokens)
+        self.links.expect(tokens.values())
+        return True
 
-    def accept(self, sid: str, provider) -> bool:
-        """Take the client's connection, shake hands, open the session."""
-        party = Party("server", self.listeners.pop(sid).accept(), provider, self.fp)
+    def connect(self, sid: str, provider) -> bool:
+        """Wait for the client's data links, shake hands. ``provider``: a provider factory result
+        (picklable spec) or "he" for the dealer-free provider over the offline link."""
+        tokens = self.tokens[sid]
+        online = self.links.wait(tokens["online"], self.link_timeout)
+        with self._lock:
+            self.parties[sid] = None  # closing from now on also closes the links
+        offline = self.links.wait(tokens["offline"], self.link_timeout) if "offline" in tokens else None
+        self.offline[sid] = offline
+        if provider == "he":
+            from cryptogen.mpc.provider_he import HEProvider
+            try:
+                provider = HEProvider(self.he_config, offline=offline)
+            except TypeError:  # TEMP until the pooled provider lands
+                provider = HEProvider(self.he_config)
+        party = Party("server", online, provider, self.fp)
+        with self._lock:
+            if sid not in self.tokens:  # closed while connecting
+                online.abort()
+                raise SessionError("the session was closed")
+            self.parties[sid] = party
         party.handshake()
-        self.shard.open_session(sid)
-        self.parties[sid] = party
         return True
 
     def stage(self, sid: str, name: str, *args, after=None) -> dict:
         """Run the server half of stage ``name``; ``after`` only orders calls (a previous ref)."""
+        party = self.parties.get(sid)
+        if party is None:
+            raise SessionError("unknown or closed session")
         before = self.shard.stats.snapshot()
         with self.telemetry.stage(name):
-            out = getattr(self.shard, name)(self.parties[sid], sid, *args)
+            out = getattr(self.shard, name)(party, sid, *args)
         d = self.shard.stats.diff(before)
         self.telemetry.he_ops(_KERNEL[name], ct_pt=d.ct_pt_mul, ct_ct=d.ct_ct_mul, rotations=d.rotations)
         if d.refreshes:
@@ -67,24 +110,47 @@ class WorkerActor:
     def telemetry_snapshot(self):
         kv = self.shard.cache_stats()
         self.telemetry.kv_cache(self.index, kv["ciphertexts"], kv["bytes"])
+        self.telemetry.sessions(len(self.shard.sessions))
         return self.telemetry.snapshot()
+
+    def session_cache(self, sid: str) -> dict:
+        return self.shard.cache_stats(sid)
 
     def reset_cache(self, sid: str, after=None) -> bool:
         self.shard.reset_cache(sid)
         return True
 
     def close(self, sid: str) -> None:
-        self.shard.close_session(sid)
-        party = self.parties.pop(sid, None)
+        """Free everything the session holds: links (aborted: a stage blocked on them fails at once),
+        randomness pools, cache."""
+        with self._lock:
+            tokens = self.tokens.pop(sid, {})
+            party = self.parties.pop(sid, None)
+            offline = self.offline.pop(sid, None)
+        self.links.forget(tokens.values())
         if party is not None:
-            party.chan.close()
+            closer = getattr(party.cr, "close", None)
+            if closer is not None:
+                closer()
+            party.chan.abort()
+        if offline is not None:
+            offline.abort()
+        self.shard.close_session(sid)
+
+    def open_sessions(self) -> int:
+        return len(self.shard.sessions)
+
+    def link_stats(self) -> dict:
+        return {"rejected": self.links.rejected, "sessions": len(self.shard.sessions), "parties": len(self.parties)}
 
     def stats(self) -> dict:
         return {"worker": self.index, "he": self.shard.stats.as_dict(), "kv": self.shard.cache_stats()}
 
     def is_public_only(self) -> bool:
-        """For the privacy test: raises (SecretKeyError) if this worker's HE context is not public."""
+        """For the privacy test: raises (SecretKeyError) if any HE context here is not public."""
         self.shard.ctx.assert_public()
+        for s in self.shard.sessions.values():
+            s["engine"].ctx.assert_public()
         return True
 
     def node_id(self) -> str:

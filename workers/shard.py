@@ -44,17 +44,24 @@ class SessionError(KeyError):
 
 
 class ServerShard:
-    def __init__(self, model: GPT, plan: WorkerPlan, public_context: bytes, holds_ends: bool,
+    def __init__(self, model: GPT, plan: WorkerPlan, public_context: bytes | None, holds_ends: bool,
                  lead_layers=frozenset(), he_config: HEConfig | None = None, embed_shards=None, head_cols=None):
-        """``he_config``: the server's own parameters (default ``HEConfig()``); a public context
-        made with any other (e.g. weaker noise flooding) is rejected. ``embed_shards`` / ``head_cols``:
+        """``public_context``: None in a long-lived server (the weights are encoded once with the
+        server's own key-less encoding context; each session brings the client's public context to
+        ``open_session``), or one client's public context (in-process tests: every session uses it).
+        ``he_config``: the server's own parameters (default ``HEConfig()``); a public context made
+        with any other (e.g. weaker noise flooding) is rejected. ``embed_shards`` / ``head_cols``:
         this worker's embedding row shards and LM-head columns (default: all of them if it holds
         the ends, as with one worker)."""
         self.cfg = model.config
-        self.ctx = PublicContext.from_bytes(public_context, he_config or HEConfig())
-        self.ctx.assert_public()
+        self.he_config = he_config or HEConfig()
         self.stats = HEStats()
-        self.engine = ServerEngine(self.ctx, self.stats)
+        if public_context is None:
+            self.ctx = PublicContext.for_encoding(self.he_config)
+        else:
+            self.ctx = PublicContext.from_bytes(public_context, self.he_config)
+        self.ctx.assert_public()
+        self.engine = ServerEngine(self.ctx, self.stats)  # encodes the weights (and serves sessions in tests)
         self.fp = self.engine.config.fixed_point
         self.plan, self.n = plan, self.engine.config.n
         if embed_shards is None:
@@ -65,33 +72,53 @@ class ServerShard:
         self.weights = model_weights(model, plan, self.fp, holds_ends, frozenset(lead_layers),
                                      self.embed_idx, head_cols)
         self.linears = {name: EncodedLinear(self.engine, w) for name, w in self.weights.encodable().items()}
+        self.required_steps = set(sp.kv_layout(self.cfg, self.n).rotation_steps())
+        for enc in self.linears.values():
+            self.required_steps |= enc.plan.rotation_steps()
         self.sessions: dict[str, dict] = {}
 
     # ---- sessions -----------------------------------------------------------------
-    def open_session(self, sid: str) -> None:
-        self.sessions[sid] = {}
+    def open_session(self, sid: str, public_context: bytes | None = None) -> None:
+        """A session's evaluator: the client's public context (checked against the server's own
+        parameters, public-only, with every Galois key the kernels use), or the shard's own."""
+        if public_context is None:
+            if self.ctx.encoding_only:
+                raise SessionError("a session needs the client's public context")
+            engine = self.engine
+        else:
+            ctx = PublicContext.from_bytes(public_context, self.he_config)
+            ctx.assert_public()
+            missing = self.required_steps - set(ctx.rotation_steps)
+            if missing:
+                raise SessionError(f"the client's public context lacks {len(missing)} Galois keys the kernels use")
+            engine = ServerEngine(ctx, self.stats)
+        self.sessions[sid] = {"engine": engine, "caches": {}}
 
     def close_session(self, sid: str) -> None:
         self.sessions.pop(sid, None)
 
     def reset_cache(self, sid: str) -> None:
-        self._session(sid).clear()
+        self._session(sid)["caches"].clear()
 
     def _session(self, sid: str) -> dict:
         if sid not in self.sessions:
             raise SessionError(f"unknown session {sid!r}")
         return self.sessions[sid]
 
+    def _engine(self, sid: str) -> ServerEngine:
+        return self._session(sid)["engine"]
+
     def _cache(self, sid: str, layer: int, head: int) -> EncryptedKVCache:
-        caches = self._session(sid)
-        key = (layer, head)
+        session = self._session(sid)
+        caches, key = session["caches"], (layer, head)
         if key not in caches:
-            caches[key] = EncryptedKVCache(self.engine, self.cfg.d_head, layer, head)
+            caches[key] = EncryptedKVCache(session["engine"], self.cfg.d_head, layer, head)
         return caches[key]
 
-    def cache_stats(self) -> dict:
-        cts = sum(c.ciphertext_count() for s in self.sessions.values() for c in s.values())
-        nbytes = sum(c.nbytes() for s in self.sessions.values() for c in s.values())
+    def cache_stats(self, sid: str | None = None) -> dict:
+        sessions = list(self.sessions.values()) if sid is None else [self._session(sid)]
+        cts = sum(c.ciphertext_count() for s in sessions for c in s["caches"].values())
+        nbytes = sum(c.nbytes() for s in sessions for c in s["caches"].values())
         return {"ciphertexts": cts, "bytes": nbytes}
 
     # ---- stages (tokens start .. start+T-1; T == 1 uses the decode encodings) -------------
@@ -101,7 +128,7 @@ class ServerShard:
         x_s = np.zeros((T, self.cfg.n_embd), np.int64)
         for i in self.embed_idx:
             enc = self.linears[f"embed{i}"]  # one-hots are integers: the product is at scale 2^f
-            x_s = np.mod(x_s + self._linear(p, enc, np.zeros((T, enc.plan.d_in), np.int64)), self.fp.t)
+            x_s = np.mod(x_s + self._linear(p, sid, enc, np.zeros((T, enc.plan.d_in), np.int64)), self.fp.t)
         if self.weights.wpe is None:
             return {"o": x_s}
         return {"x": np.mod(x_s + self.weights.wpe[start:start + T], self.fp.t)}
@@ -117,45 +144,46 @@ class ServerShard:
     def attention(self, p, sid: str, layer: int, start: int, ln: dict) -> dict:
         lw, f = self.weights.layer(layer), self.fp.frac_bits
         T, nh, dh = ln["h"].shape[0], len(lw.heads), self.cfg.d_head
-        qkv = trunc(p, self._linear(p, self.linears[f"qkv{layer}"], ln["h"], lw.b_qkv), f)
+        qkv = trunc(p, self._linear(p, sid, self.linears[f"qkv{layer}"], ln["h"], lw.b_qkv), f)
         Q, K, V = qkv.reshape(T, 3, nh, dh).transpose(1, 2, 0, 3)  # each (heads, T, d_head)
         caches = [self._cache(sid, layer, h) for h in lw.heads]
-        scores = np.stack([self._scores(p, c, start, Q[i], K[i], V[i]) for i, c in enumerate(caches)])
+        scores = np.stack([self._scores(p, sid, c, start, Q[i], K[i], V[i]) for i, c in enumerate(caches)])
         probs = softmax_heads(p, trunc(p, scores, f), start)  # (heads, T, start+T)
-        ctx = np.stack([self._values(p, c, start, probs[i]) for i, c in enumerate(caches)])  # (heads, T, dh)
+        ctx = np.stack([self._values(p, sid, c, start, probs[i]) for i, c in enumerate(caches)])  # (heads, T, dh)
         ctx = trunc(p, ctx.transpose(1, 0, 2).reshape(T, nh * dh), f)
-        return {"o": trunc(p, self._linear(p, self.linears[f"o{layer}"], ctx, lw.b_o), f)}
+        return {"o": trunc(p, self._linear(p, sid, self.linears[f"o{layer}"], ctx, lw.b_o), f)}
 
     def mlp(self, p, sid: str, layer: int, ln: dict) -> dict:
         lw, f = self.weights.layer(layer), self.fp.frac_bits
-        h = trunc(p, self._linear(p, self.linears[f"fc1{layer}"], ln["h"], lw.b_fc1), f)
+        h = trunc(p, self._linear(p, sid, self.linears[f"fc1{layer}"], ln["h"], lw.b_fc1), f)
         g = gelu(p, h)
-        return {"o": trunc(p, self._linear(p, self.linears[f"fc2{layer}"], g, lw.b_fc2), f)}
+        return {"o": trunc(p, self._linear(p, sid, self.linears[f"fc2{layer}"], g, lw.b_fc2), f)}
 
     def head(self, p, sid: str, ln: dict) -> dict:
         """The tied LM head on this worker's vocabulary columns; sends the server's logit shares to
         the client (opened to the client only)."""
-        p.chan.send(self._linear(p, self.linears["head"], ln["h"]))
+        p.chan.send(self._linear(p, sid, self.linears["head"], ln["h"]))
         return {}
 
     # ---- kernels: decode (one token) or prefill (many) ----------------------------------
-    def _linear(self, p, enc, X_s, bias=None) -> np.ndarray:
+    def _linear(self, p, sid, enc, X_s, bias=None) -> np.ndarray:
         """Token by token with the decode encoding also in prefill: it needs the same ct x pt per
         token as the lane-packed prefill encoding at full occupancy, and far fewer at small T
         (docs/DESIGN-NOTES.md, "prefill linear layers")."""
-        return np.stack([linear_server(p.chan, self.engine, enc, x, bias) for x in X_s])
+        eng = self._engine(sid)
+        return np.stack([linear_server(p.chan, eng, enc, x, bias) for x in X_s])
 
-    def _scores(self, p, cache, start, Q, K, V) -> np.ndarray:
+    def _scores(self, p, sid, cache, start, Q, K, V) -> np.ndarray:
         if Q.shape[0] == 1:
             kv_append_server(p.chan, cache, start, K[0], V[0])
-            return scores_server(p.chan, self.engine, cache, Q[0])[None]
+            return scores_server(p.chan, self._engine(sid), cache, Q[0])[None]
         kv_prefill_server(p.chan, cache, start, K, V)
-        return scores_prefill_server(p.chan, self.engine, cache, start, Q)
+        return scores_prefill_server(p.chan, self._engine(sid), cache, start, Q)
 
-    def _values(self, p, cache, start, P) -> np.ndarray:
+    def _values(self, p, sid, cache, start, P) -> np.ndarray:
         if P.shape[0] == 1:
-            return values_server(p.chan, self.engine, cache, P[0])[None]
-        return values_prefill_server(p.chan, self.engine, cache, start, P)
+            return values_server(p.chan, self._engine(sid), cache, P[0])[None]
+        return values_prefill_server(p.chan, self._engine(sid), cache, start, P)
 
     def _residual(self, x: dict, partials) -> np.ndarray:
         x_s = x["x"]

@@ -78,6 +78,8 @@ class _HEBase:
 class PublicContext(_HEBase):
     """Server-side evaluation context: public key, relin key, selected Galois keys; no secret key."""
 
+    encoding_only = False
+
     def __init__(self, config: HEConfig, he: Pyfhel, key_id: bytes, rotation_steps: tuple[int, ...],
                  qi: tuple[int, ...]):
         if not he.is_secret_key_empty():
@@ -110,6 +112,16 @@ class PublicContext(_HEBase):
         except Exception as exc:
             raise SerializationError("public context payload rejected by SEAL") from exc
         return cls(config, he, kid, tuple(meta["rotation_steps"]), tuple(int(q) for q in meta["qi"]))
+
+    @classmethod
+    def for_encoding(cls, config: HEConfig) -> "PublicContext":
+        """The server's own context for encoding its weights once, before any client connects: the
+        parameters only, no key at all (it cannot encrypt or rotate; sessions bring the client's
+        public keys). Plaintexts encoded here work with any session context of the same parameters."""
+        he = _context(config)
+        ctx = cls(config, he, b"\0" * 16, (), tuple(int(q) for q in he.get_qi()))
+        ctx.encoding_only = True
+        return ctx
 
     def assert_public(self) -> None:
         if not self.he.is_secret_key_empty():

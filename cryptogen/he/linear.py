@@ -202,7 +202,7 @@ class EncodedLinear:
         if W.shape != (self.plan.d_in, self.plan.d_out):
             raise ShapeError(f"weights of shape {W.shape} do not match plan {(self.plan.d_in, self.plan.d_out)}")
         missing = self.plan.rotation_steps() - set(engine.ctx.rotation_steps)
-        if missing:
+        if missing and not getattr(engine.ctx, "encoding_only", False):
             raise ShapeError(f"public context lacks Galois keys for steps {sorted(missing)}")
         self.engine, self.W, self.keep_prefill = engine, W, keep_prefill
         p = self.plan
@@ -235,8 +235,8 @@ class EncodedLinear:
             self._prefill_pts[q] = pts
         return pts
 
-    def _apply(self, babies: list[Cipher], pts: list[list]) -> Cipher:
-        e, p = self.engine, self.plan
+    def _apply(self, babies: list[Cipher], pts: list[list], engine: ServerEngine | None = None) -> Cipher:
+        e, p = engine or self.engine, self.plan
         parts = []
         for b, row in enumerate(pts):
             terms = [e.mul_ct_pt(babies[a], pt) for a, pt in enumerate(row) if pt is not None]
@@ -246,15 +246,18 @@ class EncodedLinear:
             raise ShapeError("weight matrix is entirely zero for this output block")
         return e.window_sum(e.sum(parts), p.C, p.P)
 
-    def _babies(self, x: Cipher) -> list[Cipher]:
-        return [x] + [self.engine.rotate(x, a) for a in range(1, self.plan.g1)]
+    def _babies(self, x: Cipher, engine: ServerEngine | None = None) -> list[Cipher]:
+        e = engine or self.engine
+        return [x] + [e.rotate(x, a) for a in range(1, self.plan.g1)]
 
 
-def matmul_ct_pt_decode(enc: EncodedLinear, x: Cipher) -> list[Cipher]:
+def matmul_ct_pt_decode(enc: EncodedLinear, x: Cipher, engine: ServerEngine | None = None) -> list[Cipher]:
     """Server: y = x W for one token; x in ``plan.input_slots_decode`` layout.
-    Returns ``plan.decode_outputs`` ciphertexts (read with ``plan.read_output_decode``)."""
-    babies = enc._babies(x)
-    return [enc._apply(babies, pts) for pts in enc.decode_pts]
+    Returns ``plan.decode_outputs`` ciphertexts (read with ``plan.read_output_decode``).
+    ``engine``: the session's evaluator (the client's public keys) when the weights were encoded
+    once with the server's own encoding context; default the one they were encoded with."""
+    babies = enc._babies(x, engine)
+    return [enc._apply(babies, pts, engine) for pts in enc.decode_pts]
 
 
 def matmul_ct_pt_prefill(enc: EncodedLinear, xs: list[Cipher]) -> list[list[Cipher]]:

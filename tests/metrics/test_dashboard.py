@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cryptogen.client.metrics import MetricsExporter
+from cryptogen.exporter import MetricsExporter
 from cryptogen.telemetry import Telemetry
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -6,7 +6,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cryptogen.client.metrics import MetricsExporter, MetricsPortInUse
+from cryptogen.exporter import MetricsExporter, MetricsPortInUse
 from cryptogen.telemetry import (DIRECTIONS, HE_OPS, KERNELS, MODES, PHASES, STAGES,
                                  TRIPLE_KINDS, Telemetry)
 

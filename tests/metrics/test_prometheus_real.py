@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptogen.client.metrics import MetricsExporter
+from cryptogen.exporter import MetricsExporter
 from cryptogen.telemetry import Telemetry
 from prom import prometheus, require_prometheus  # noqa: F401  (prometheus: a fixture)
 from test_dashboard import DASHBOARD, dashboard_exprs, load_dashboard

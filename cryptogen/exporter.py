@@ -1,4 +1,4 @@
-"""Prometheus exporter for CryptoGen run statistics (the client actor serves it).
+"""Prometheus exporter for CryptoGen run statistics (the client and the server gateway each serve one).
 
 The exporter owns no statistics: a custom collector reads a
 :class:`cryptogen.telemetry.TelemetrySnapshot` at scrape time and turns it into metric families,

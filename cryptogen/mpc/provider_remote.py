@@ -1,0 +1,289 @@
+"""A party's end of the stand-alone dealer (``cryptogen dealer``, ``cryptogen.dealer.service``),
+and the wire protocol both ends speak.
+
+Who holds what:
+
+* the dealer (a third party, on its own machine) makes every batch of correlated randomness
+  (``provider.Dealer``), so it knows both halves; it never receives an input or a share: a
+  party only ever sends it a hello and public request sizes;
+* each party holds one *connection file* written by the dealer: address, the dealer's
+  certificate and fingerprint (public), its ``role`` and that role's 256-bit ``key`` (secret,
+  shared by that party and the dealer only). The dealer binds the role to the key, so a party
+  can only ever receive its own role's half;
+* the two parties pair up on the dealer by a *link id*: 256 bits both derive from a secret they
+  share (``link_id(token, label)`` = sha256 of a session token), so nobody else can name the
+  link. The dealer learns the link id, not the token.
+
+Who learns what: the client learns only its halves, the server only its halves (uniform and
+independent of the other's); the dealer learns public sizes (kind, count, matrix shape, t)
+and the timing of requests. Security needs the dealer not to collude with either party.
+
+Wire protocol (``cryptogen.net.channel`` frames over TLS, the dealer's certificate pinned):
+
+* party -> dealer ``HELLO``: uint8[76] = b"CGD1" | key (32 bytes) | link id (32 bytes) | t (u64 LE);
+* dealer -> party: int64 [OK, role index, max request bytes];
+* party -> dealer ``REQUEST``: int64 [seq, kind code, count, m, k, n] (m, k, n = 0 unless matrix);
+* dealer -> party: int64 [OK, nfields] and the fields (int64 arrays, leading axis = count);
+* any error: int64 [ERR, 0] and a uint8 UTF-8 message, then the dealer closes the connection.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..field import DEFAULT_T
+from .errors import ChannelError, ProviderError, RoleError, ShapeError
+from .provider import _FIELDS, KINDS, Source, nbits
+
+ROLES = ("client", "server")
+MAGIC = b"CGD1"
+HELLO_BYTES = len(MAGIC) + 32 + 32 + 8
+OK, ERR = 0, 1
+MAX_REQUEST_BYTES = 32 << 20  # one half of one request; the dealer may announce a smaller cap
+MAX_MATRIX_DIM = 1 << 16
+DEFAULT_TIMEOUT = 900.0       # how long a party waits for one answer of the dealer
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+# -- shared by both ends ----------------------------------------------------------------------
+def link_id(token: str | bytes, label: str = "") -> str:
+    """The 256-bit link id (hex) two parties derive from a secret they share (e.g. the session's
+    link token); ``label`` tells several links of one session apart (e.g. a worker index)."""
+    token = token.encode() if isinstance(token, str) else bytes(token)
+    return hashlib.sha256(b"cryptogen-dealer\0" + token + b"\0" + label.encode()).hexdigest()
+
+
+def item_words(kind: str, t: int, key=None) -> int:
+    """int64 words of one item of ``kind`` in one party's half."""
+    if kind == "triple":
+        return 3
+    if kind == "bits":
+        return nbits(t) + 1
+    if kind == "matrix":
+        m, k, n = key
+        return m * k + k * n + m * n
+    raise ProviderError(f"unknown kind {kind!r}")
+
+
+def encode_request(seq: int, kind: str, count: int, key=None) -> np.ndarray:
+    m, k, n = key if kind == "matrix" else (0, 0, 0)
+    return np.array([seq, KINDS.index(kind), count, m, k, n], np.int64)
+
+
+def decode_request(req, t: int, max_bytes: int) -> tuple:
+    """(seq, kind, count, key, half_bytes) of a request frame; ProviderError if it is not valid."""
+    if not isinstance(req, np.ndarray) or req.dtype != np.int64 or req.shape != (6,):
+        raise ProviderError("malformed request (expected 6 int64 values)")
+    seq, code, count, m, k, n = (int(v) for v in req)
+    if not 0 <= code < len(KINDS):
+        raise ProviderError(f"unknown kind code {code}")
+    kind = KINDS[code]
+    if count < 1:
+        raise ProviderError(f"count must be positive, got {count}")
+    if kind == "matrix":
+        if not all(1 <= d <= MAX_MATRIX_DIM for d in (m, k, n)):
+            raise ProviderError(f"matrix dimensions must lie in [1, {MAX_MATRIX_DIM}], got {(m, k, n)}")
+        key = (m, k, n)
+    elif (m, k, n) != (0, 0, 0):
+        raise ProviderError("malformed request (matrix dimensions on a non-matrix kind)")
+    else:
+        key = None
+    size = 8 * count * item_words(kind, t, key)
+    if size > max_bytes:
+        raise ProviderError(f"a request of {count} {kind} items is {size} bytes, over the dealer's cap of "
+                            f"{max_bytes} bytes")
+    return seq, kind, count, key, size
+
+
+def error_frames(message: str) -> tuple:
+    return np.array([ERR, 0], np.int64), np.frombuffer(message.encode()[:1000], np.uint8)
+
+
+def load_connection(conn) -> dict:
+    """A connection file's content (dict or path), checked; ProviderError names what is wrong."""
+    from ..net.tls import TLSError, fingerprint
+    if not isinstance(conn, dict):
+        path = Path(conn)
+        try:
+            conn = json.loads(path.read_text())
+        except OSError as e:
+            raise ProviderError(f"cannot read the dealer connection file {path} ({e.strerror})") from None
+        except ValueError:
+            raise ProviderError(f"the dealer connection file {path} is not JSON") from None
+        if not isinstance(conn, dict):
+            raise ProviderError(f"the dealer connection file {path} is not a JSON object")
+    missing = [f for f in ("address", "cert", "fingerprint", "role", "key") if not isinstance(conn.get(f), str)]
+    if missing:
+        raise ProviderError(f"the dealer connection file lacks {', '.join(missing)}")
+    if conn["role"] not in ROLES:
+        raise ProviderError(f"the dealer connection file names an unknown role {conn['role']!r}")
+    if not _HEX64.match(conn["key"]):
+        raise ProviderError("the dealer connection file's key is not 64 hex digits")
+    try:
+        if fingerprint(conn["cert"]) != conn["fingerprint"]:
+            raise ProviderError("the dealer connection file's certificate does not match its fingerprint")
+    except TLSError as e:
+        raise ProviderError(f"the dealer connection file's certificate is invalid ({e})") from None
+    host, port = split_address(conn["address"], ProviderError)
+    return dict(conn, host=host, port=port)
+
+
+def split_address(addr: str, err=ValueError) -> tuple:
+    """("host", port) of "HOST:PORT" or "[v6]:PORT"."""
+    m = re.match(r"^\[([^\]]+)\]:(\d{1,5})$", addr) or re.match(r"^([^:\[\]]+):(\d{1,5})$", addr)
+    if not m or int(m.group(2)) > 65535:
+        raise err(f"expected HOST:PORT (e.g. 0.0.0.0:7700), got {addr!r}")
+    return m.group(1), int(m.group(2))
+
+
+# -- the party's side -------------------------------------------------------------------------
+class RemoteDealerProvider:
+    """Correlated randomness from a stand-alone dealer, for ONE role (the connection file's).
+
+    Picklable (sent to Ray worker actors); nothing connects until the first refill. Both
+    parties build one with their own connection file and the same ``link``; their ``tag``s
+    then agree (``Party.handshake`` checks it).
+    """
+
+    name = "dealer"
+
+    def __init__(self, connection, link: str, timeout: float = DEFAULT_TIMEOUT):
+        self.conn = load_connection(connection)
+        if not isinstance(link, str) or not _HEX64.match(link):
+            raise ProviderError("the dealer link id must be 64 lowercase hex digits (see link_id)")
+        self.link, self.role, self.timeout = link, self.conn["role"], timeout
+        digest = hashlib.sha256(f"cryptogen-dealer-tag\0{self.conn['fingerprint']}\0{link}".encode())
+        self.tag = "dealer:" + digest.hexdigest()[:32]
+
+    @classmethod
+    def for_token(cls, connection, token: str | bytes, label: str = "", **kw) -> "RemoteDealerProvider":
+        return cls(connection, link_id(token, label), **kw)
+
+    def __repr__(self) -> str:  # never the key
+        return f"RemoteDealerProvider(role={self.role!r}, dealer={self.conn['address']!r}, tag={self.tag!r})"
+
+    def source(self, role, channel=None, party=None) -> "RemoteDealerSource":
+        if role != self.role:
+            raise RoleError(f"this dealer connection file is for the {self.role} role; it cannot act as {role!r}")
+        return RemoteDealerSource(self, party.t if party is not None else DEFAULT_T)
+
+
+class RemoteDealerSource(Source):
+    """Pools filled by fetching this party's halves from the dealer over one TLS link."""
+
+    name = "dealer"
+
+    def __init__(self, provider: RemoteDealerProvider, t: int):
+        super().__init__(provider.role, t)
+        self.provider, self.seq = provider, 0
+        self.chan = None
+        self.max_request = MAX_REQUEST_BYTES
+        self._closed = False
+
+    # -- link ------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        from ..net.channel import dial
+        from ..net.tls import TLSError
+        c = self.provider.conn
+        try:
+            chan = dial(c["host"], c["port"], c["cert"], c["fingerprint"], max_frame=MAX_REQUEST_BYTES + 4096,
+                        what="the dealer")
+        except (ChannelError, TLSError) as e:
+            raise ProviderError(str(e).replace("the server's certificate", "the dealer's certificate")) from None
+        chan.timeout = self.provider.timeout
+        hello = MAGIC + bytes.fromhex(c["key"]) + bytes.fromhex(self.provider.link) + int(self.t).to_bytes(8, "little")
+        self.chan = chan
+        with chan.phase("offline"):
+            chan.send(np.frombuffer(hello, np.uint8))
+            status = self._status(3)
+        if ROLES[int(status[1]) % 2] != self.role:  # a key of the other role: refuse to use its halves
+            self._drop()
+            raise RoleError(f"the dealer knows this key as the {ROLES[int(status[1]) % 2]} role's, "
+                            f"but the connection file says {self.role}")
+        self.max_request = max(8, min(MAX_REQUEST_BYTES, int(status[2])))
+
+    def _status(self, size: int) -> np.ndarray:
+        try:
+            status = self.chan.recv()
+            if status.dtype != np.int64 or status.shape not in ((size,), (2,)):
+                raise ProviderError("the dealer sent a malformed answer")
+            if status[0] == ERR:
+                msg = self.chan.recv(dtype=np.uint8).tobytes().decode("utf-8", "replace")
+                raise ProviderError(f"the dealer refused: {msg}")
+            if status[0] != OK or status.shape != (size,):
+                raise ProviderError("the dealer sent a malformed answer")
+            return status
+        except ChannelError as e:
+            self._drop()
+            raise ProviderError(f"the link to the dealer failed: {e}") from None
+        except ProviderError:
+            self._drop()
+            raise
+
+    def _drop(self) -> None:
+        self._closed = True
+        if self.chan is not None:
+            self.chan.abort()
+
+    def close(self) -> None:
+        """Close this party's link to the dealer (later refills fail)."""
+        self._closed = True
+        if self.chan is not None:
+            self.chan.close()
+
+    # -- refill ----------------------------------------------------------------------------
+    def _refill(self, kind, count, key=None):
+        if self._closed:
+            raise ProviderError("the link to the dealer is closed")
+        if self.chan is None:
+            self._connect()
+        words = item_words(kind, self.t, key)
+        per = self.max_request // (8 * words)
+        if per < 1:
+            raise ProviderError(f"one {kind} item {key or ''} is {8 * words} bytes, over the dealer's request cap "
+                                f"of {self.max_request} bytes")
+        while count > 0:
+            n = min(count, per)
+            self._fetch(kind, n, key)
+            count -= n
+
+    def _fetch(self, kind, count, key):
+        fields = _FIELDS[kind]
+        with self.chan.phase("offline"):
+            self.chan.send(encode_request(self.seq, kind, count, key))
+            status = self._status(2)
+            if int(status[1]) != len(fields):
+                self._drop()
+                raise ProviderError("the dealer sent a malformed answer")
+            try:
+                arrays = tuple(self.chan.recv(dtype=np.int64) for _ in fields)
+            except (ChannelError, ShapeError) as e:
+                self._drop()
+                raise ProviderError(f"the link to the dealer failed: {e}") from None
+        self.seq += 1
+        for a, want in zip(arrays, half_shapes(kind, count, self.L, key)):
+            if a.shape != want or (a.size and (a.min() < 0 or a.max() >= self.t)):
+                self._drop()
+                raise ProviderError(f"the dealer sent a malformed {kind} batch")
+        self._push(kind, arrays, key)
+
+    def counters(self) -> dict:
+        out = super().counters()
+        if self.chan is not None:
+            out["dealer_link"] = self.chan.stats.as_dict()
+        return out
+
+
+
+def half_shapes(kind: str, count: int, L: int, key=None) -> tuple:
+    """Shapes of the fields (``provider._FIELDS`` order) of one party's half of a batch."""
+    if kind == "triple":
+        return ((count,),) * 3
+    if kind == "bits":
+        return (count, L), (count,)
+    m, k, n = key
+    return (count, m, k), (count, k, n), (count, m, n)

@@ -1,0 +1,212 @@
+"""The 2PC/HE ``Channel`` over TLS: framed numpy arrays, size-capped, on a background asyncio loop.
+
+Every client<->server link (the control connection and each per-worker data link) is one TLS
+stream. TLS runs in one event-loop thread per process (``asyncio``'s SSL transport), so no SSL
+object is ever touched by two threads; the protocol code stays blocking:
+
+- ``send`` queues the frame on the loop and returns at once (both parties of an opening send
+  before they read: a blocking send of two large messages would deadlock);
+- a reader task parses frames as they arrive into an inbox; ``recv`` takes the next one.
+
+Frame: dtype code (u8), rank (u8), shape (rank x i64), raw bytes. No pickle: a peer can only
+send arrays of the four dtypes the protocols use. A frame larger than the link's cap (derived
+from the protocol's largest message) is refused before any buffer is allocated, and so is a
+peer that runs too far ahead: the link ends with a ``ChannelError`` naming the sizes.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import struct
+import threading
+
+import numpy as np
+
+from cryptogen.mpc.channel import Channel
+from cryptogen.mpc.errors import ChannelError
+
+from .tls import check_pin, client_context
+
+_DTYPES = [np.dtype(np.int64), np.dtype(np.uint8), np.dtype(np.float64), np.dtype(np.bool_)]
+_HEAD = struct.Struct("<BB")
+_MAX_RANK = 8
+_CLOSE = 255
+IDLE_TIMEOUT = 300.0  # a peer that hangs (one that dies closes its socket, seen at once)
+DEFAULT_MAX_FRAME = 64 << 20
+
+# Test hook: if set, called with every frame's bytes this process sends (after framing, before TLS).
+SEND_TAP = None
+
+
+class IdleTimeout(ChannelError):
+    """The peer sent nothing within the link's idle timeout."""
+
+
+class _Loop:
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def get(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None or cls._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="cryptogen-tls", daemon=True).start()
+                cls._loop = loop
+            return cls._loop
+
+
+def io_loop() -> asyncio.AbstractEventLoop:
+    """The process's TLS event loop (started on first use)."""
+    return _Loop.get()
+
+
+def run(coro, timeout: float | None = None):
+    """Run a coroutine on the TLS loop from a blocking thread."""
+    return asyncio.run_coroutine_threadsafe(coro, io_loop()).result(timeout)
+
+
+def frame(arr: np.ndarray) -> bytes:
+    if arr.dtype not in _DTYPES or arr.ndim > _MAX_RANK:
+        raise ChannelError(f"cannot send an array of dtype {arr.dtype} and rank {arr.ndim}")
+    head = _HEAD.pack(_DTYPES.index(arr.dtype), arr.ndim) + struct.pack(f"<{arr.ndim}q", *arr.shape)
+    return head + np.ascontiguousarray(arr).tobytes()
+
+
+async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> np.ndarray | None:
+    """One frame, or None for the peer's goodbye; ChannelError on a malformed or oversized one."""
+    code, rank = _HEAD.unpack(await reader.readexactly(_HEAD.size))
+    if code == _CLOSE:
+        return None
+    if code >= len(_DTYPES) or rank > _MAX_RANK:
+        raise ChannelError("malformed message header from the peer")
+    shape = struct.unpack(f"<{rank}q", await reader.readexactly(8 * rank))
+    if any(s < 0 for s in shape):
+        raise ChannelError("malformed message shape from the peer")
+    dtype = _DTYPES[code]
+    n = dtype.itemsize
+    for s in shape:
+        n *= s
+        if n > max_frame:
+            break
+    if n > max_frame:
+        raise ChannelError(f"the peer sent a frame of shape {tuple(shape)} ({dtype}), over this link's cap of "
+                           f"{max_frame} bytes")
+    return np.frombuffer(await reader.readexactly(n), dtype=dtype).reshape(shape)
+
+
+class TLSChannel(Channel):
+    """One end of a TLS link. Build with :func:`dial` (client) or from a server's accepted streams."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 max_frame: int = DEFAULT_MAX_FRAME, timeout: float = IDLE_TIMEOUT, record: bool = False):
+        super().__init__(record=record)
+        self.reader, self.writer, self.max_frame, self.timeout = reader, writer, max_frame, timeout
+        self.loop = io_loop()
+        self.max_ahead = max(4 * max_frame, 256 << 20)
+        self._inbox: queue.Queue = queue.Queue()
+        self._buffered = 0
+        self._closed = False
+        self.peer_gone = False  # set when the peer closed, failed, or broke the framing
+        self._task = asyncio.run_coroutine_threadsafe(self._read_loop(), self.loop)
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                while self._buffered > self.max_ahead:
+                    await asyncio.sleep(0.005)  # the consumer is behind: stop reading (TCP back-pressure)
+                arr = await read_frame(self.reader, self.max_frame)
+                if arr is None:
+                    self.peer_gone = True
+                    self._inbox.put(ChannelError("the peer closed the channel (it failed or finished early)"))
+                    return
+                self._buffered += arr.nbytes
+                self._inbox.put(arr)
+        except asyncio.IncompleteReadError:
+            self.peer_gone = True
+            self._inbox.put(ChannelError("the peer closed the connection (it failed or finished early)"))
+        except ChannelError as e:
+            self.peer_gone = True
+            self._inbox.put(e)
+            self.writer.transport.abort()
+        except (OSError, asyncio.CancelledError) as e:
+            self.peer_gone = True
+            self._inbox.put(ChannelError(f"receive failed: {e.__class__.__name__}"))
+
+    def _send_raw(self, arr: np.ndarray) -> None:
+        self.send_bytes(frame(arr))
+
+    def send_bytes(self, data: bytes) -> None:
+        if self._closed:
+            raise ChannelError("the channel is closed")
+        if SEND_TAP is not None:
+            SEND_TAP(data)
+        self.loop.call_soon_threadsafe(self._write, data)
+
+    def _write(self, data: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(data)
+
+    def _recv_raw(self) -> np.ndarray:
+        try:
+            item = self._inbox.get(timeout=self.timeout)
+        except queue.Empty:
+            raise IdleTimeout(f"no message from the peer within {self.timeout:.0f} s (it may have died)") from None
+        if isinstance(item, BaseException):
+            self._inbox.put(item)  # every later recv fails the same way
+            raise item
+        self._buffered -= item.nbytes
+        return item
+
+    def close(self) -> None:
+        """Flush what was sent, say goodbye, close (bounded by the idle timeout)."""
+        if self._closed:
+            return
+        self._closed = True
+
+        async def _close():
+            if not self.writer.is_closing():
+                self.writer.write(_HEAD.pack(_CLOSE, 0))
+                try:
+                    await asyncio.wait_for(self.writer.drain(), self.timeout)
+                except (OSError, asyncio.TimeoutError, ConnectionError):
+                    pass
+                self.writer.close()
+        try:
+            asyncio.run_coroutine_threadsafe(_close(), self.loop).result(self.timeout + 5)
+        except Exception:  # noqa: BLE001 - closing a broken link is best effort
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the link now (from any thread): the peer's and this end's receives fail at once."""
+        self._closed = True
+        self.loop.call_soon_threadsafe(self.writer.transport.abort)
+        self._inbox.put(ChannelError("the link was aborted"))
+
+    @property
+    def peer_host(self) -> str:
+        peer = self.writer.get_extra_info("peername")
+        return peer[0] if peer else "?"
+
+
+def dial(host: str, port: int, cert_pem: str, pin: str, max_frame: int = DEFAULT_MAX_FRAME,
+         timeout: float = 30.0, what: str = "the server") -> TLSChannel:
+    """Client side: TLS to host:port, the server certificate checked against the pin."""
+    ctx = client_context(cert_pem)
+
+    async def _open():
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), timeout)
+        try:
+            # on the loop thread: the SSL object is not thread-safe (a TLS 1.3 session ticket being
+            # read there at the same time makes getpeercert fail with "handshake not done yet")
+            check_pin(writer.get_extra_info("ssl_object"), pin)
+        except Exception:
+            writer.transport.abort()
+            raise
+        return reader, writer
+    try:
+        reader, writer = run(_open(), timeout + 5)
+    except (OSError, asyncio.TimeoutError) as e:
+        reason = "timed out" if isinstance(e, asyncio.TimeoutError) else (e.strerror or e.__class__.__name__)
+        raise ChannelError(f"cannot connect to {what} at {host}:{port}: {reason}") from None
+    return TLSChannel(reader, writer, max_frame=max_frame)

@@ -1,0 +1,1 @@
+"""The optional third party: a dealer of correlated randomness run by someone trusted by both sides, on its own machine."""

@@ -1,0 +1,200 @@
+"""The server's gateway: TLS control connections, API keys, the session table, and the driver.
+
+It runs in the model owner's process on the Ray cluster's head (``cryptogen serve``). It holds
+the server's certificate, the API key, the worker pool and, per session, the scheduler
+(``scheduler.driver.Driver`` over ``RayRunner``): server shares move between workers as Ray refs
+inside the server's cluster. It never holds a secret key, a prompt, a client share or a logit.
+
+Per connection (one thread; see ``cryptogen.net.control`` for the messages):
+  1. ``hello``: the API key is checked (constant time) before any work; a wrong key is refused.
+  2. ``open``: at most ``max_sessions`` at once (else "busy, retry after N s"); the client's public
+     context goes to every worker, which checks it against the server's own HE parameters; each
+     worker link gets fresh 256-bit tokens, handed to the client over this connection only.
+  3. ``forward`` steps: validated (positions in range, continuing the cache), run, answered.
+  4. The session ends on ``close``, on a disconnect, on the idle timeout or on an error: every
+     worker frees its links, pools and cache (``ServerPool.close``), at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+import ray
+
+from cryptogen import secure_plan as sp
+from cryptogen.mpc.errors import ChannelError, MPCError
+from cryptogen.net import control
+from cryptogen.net.channel import IdleTimeout, TLSChannel, run
+from cryptogen.net.tls import new_secret, same_secret, server_context
+from cryptogen.scheduler.driver import Driver
+from cryptogen.scheduler.ray_runner import RayRunner, ServerPool, WorkerDied
+
+from .stats import GatewayStats
+
+HELLO_TIMEOUT = 30.0
+BUSY_RETRY_S = 30
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    max_sessions: int = 4
+    idle_timeout: float = 600.0
+    link_timeout: float = 60.0
+
+
+class Gateway:
+    def __init__(self, pool: ServerPool, cfg, plan, layer_groups: int, he_config, tokenizer_json: str | None,
+                 api_key: str, tls: tuple[str, str], options: GatewayConfig = GatewayConfig(), dealer=None,
+                 model_name: str = ""):
+        self.pool, self.cfg, self.plan, self.he_config = pool, cfg, plan, he_config
+        self.layer_groups = layer_groups
+        self.tokenizer_json, self.api_key, self.options, self.dealer = tokenizer_json, api_key, options, dealer
+        self.model_name = model_name
+        self.stats = GatewayStats()
+        self.ctx_cap = control.public_context_cap(he_config, len(sp.rotation_steps(cfg, plan, he_config.n)))
+        self._ssl = server_context(*tls)
+        self._threads: set[threading.Thread] = set()
+        self._live: dict[str, TLSChannel] = {}
+        self._lock = threading.Lock()
+        self.server = None
+
+    # ---- listening ----------------------------------------------------------------------------
+    def listen(self, host: str, port: int) -> tuple[str, int]:
+        self.server = run(asyncio.start_server(self._on_connect, host, port, ssl=self._ssl,
+                                               ssl_handshake_timeout=HELLO_TIMEOUT))
+        return self.server.sockets[0].getsockname()[:2]
+
+    async def _on_connect(self, reader, writer) -> None:
+        chan = TLSChannel(reader, writer, max_frame=self.ctx_cap + 4096, timeout=HELLO_TIMEOUT)
+        th = threading.Thread(target=self._serve, args=(chan,), name="cryptogen-session", daemon=True)
+        with self._lock:
+            self._threads.add(th)
+        th.start()
+
+    def close(self) -> None:
+        if self.server is not None:
+            from cryptogen.net.channel import io_loop
+            io_loop().call_soon_threadsafe(self.server.close)
+        with self._lock:
+            live = list(self._live.values())
+        for chan in live:
+            chan.abort()
+
+    # ---- one connection -------------------------------------------------------------------------
+    def _serve(self, chan: TLSChannel) -> None:
+        try:
+            hello = control.recv(chan, "hello")
+            if not same_secret(str(hello.get("api_key", "")), self.api_key):
+                self.stats.refuse("auth")
+                control.send_error(chan, "auth", "the server refused the API key; use the key from the server's "
+                                                 "connection file (cryptogen serve --connection-file)")
+                return
+            chan.timeout = self.options.idle_timeout
+            control.send(chan, "welcome", version=control.VERSION, model=self.cfg.to_hf(),
+                         he=self.he_config.to_dict(), workers=len(self.plan.workers),
+                         layer_groups=self.layer_groups, tokenizer=self.tokenizer_json,
+                         name=self.model_name, dealer=self.dealer is not None)
+            while True:
+                msg = control.recv(chan, "open", "end", "close")
+                if msg["type"] == "close":
+                    return
+                if msg["type"] == "open":  # a stray "end" after a session the server ended is ignored
+                    self._session(chan, msg)
+        except IdleTimeout:
+            self.stats.timeout()
+            control.send_error(chan, "timeout", f"the session was idle for {chan.timeout:.0f} s and was closed")
+        except control.ProtocolError as e:
+            self.stats.refuse("bad_request")
+            control.send_error(chan, "bad_request", str(e))
+        except (ChannelError, control.RemoteError):
+            pass  # the client went away: its session (if any) was freed in _session
+        finally:
+            chan.close()
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _session(self, chan: TLSChannel, msg: dict) -> None:
+        mode = control.need_choice(msg, "mode", control.MODES)
+        provider = control.need_choice(msg, "provider", control.PROVIDERS)
+        public_context = control.recv_blob(chan, self.ctx_cap, "public context")
+        if provider == "dealer" and self.dealer is None:
+            raise control.ProtocolError("this server has no dealer (it was started without --dealer); "
+                                        "use the dealer-free provider he")
+        if not self.stats.opening(self.options.max_sessions):
+            control.send_error(chan, "busy", f"the server is busy ({self.options.max_sessions} sessions open); "
+                                             f"retry after {BUSY_RETRY_S} s", retry_after=BUSY_RETRY_S)
+            return
+        sid = new_secret()[:32]
+        n = len(self.pool.workers)
+        tokens = [{"online": new_secret(), **({"offline": new_secret()} if provider == "he" else {})}
+                  for _ in range(n)]
+        with self._lock:
+            self._live[sid] = chan
+        try:
+            try:
+                self.pool.open_session(sid, public_context, tokens)
+            except ray.exceptions.RayTaskError as e:
+                raise control.ProtocolError(_cause(e)) from None
+            links = [dict(worker=i, host=h, port=p, tokens=tokens[i]) for i, (h, p) in enumerate(self.pool.addresses)]
+            control.send(chan, "session", sid=sid, links=links, mode=mode, provider=provider)
+            providers = [self._provider(provider, tokens[i]) for i in range(n)]
+            self._wait_links(chan, self.pool.connect(sid, providers))
+            self._steps(chan, sid, mode)
+        except (WorkerDied, ray.exceptions.RayTaskError, MPCError) as e:
+            self.stats.failure()
+            control.send_error(chan, "session", f"the session failed on the server: {_cause(e)}")
+        finally:
+            with self._lock:
+                self._live.pop(sid, None)
+            try:
+                self.pool.close(sid)
+            finally:
+                self.stats.closing()
+
+    def _provider(self, name: str, tokens: dict):
+        if name == "he":
+            return "he"
+        return self.dealer.for_link(tokens["online"])
+
+    def _wait_links(self, chan: TLSChannel, refs: list) -> None:
+        deadline = time.monotonic() + self.options.link_timeout + 10
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            ray.get(done)
+            if chan.peer_gone:
+                raise ChannelError("the client disconnected while opening its links")
+            if pending and time.monotonic() > deadline:
+                raise ChannelError("the client did not open its data links in time")
+
+    def _steps(self, chan: TLSChannel, sid: str, mode: str) -> None:
+        runner = RayRunner(self.pool, sid)
+        driver = Driver(runner, self.cfg, self.plan, mode)
+        cached = 0
+        while True:
+            msg = control.recv(chan, "forward", "end")
+            if msg["type"] == "end":
+                return
+            step = control.Forward.from_msg(msg, self.cfg.n_positions)
+            if step.reset:
+                if mode != "recompute" or step.start != 0:
+                    raise control.ProtocolError("a cache reset is only for recompute mode, from position 0")
+                runner.reset_cache()
+                cached = 0
+            elif step.start != cached:
+                raise control.ProtocolError(f"the step starts at position {step.start} but the session's cache "
+                                            f"holds {cached} positions")
+            t0 = time.perf_counter()
+            driver.forward(step.start, step.T, step.logits)
+            runner.barrier()
+            cached = step.start + step.T
+            control.send(chan, "done", seconds=time.perf_counter() - t0, cached=cached)
+
+
+def _cause(err: BaseException) -> str:
+    """A one-line, secret-free reason from a worker's error (its type and message)."""
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip().splitlines()
+    return (text[0] if text else type(cause).__name__)[:300]

@@ -1,0 +1,84 @@
+"""The gateway's session statistics (plain Python, thread-safe) and their Prometheus collector.
+
+Kept apart from the exporter: the gateway counts, ``GatewayCollector`` reads a snapshot at scrape
+time. Labels are fixed small sets (refusal reasons); nothing about a session's content is counted.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+REFUSALS = ("auth", "busy", "bad_request")
+
+
+@dataclass
+class GatewayStats:
+    open: int = 0
+    opened: int = 0
+    closed: int = 0
+    timed_out: int = 0
+    failed: int = 0
+    refused: dict = field(default_factory=lambda: dict.fromkeys(REFUSALS, 0))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def opening(self, limit: int) -> bool:
+        """Count a new session unless ``limit`` are open (then count a busy refusal)."""
+        with self._lock:
+            if self.open >= limit:
+                self.refused["busy"] += 1
+                return False
+            self.open += 1
+            self.opened += 1
+            return True
+
+    def closing(self) -> None:
+        with self._lock:
+            self.open -= 1
+            self.closed += 1
+
+    def refuse(self, reason: str) -> None:
+        with self._lock:
+            self.refused[reason] += 1
+
+    def timeout(self) -> None:
+        with self._lock:
+            self.timed_out += 1
+
+    def failure(self) -> None:
+        with self._lock:
+            self.failed += 1
+
+    def as_dict(self) -> dict:
+        with self._lock:
+            return dict(open=self.open, opened=self.opened, closed=self.closed, timed_out=self.timed_out,
+                        failed=self.failed, refused=dict(self.refused))
+
+
+class GatewayCollector:
+    def __init__(self, stats: GatewayStats):
+        self.stats = stats
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        s = self.stats.as_dict()
+        g = GaugeMetricFamily("cryptogen_server_sessions_open", "Secure sessions open on the server now.")
+        g.add_metric([], s["open"])
+        yield g
+        c = CounterMetricFamily("cryptogen_server_sessions", "Secure sessions opened on the server.")
+        c.add_metric([], s["opened"])
+        yield c
+        r = CounterMetricFamily("cryptogen_server_sessions_refused", "Connections or sessions refused, by reason.",
+                                labels=["reason"])
+        for reason in REFUSALS:
+            r.add_metric([reason], s["refused"][reason])
+        yield r
+        t = CounterMetricFamily("cryptogen_server_sessions_timed_out", "Sessions ended by the idle timeout.")
+        t.add_metric([], s["timed_out"])
+        yield t
+        f = CounterMetricFamily("cryptogen_server_sessions_failed", "Sessions ended by an error.")
+        f.add_metric([], s["failed"])
+        yield f

@@ -286,14 +286,15 @@ class _Session:
                     self.links.append(ch)
                     ch.send_bytes(frame(np.frombuffer(str(t[name]).encode(), np.uint8)))
                     chans[name] = ch
-            party = Party("client", chans["online"], self._provider(t, chans.get("offline")), c.he_config.fixed_point)
+            party = Party("client", chans["online"], self._provider(t, chans.get("offline"), int(link["worker"])),
+                          c.he_config.fixed_point)
             party.handshake()
             return int(link["worker"]), party
         with ThreadPoolExecutor(max_workers=len(links)) as ex:
             for w, party in ex.map(one, links):
                 self.parties[w] = party
 
-    def _provider(self, tokens: dict, offline):
+    def _provider(self, tokens: dict, offline, worker: int):
         if self.provider == "he":
             from cryptogen.mpc.provider_he import HEProvider
             try:
@@ -301,7 +302,7 @@ class _Session:
             except TypeError:  # TEMP until the pooled provider lands
                 return HEProvider(self.conn.he_config)
         from cryptogen.mpc.provider_remote import RemoteDealerProvider, link_id
-        return RemoteDealerProvider(self.conn.dealer_file, link_id(tokens["online"]))
+        return RemoteDealerProvider(self.conn.dealer_file, link_id(tokens["online"], f"w{worker}"))
 
     def step(self, fwd: Forward, phase: str, on_step=None) -> StepTiming:
         c = self.conn

@@ -6,8 +6,9 @@ and the server's HE ops (mean) per decoded token, and the encrypted KV-cache siz
 ``recompute`` (no cache: the whole prefix again per token) runs up to ``recompute_max_context``; in
 process its prefill is skipped (it keeps no state between tokens, so it cannot change a decode step).
 Backends: ``inprocess`` (both parties as threads: deterministic counts, but the GIL serialises the
-workers) and ``ray`` (SecureGenerator, one process per worker: the only one to show parallel speedup,
-so the worker sweep uses it by default).
+workers) and ``ray`` (``bench_ray``: a local ``cryptogen serve`` in its own process, one process per
+worker, this process its client over TLS: the only one to show parallel speedup, so the worker sweep
+uses it by default).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ DEFAULT_CONTEXTS = (64, 128, 256, 512)
 MODES = ("kv-reuse", "recompute")
 OPS = ("ct_pt_mul", "ct_ct_mul", "rotations")
 BACKENDS = ("inprocess", "ray")
+CPU_ROLES = ("client", "workers", "gateway", "ray")  # the ray backend's parties (bench_ray.server_cpu)
 NOTES = ["latency: median over decoded tokens; HE ops (the server's, all workers), client<->server bytes and "
          "rounds: mean per decoded token", "KV cache: allocated = whole ciphertexts after the prefill; marginal = "
          "the layout's bytes per added token (2 x ciphertext bytes x heads / tokens per ciphertext)",
@@ -165,16 +167,6 @@ def _traffic(chans) -> dict:
             "rounds": sum(p.rounds for p in phases)}
 
 
-def _process_cpu(_actor) -> float:
-    """Runs inside an actor (``__ray_call__``): CPU seconds of its process, all threads."""
-    return time.process_time()
-
-
-def _client_traffic(actor) -> dict:
-    """Runs inside the client actor (``__ray_call__``): its channels' cumulative counters."""
-    return _traffic([p.chan for parties in actor.parties.values() for p in parties.values()])
-
-
 class InProcessBackend:
     def __init__(self, model, workers: int):
         from .scheduler.inprocess import InProcessRunner
@@ -238,38 +230,6 @@ class InProcessBackend:
         self.runner.client.close()
 
 
-class RayBackend:
-    def __init__(self, model, workers: int, address: str | None, max_workers: int):
-        from .client.generate import SecureGenerator
-        from .cluster.connect import connect
-        connect(address, num_cpus=None if address else max(4, max_workers + 2))  # no-op if Ray is up
-        self.gen = SecureGenerator(model, workers=workers)
-
-    def run(self, mode: str, prompt: list[int], tokens: int, progress) -> dict:
-        import ray
-        gen = self.gen
-        gen.mode = mode  # one client + worker pool for both modes (each session's Driver takes the mode)
-
-        def worker_sum(part: str, keys) -> dict:
-            stats = ray.get([w.stats.remote() for w in gen.pool.workers])
-            return {k: sum(s[part][k] for s in stats) for k in keys}
-
-        def cpu() -> dict:  # process CPU seconds of each party's processes (where the time goes)
-            roles = {"client": [gen.client], "workers": gen.pool.workers,
-                     "dealer": [gen.pool.dealer] if gen.pool.dealer is not None else []}
-            refs = {r: [a.__ray_call__.remote(_process_cpu) for a in actors] for r, actors in roles.items()}
-            return {f"cpu_{r}": sum(ray.get(v)) for r, v in refs.items()} | {"cpu_driver": time.process_time()}
-
-        rec = _Recorder(lambda: {**worker_sum("he", OPS), **ray.get(gen.client.__ray_call__.remote(_client_traffic)),
-                                 **cpu()},
-                        lambda: worker_sum("kv", ("ciphertexts", "bytes")), progress)
-        gen.generate(prompt[:-1], tokens + 1, on_step=lambda t, _n: rec.on_step(t))
-        return rec.result()
-
-    def close(self) -> None:
-        self.gen.close()
-
-
 def git_commit() -> str | None:
     import subprocess
     try:
@@ -317,14 +277,18 @@ def run(opts: BenchOptions) -> dict:
     model = load_model(opts, cfg)
     rng = np.random.default_rng(opts.seed)
     prompt_all = rng.integers(0, cfg.vocab_size, max(contexts + [sweep_ctx]) + 1).tolist()
-    backends, results = {}, {}
-    ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    backends, results, ray_model = {}, {}, {}  # ray_model: the servers' checkpoint folder (made on first use)
 
     def backend(name: str, w: int):
         if (name, w) not in backends:
             log(f"setting up {name} backend, {w} worker(s) (keys, weight encoding)...")
-            backends[(name, w)] = (InProcessBackend(model, w) if name == "inprocess"
-                                   else RayBackend(model, w, opts.address, max(workers)))
+            if name == "inprocess":
+                backends[(name, w)] = InProcessBackend(model, w)
+            else:
+                from .bench_ray import RayBackend, model_folder
+                if not ray_model:
+                    ray_model["folder"], ray_model["tmp"] = model_folder(opts, model)
+                backends[(name, w)] = RayBackend(ray_model["folder"], w, opts.address)
         return backends[(name, w)]
 
     def measure(name: str, w: int, mode: str, ctx: int) -> dict:
@@ -367,13 +331,15 @@ def run(opts: BenchOptions) -> dict:
     finally:
         for b in backends.values():
             b.close()
-        if not ray_was_up and "ray" in sys.modules:  # Ray started (or joined) by this run
-            sys.modules["ray"].shutdown()
+        if ray_model.get("tmp") is not None:
+            ray_model["tmp"].cleanup()
     meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "command": opts.command
             or command_line(opts), "argv": sys.argv, "commit": commit, "machine": machine(), "model": label, "config": asdict(cfg),
             "backend": main_backend, "main_workers": main_w, "tokens": opts.tokens, "seed": opts.seed,
             "recompute_max_context": opts.recompute_max_context, "total_seconds": time.monotonic() - t_start}
-    return {"meta": {**meta, "notes": NOTES}, "contexts": rows, "workers": sweep}
+    from .bench_ray import NOTE as RAY_NOTE
+    notes = NOTES + ([RAY_NOTE] if main_backend == "ray" or (sweep and opts.sweep_backend == "ray") else [])
+    return {"meta": {**meta, "notes": notes}, "contexts": rows, "workers": sweep}
 
 
 # ---- outputs ---------------------------------------------------------------------------------
@@ -405,13 +371,13 @@ def markdown(report: dict) -> str:
     if report["workers"]:
         s0 = report["workers"][0]
         out += ["", f"Worker sweep (kv-reuse, context {s0['context']}, backend {s0['backend']}):", "",
-                "| workers | ms/token | speedup | prefill s | KiB/token | CPU s/token: client / workers / dealer / "
-                "driver |", "|---|---|---|---|---|---|"]
+                "| workers | ms/token | speedup | prefill s | KiB/token | CPU s/token: client / workers / gateway / "
+                "ray |", "|---|---|---|---|---|---|"]
         for s in report["workers"]:
             sp = f"{s['speedup']:.2f}x" if s.get("speedup") else "—"
             pre = f"{s['prefill_s']:.1f}" if s.get("prefill_s") else "—"
             c = s.get("cpu_s_per_token")
-            cpu = " / ".join(f"{c[k]:.2f}" for k in ("client", "workers", "dealer", "driver")) if c else "—"
+            cpu = " / ".join(f"{c[k]:.2f}" if k in c else "—" for k in CPU_ROLES) if c else "—"
             out.append(f"| {s['workers']} | {_ms(s)} | {sp} | {pre} | {_kib(s)} | {cpu} |")
     return "\n".join(out + [""] + [f"- {n}" for n in meta["notes"]]) + "\n"
 

@@ -201,8 +201,14 @@ def dealer_cmd(
 ):
     """Run a dealer of correlated randomness (a third party trusted by both sides, on its own machine)."""
     def go():
+        from pathlib import Path
+
         from .dealer.service import run_dealer
-        run_dealer(listen, state_dir, out)
+        state = state_dir or str(Path.home() / ".local" / "state" / "cryptogen" / "dealer")
+        try:
+            run_dealer(listen, state, out)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     _run(go)
 
 

@@ -139,7 +139,7 @@ class Gateway:
                 raise control.ProtocolError(_cause(e)) from None
             links = [dict(worker=i, host=h, port=p, tokens=tokens[i]) for i, (h, p) in enumerate(self.pool.addresses)]
             control.send(chan, "session", sid=sid, links=links, mode=mode, provider=provider)
-            providers = [self._provider(provider, tokens[i]) for i in range(n)]
+            providers = [self._provider(provider, tokens[i], i) for i in range(n)]
             self._wait_links(chan, self.pool.connect(sid, providers))
             self._steps(chan, sid, mode)
         except (WorkerDied, ray.exceptions.RayTaskError, MPCError) as e:
@@ -153,10 +153,13 @@ class Gateway:
             finally:
                 self.stats.closing()
 
-    def _provider(self, name: str, tokens: dict):
+    def _provider(self, name: str, tokens: dict, worker: int):
+        """"he" (built on the worker over its offline link), or the dealer's server-party provider for
+        this link (the link id is a hash of the link's secret token: only the two parties know it)."""
         if name == "he":
             return "he"
-        return self.dealer.for_link(tokens["online"])
+        from cryptogen.mpc.provider_remote import RemoteDealerProvider, link_id
+        return RemoteDealerProvider(self.dealer, link_id(tokens["online"], f"w{worker}"))
 
     def _wait_links(self, chan: TLSChannel, refs: list) -> None:
         deadline = time.monotonic() + self.options.link_timeout + 10

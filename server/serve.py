@@ -129,8 +129,15 @@ def start(opts: ServeOptions):
     api_key = _api_key(state)
     dealer = None
     if opts.dealer:
-        from cryptogen.mpc.provider_remote import ServerDealer
-        dealer = ServerDealer(opts.dealer)
+        from cryptogen.mpc.errors import ProviderError
+        from cryptogen.mpc.provider_remote import load_connection
+        try:
+            dealer = load_connection(opts.dealer)
+        except ProviderError as e:
+            raise ServeError(str(e)) from None
+        if dealer.get("role") != "server":
+            raise ServeError(f"--dealer {opts.dealer} is the dealer's {dealer.get('role')} file; the server needs "
+                             "dealer-server.json")
     _log(f"starting Ray ({opts.address or 'embedded'})")
     info = connect(opts.address, num_cpus=opts.num_cpus)
     he_config = HEConfig()

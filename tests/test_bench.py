@@ -1,4 +1,5 @@
-"""``cryptogen bench`` end to end on a tiny random checkpoint (in-process backend, no tokenizer)."""
+"""``cryptogen bench`` end to end on a tiny random checkpoint (no tokenizer): the in-process backend,
+and the ray backend (a local ``cryptogen serve`` in its own process, this process its client)."""
 import json
 import time
 
@@ -75,6 +76,30 @@ def test_recompute_beyond_limit_is_marked_skipped(checkpoint, tmp_path):
     row = json.loads(out.read_text())["contexts"][0]
     assert row["recompute"] == {"skipped": "too slow (--recompute-max-context)"} and row["ratio"] is None
     assert "skipped: too slow" in (tmp_path / "b.md").read_text()
+
+
+def test_ray_backend_measures_a_local_server(checkpoint, tmp_path):
+    out = tmp_path / "ray" / "bench.json"
+    res = bench("--model", checkpoint, "--ray", "--contexts", 4, "--tokens", 1, "--workers", 1,
+                "--recompute-max-context", 0, "--sweep-backend", "ray", "--out", out)
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["meta"]["backend"] == "ray" and any("ray backend" in n for n in report["meta"]["notes"])
+    (row,) = report["contexts"]
+    m = row["kv-reuse"]
+    assert len(m["decode_s"]) == 1 and m["median_decode_s"] > 0 and m["prefill_s"] > 0
+    # HE ops and the KV cache come from the server's metrics endpoint, bytes and rounds from the client
+    assert all(m["he_ops_per_token"][op] > 0 for op in ("ct_pt_mul", "ct_ct_mul", "rotations"))
+    assert m["bytes_per_token"]["to_server"] > 0 and m["bytes_per_token"]["to_client"] > 0 and m["rounds_per_token"] > 0
+    assert row["kv_cache"]["bytes"] > 0 and row["kv_cache"]["ciphertexts"] > 0
+    # CPU per party: this process (client), the server's worker actors, its gateway, Ray's own processes
+    cpu = m["cpu_s_per_token"]
+    assert set(cpu) == {"client", "workers", "gateway", "ray"} and cpu["client"] > 0 and cpu["workers"] > 0
+    assert row["recompute"] == {"skipped": "too slow (--recompute-max-context)"}
+    (sweep,) = report["workers"]  # the sweep point (1 worker, context 4) is the table's, measured once
+    assert sweep["backend"] == "ray" and sweep["speedup"] == 1.0 and sweep["cpu_s_per_token"] == cpu
+    md = (out.parent / "bench.md").read_text()
+    assert "client / workers / gateway / ray" in md
 
 
 @pytest.mark.parametrize("args, message", [

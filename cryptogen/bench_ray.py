@@ -1,0 +1,159 @@
+"""The ``ray`` backend of ``cryptogen bench``: the real two-process deployment.
+
+Per worker count one local ``cryptogen serve`` (``client.local_server.LocalServer``: its own OS
+process with its own embedded Ray, or joining ``--address``; worker actors in their own processes)
+and this process as its client over the TLS loopback links (``client.remote.connect``). Measured
+after every step:
+
+- bytes and rounds: the client's own counters (``Connection.telemetry``, its parties' channels);
+- HE operations and the encrypted KV-cache size: the server's, scraped from its metrics endpoint
+  (``cryptogen serve --metrics-port``; the bench process has no access to the server's Ray);
+- CPU seconds per party, from ``/proc`` (Linux): ``client`` = this process (the client's protocol
+  halves and its HE), ``gateway`` = the serve process (TLS gateway and driver), ``workers`` = its
+  ``WorkerActor`` processes, ``ray`` = Ray's other processes (raylet, GCS, idle workers). With
+  ``--address`` the server's Ray processes are not its children: only client and gateway are seen.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+OPS = ("ct_pt_mul", "ct_ct_mul", "rotations")
+_METRICS_LINE = re.compile(r"metrics at (http://\S+/metrics)")
+NOTE = ("ray backend: a local `cryptogen serve` per worker count (own process, own embedded Ray), this process "
+        "its client over TLS loopback; HE ops and KV cache scraped from the server's metrics endpoint; CPU s per "
+        "party from /proc: client = the bench process, workers = the server's WorkerActor processes, gateway = the "
+        "serve process (gateway + driver), ray = Ray's own processes")
+
+
+class BenchServerError(RuntimeError):
+    """The bench's local server did not expose what the bench reads."""
+
+
+# ---- the server's metrics endpoint ---------------------------------------------------------
+def metrics_url(server, timeout: float = 60.0) -> str:
+    """The metrics URL a ``LocalServer`` started with ``--metrics-port 0`` logged (``[serve] ... metrics at``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            m = _METRICS_LINE.search(Path(server.log).read_text(errors="replace"))
+        except OSError:
+            m = None
+        if m:
+            return m.group(1)
+        if server.proc.poll() is not None or time.monotonic() > deadline:
+            raise BenchServerError(f"the local server logged no metrics address (log {server.log})")
+        time.sleep(0.1)
+
+
+def scrape(url: str) -> dict:
+    """{sample name: {labels tuple: value}} of one scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        text = resp.read().decode()
+    out: dict = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def server_counts(url: str) -> tuple[dict, dict]:
+    """(HE ops summed over workers and kernels, KV cache summed over workers) from the server's exporter."""
+    m = scrape(url)
+    he = dict.fromkeys(OPS, 0)
+    for labels, v in m.get("cryptogen_he_operations_total", {}).items():
+        op = dict(labels)["op"]
+        he["rotations" if op == "rotation" else op] += int(v)
+    kv = {"ciphertexts": int(sum(m.get("cryptogen_kv_cache_ciphertexts", {}).values())),
+          "bytes": int(sum(m.get("cryptogen_kv_cache_bytes", {}).values()))}
+    return he, kv
+
+
+# ---- CPU seconds of a process tree ----------------------------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _procs() -> dict:
+    """{pid: (ppid, cpu seconds, cmdline)} of every readable process."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            cmd = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        out[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK, cmd)
+    return out
+
+
+def server_cpu(root: int) -> dict:
+    """CPU seconds of the serve process (``gateway``), its ``WorkerActor`` descendants (``workers``)
+    and its other descendants (``ray``): processes alive now (a finished process's time is gone)."""
+    procs = _procs()
+    children: dict = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    cpu = {"gateway": procs[root][1] if root in procs else 0.0, "workers": 0.0, "ray": 0.0}
+    stack = list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        stack += children.get(pid, [])
+        cpu["workers" if procs[pid][2].startswith("ray::WorkerActor") else "ray"] += procs[pid][1]
+    return cpu
+
+
+# ---- the backend -------------------------------------------------------------------------------
+def model_folder(opts, model) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """The checkpoint folder the server loads: the named model's, or ``model`` (random weights) saved
+    to a temporary folder (float32: the same weights as the in-process backend)."""
+    import torch
+
+    from .registry import resolve_model
+    if opts.gpt2_base_layers is None:
+        return str(resolve_model(opts.model).resolve()), None
+    tmp = tempfile.TemporaryDirectory(prefix="cryptogen-bench-model-")
+    model.save_pretrained(tmp.name, dtype=torch.float32)
+    return tmp.name, tmp
+
+
+class RayBackend:
+    def __init__(self, folder: str, workers: int, address: str | None):
+        from .client.local_server import LocalServer
+        from .client.remote import connect
+        self.server = LocalServer(folder, workers=workers, address=address, max_sessions=1,
+                                  extra=["--metrics-port", "0"]).start()
+        try:
+            self.url = metrics_url(self.server)
+            self.conn = connect(self.server.connection_file)
+        except BaseException:
+            self.server.stop()
+            raise
+
+    def _totals(self) -> dict:
+        c = self.conn.telemetry.snapshot().counters
+        he, _ = server_counts(self.url)
+        cpu = {"cpu_client": time.process_time(), **{f"cpu_{k}": v for k, v in server_cpu(self.server.proc.pid).items()}}
+        return {**he, "to_server": c.transfer_bytes.get("to_server", 0),
+                "to_client": c.transfer_bytes.get("to_client", 0), "rounds": c.rounds, **cpu}
+
+    def run(self, mode: str, prompt: list[int], tokens: int, progress) -> dict:
+        from .bench import _Recorder
+        rec = _Recorder(self._totals, lambda: server_counts(self.url)[1], progress)
+        # the C context tokens are prefilled, then ``tokens`` decode steps (the first sees C cached tokens)
+        for _ in self.conn.generate(prompt[:-1], tokens + 1, mode=mode, on_step=rec.on_step):
+            pass
+        return rec.result()
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        finally:
+            self.server.stop()

@@ -1,0 +1,125 @@
+"""A real ``cryptogen serve`` in its own OS process (embedded Ray) over a tiny checkpoint, a
+third-party dealer, and helpers to read the server's own counts from its metrics endpoint."""
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from cryptogen.model import GPT, GPTConfig
+
+TINY = GPTConfig(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=2)
+PROMPTS = ([3, 17], [9, 100, 4], [42, 7, 19])  # top-2 logit margins >= 0.06 over 6 tokens
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny random GPT-2 checkpoint (float32) whose greedy continuation is not degenerate."""
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+            else:
+                p.add_(0.1 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(folder, dtype=torch.float32)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def greedy(tiny_folder):
+    model = GPT.from_pretrained(tiny_folder).eval()
+
+    def run(prompt, n):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(n):
+                logits, _ = model(torch.tensor([ids]))
+                ids.append(int(logits[0, -1].argmax()))
+        return ids[len(prompt):]
+    return run
+
+
+@pytest.fixture(scope="module")
+def dealer(tmp_path_factory):
+    from cryptogen.dealer.service import DealerServer
+
+    d = tmp_path_factory.mktemp("dealer")
+    server = DealerServer(listen="127.0.0.1:0", state_dir=str(d / "state"), out_dir=str(d)).start()
+    yield server
+    server.stop()
+
+
+class ServerProcess:
+    def __init__(self, folder: Path, tmp: Path, workers: int = 1, max_sessions: int = 4, dealer=None,
+                 idle_timeout: float = 120.0, listen: str = "127.0.0.1:0", extra=(), env=None):
+        self.conn_file, self.log = tmp / "server.json", tmp / "serve.log"
+        cmd = [sys.executable, "-m", "cryptogen.cli", "serve", "--model", str(folder), "--workers", str(workers),
+               "--listen", listen, "--connection-file", str(self.conn_file), "--state-dir", str(tmp / "state"),
+               "--max-sessions", str(max_sessions), "--metrics-port", "0", "--idle-timeout", str(idle_timeout),
+               *(["--dealer", str(dealer.server_file)] if dealer is not None else []), *extra]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         cwd=ROOT, start_new_session=True, env=env)
+        deadline = time.monotonic() + 240
+        while True:
+            m = re.search(r"metrics at http://127\.0\.0\.1:(\d+)/metrics", self.log.read_text(errors="replace"))
+            if m and self.conn_file.exists():
+                self.metrics_port = int(m.group(1))
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the server did not start: " + self.log.read_text(errors="replace")[-2000:])
+            time.sleep(0.2)
+
+    def metrics(self) -> dict:
+        """The server's own counts: metric line -> value."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def wait_metric(self, name: str, pred, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while True:
+            v = self.metrics().get(name)
+            if v is not None and pred(v):
+                return v
+            if time.monotonic() > deadline:
+                return v
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_folder, dealer, tmp_path_factory):
+    s = ServerProcess(tiny_folder, tmp_path_factory.mktemp("serve"), workers=1, max_sessions=4, dealer=dealer)
+    yield s
+    s.stop()
+
+
+def run_client(code: str, timeout: float = 600, env=None) -> subprocess.CompletedProcess:
+    """Run client code in its own process where Ray cannot be imported."""
+    prelude = "import sys\nsys.modules['ray'] = None\n"
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=env)

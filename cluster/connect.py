@@ -77,7 +77,7 @@ def token_source() -> str:
     return "~/.ray/auth_token"
 
 
-def _local_token() -> str | None:
+def _local_token(address: str) -> str | None:
     """The token Ray would send from this process (read by Ray's own loader), or None."""
     from ray._raylet import AuthenticationTokenLoader
 
@@ -89,9 +89,11 @@ def _local_token() -> str | None:
         return loader.get_raw_token(ignore_auth_mode=True)
     except Exception as e:  # noqa: BLE001 - Ray raises AuthenticationError for an unreadable RAY_AUTH_TOKEN_PATH
         if os.environ.get("RAY_AUTH_TOKEN_PATH") and not os.environ.get("RAY_AUTH_TOKEN", "").strip():
-            raise ClusterError(f"cannot read the Ray token file RAY_AUTH_TOKEN_PATH="
-                               f"{os.environ['RAY_AUTH_TOKEN_PATH']} (missing or empty)") from None
-        raise ClusterError(f"cannot read the Ray token ({str(e).split('.')[0]})") from None
+            raise ClusterError(f"the Ray cluster at {address} uses token authentication and the token file "
+                               f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']} cannot be read "
+                               "(missing or empty): " + TOKEN_HELP) from None
+        raise ClusterError(f"the Ray cluster at {address} uses token authentication and its token cannot be read "
+                           f"({str(e).split('.')[0]}): " + TOKEN_HELP) from None
 
 
 def _gcs_call(address: str, token: str | None):
@@ -127,7 +129,7 @@ def check_cluster(address: str) -> str:
         raise ClusterError(
             f"no Ray cluster answers at {address} (something listens there but it is not a Ray head's GCS port: "
             f"{code.name}); give the --port of `ray start --head`")
-    token = _local_token()
+    token = _local_token(address)
     if token is None:
         raise ClusterError(f"the Ray cluster at {address} uses token authentication and no token was found: "
                            + TOKEN_HELP)

@@ -50,7 +50,12 @@ class ServerPool:
         return [w.connect.remote(sid, providers[i]) for i, w in enumerate(self.workers)]
 
     def close(self, sid: str) -> None:
-        ray.get([w.close.remote(sid) for w in self.workers])
+        """Free the session on every worker still alive (a dead one freed everything with itself)."""
+        for ref in [w.close.remote(sid) for w in self.workers]:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                pass
 
     def node_ids(self) -> list[str]:
         return ray.get([w.node_id.remote() for w in self.workers])

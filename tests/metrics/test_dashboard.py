@@ -1,4 +1,5 @@
-"""Grafana dashboard, Grafana provisioning and Prometheus config agree with the exporter."""
+"""Grafana dashboard, Grafana provisioning, Prometheus config and docs/METRICS.md agree with the two
+exporters: the client's (``Telemetry`` families) and the server's (the same plus the gateway's sessions)."""
 import json
 import re
 from pathlib import Path
@@ -7,9 +8,11 @@ import pytest
 import yaml
 
 from cryptogen.exporter import MetricsExporter
+from cryptogen.server.stats import GatewayCollector, GatewayStats
 from cryptogen.telemetry import Telemetry
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+METRICS_DOC = CONFIGS.parent / "docs" / "METRICS.md"
 DASHBOARD = CONFIGS / "grafana" / "cryptogen-dashboard.json"
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and",
                 "or", "unless", "offset", "atop", "inf", "nan"}
@@ -45,10 +48,26 @@ def metric_names(expr: str) -> set:
     return names
 
 
-def exported_families() -> dict:
-    """{family name: type} as the exporter's registry describes them."""
-    exporter = MetricsExporter(Telemetry(), port=0)        # not started: registry only
+def client_families() -> dict:
+    """{family name: type} of the client's exporter (``Connection(metrics_port=...)``)."""
+    exporter = MetricsExporter(Telemetry("client"), port=0)        # not started: registry only
     return {fam.name: fam.type for fam in exporter.registry.collect()}
+
+
+def server_families() -> dict:
+    """{family name: type} of the server's exporter, built as ``cryptogen serve --metrics-port`` builds it."""
+    exporter = MetricsExporter(Telemetry("server"), port=0)
+    exporter.registry.register(GatewayCollector(GatewayStats()))
+    return {fam.name: fam.type for fam in exporter.registry.collect()}
+
+
+def exported_families() -> dict:
+    """{family name: type} over both exporters."""
+    return {**client_families(), **server_families()}
+
+
+def sample_name(family: str, kind: str) -> str:
+    return family + ("_total" if kind == "counter" else "")
 
 
 def resolve(name: str, families: dict):
@@ -117,10 +136,42 @@ def test_grafana_provisioning():
     assert boards["apiVersion"] == 1 and boards["providers"][0]["type"] == "file"
 
 
-@pytest.mark.parametrize("key", ["global", "job"])
+def test_server_sessions_on_the_dashboard():
+    exprs = dashboard_exprs(load_dashboard())
+    for name in ("cryptogen_server_sessions_open", "cryptogen_server_sessions_total",
+                 "cryptogen_server_sessions_timed_out_total", "cryptogen_server_sessions_failed_total"):
+        assert any(name in metric_names(e) for e in exprs), name
+    assert any("sum by (reason)" in e and "cryptogen_server_sessions_refused_total" in e for e in exprs)
+
+
+def test_panels_say_which_exporter():
+    """Client and server export the same Telemetry families (at 0 where a side records nothing):
+    each panel names the process whose exporter its numbers come from."""
+    for panel in load_dashboard()["panels"]:
+        text = panel.get("description", "").lower()
+        assert "client" in text or "server" in text, panel["title"]
+
+
+def test_metrics_doc_lists_every_family_with_its_exporter():
+    doc = METRICS_DOC.read_text()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(cryptogen_\w+)` \|(.*)$", doc, re.M)}
+    for fams in (client_families(), server_families()):
+        for family, kind in fams.items():
+            assert sample_name(family, kind) in rows, f"{sample_name(family, kind)} missing from docs/METRICS.md"
+    for family, kind in server_families().items():
+        if family not in client_families():
+            assert "server" in rows[sample_name(family, kind)], family
+
+
+@pytest.mark.parametrize("key", ["global", "client", "server"])
 def test_prometheus_config(key):
     cfg = yaml.safe_load((CONFIGS / "prometheus.yml").read_text())
-    (job,) = [j for j in cfg["scrape_configs"] if j["job_name"] == "cryptogen"]
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    assert set(jobs) == {"cryptogen-client", "cryptogen-server"}
+    job = jobs.get(f"cryptogen-{key}")
     interval = (cfg["global"] if key == "global" else job)["scrape_interval"]
     assert re.fullmatch(r"[1-5]s", interval)
-    assert job["static_configs"][0]["targets"] == ["127.0.0.1:9108"]
+    if job is not None:
+        (static,) = job["static_configs"]
+        port = {"client": 9108, "server": 9109}[key]
+        assert static["targets"] == [f"127.0.0.1:{port}"] and static["labels"] == {"role": key}

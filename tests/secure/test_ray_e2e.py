@@ -1,81 +1,106 @@
-"""End to end on an embedded Ray cluster: client actor + worker actors over TCP channels,
-dealer actor, placement group. Tolerance as in test_secure_inprocess.py (0.05 max abs)."""
+"""End to end on an embedded Ray cluster, both domains in this process (the server's gateway and
+workers started by ``server.serve.start``, a client over TLS on loopback): modes, worker counts,
+both providers, and server-side checks that need the actors. The cross-process tests are in
+tests/server. Tolerance as in test_secure_inprocess.py (0.05 max abs on logits)."""
 import threading
 
 import pytest
 import ray
+import torch
 
 from conftest import PROMPT, assert_logits_close, plain_greedy
 
-from cryptogen.client.generate import SecureGenerator
-from cryptogen.cluster.connect import connect, shutdown
-from cryptogen.scheduler.ray_runner import WorkerDied
+from cryptogen.client.remote import connect
+from cryptogen.cluster.connect import shutdown
+from cryptogen.model import GPT
+from cryptogen.net.control import RemoteError
+from cryptogen.server.serve import ServeOptions, start
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def saved(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_model.save_pretrained(folder, dtype=torch.float32)
+    return folder, GPT.from_pretrained(folder).eval()
+
+
+@pytest.fixture(scope="module")
+def dealer(tmp_path_factory):
+    from cryptogen.dealer.service import DealerServer
+
+    d = tmp_path_factory.mktemp("dealer")
+    server = DealerServer(listen="127.0.0.1:0", state_dir=str(d / "state"), out_dir=str(d)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(saved, dealer, tmp_path_factory):
+    """Two servers on one embedded Ray: 1 and 2 workers."""
     shutdown()
-    connect(None, num_cpus=4)
-    yield
-    shutdown()
-
-
-@pytest.mark.parametrize("workers, mode, n", [(1, "kv-reuse", 16), (2, "kv-reuse", 16), (2, "recompute", 6)])
-def test_ray_secure_greedy_equals_plaintext(cluster, tiny_model, workers, mode, n):
-    with SecureGenerator(tiny_model, workers=workers, mode=mode) as gen:
-        res = gen.generate(PROMPT, n, keep_logits=True)
-    assert res.tokens == plain_greedy(tiny_model, PROMPT, n)
-    assert_logits_close(res.logits, tiny_model, PROMPT, res.tokens, 0.05)
-    assert res.provider == "dealer" and len(res.timings) == n
-
-
-def test_no_worker_holds_a_secret_key(cluster, tiny_model):
-    with SecureGenerator(tiny_model, workers=2) as gen:
-        assert ray.get([w.is_public_only.remote() for w in gen.pool.workers]) == [True, True]
-        public = ray.get(gen.client.public_context.remote())
-        sk = ray.get(gen.client.__ray_call__.remote(lambda self: self.keys.secret_key_bytes()))
-    assert len(sk) > 4096 and sk[-4096:] not in public
-
-
-def test_dead_worker_is_named_and_other_sessions_continue(cluster, tiny_model):
-    doomed = SecureGenerator(tiny_model, workers=2)
-    healthy = SecureGenerator(tiny_model, workers=1)
-    try:
-        _kill_and_continue(doomed, healthy, tiny_model)
-    finally:
-        healthy.close()
-        doomed.close()
-
-
-def _kill_and_continue(doomed, healthy, tiny_model):
-
-    def kill_after_prefill(timing, n_tokens):
-        if n_tokens == 1:
-            ray.kill(doomed.pool.workers[1])
-
-    with pytest.raises(WorkerDied, match="worker 1 died"):
-        doomed.generate(PROMPT, 6, on_step=kill_after_prefill)
-    res = healthy.generate(PROMPT, 4)
-    assert res.tokens == plain_greedy(tiny_model, PROMPT, 4)
-
-
-def test_concurrent_sessions_on_one_pool(cluster, tiny_model):
     out = {}
-    with SecureGenerator(tiny_model, workers=1) as gen:
-        _two_sessions(gen, out)
-    assert out["a"] == plain_greedy(tiny_model, PROMPT, 4)
-    assert out["b"] == plain_greedy(tiny_model, [9, 100, 4], 4)
+    for workers in (1, 2):
+        d = tmp_path_factory.mktemp(f"serve{workers}")
+        opts = ServeOptions(model=str(saved[0]), workers=workers, listen="127.0.0.1:0",
+                            connection_file=str(d / "server.json"), state_dir=str(d / "state"),
+                            dealer=str(dealer.server_file), num_cpus=4)
+        gw, pool, _, _ = start(opts)
+        out[workers] = (opts.connection_file, gw, pool)
+    yield out
+    for _, gw, pool in out.values():
+        gw.close()
+        pool.shutdown()
+    shutdown()
 
 
-def _two_sessions(gen, out):
+@pytest.mark.parametrize("workers, mode, provider, n", [(1, "kv-reuse", "he", 6), (2, "kv-reuse", "dealer", 16),
+                                                        (2, "recompute", "dealer", 6)])
+def test_ray_secure_greedy_equals_plaintext(servers, saved, dealer, workers, mode, provider, n):
+    model = saved[1]
+    with connect(servers[workers][0], dealer=dealer.client_file) as c:
+        tokens = list(c.generate(PROMPT, n, mode=mode, provider=provider, keep_logits=True))
+        logits = c.last_logits
+    assert tokens == plain_greedy(model, PROMPT, n)
+    assert_logits_close(logits, model, PROMPT, tokens, 0.05)
+
+
+def test_no_worker_holds_a_secret_key(servers, dealer):
+    _, gw, pool = servers[2]
+    with connect(servers[2][0], dealer=dealer.client_file) as c:
+        gen = c.generate(PROMPT, 3, provider="dealer")
+        next(gen)  # a session is open on every worker
+        assert ray.get([w.is_public_only.remote() for w in pool.workers]) == [True, True]
+        assert sum(ray.get([w.open_sessions.remote() for w in pool.workers])) == 2
+        public, sk = c.keys.public_context_bytes(), c.keys.secret_key_bytes()
+        list(gen)
+    assert len(sk) > 4096 and sk[-4096:] not in public
+    assert ray.get([w.open_sessions.remote() for w in pool.workers]) == [0, 0]  # freed at the end
+
+
+def test_dead_worker_ends_the_session_with_a_clear_error(servers, saved, dealer):
+    """A worker killed mid-generation: the session ends at once with an error naming it (issue 13
+    makes this a retry); the gateway frees the session."""
+    _, gw, pool = servers[2]
+    with connect(servers[2][0], dealer=dealer.client_file) as c:
+        with pytest.raises(RemoteError, match="worker 1 died"):
+            for i, _ in enumerate(c.generate(PROMPT, 6, provider="dealer")):
+                if i == 0:
+                    ray.kill(pool.workers[1])
+    assert gw.stats.as_dict()["open"] == 0
+
+
+def test_concurrent_sessions_on_one_pool(servers, saved, dealer):
+    out = {}
 
     def go(key, prompt):
-        out[key] = gen.generate(prompt, 4).tokens
-
+        with connect(servers[1][0], dealer=dealer.client_file) as c:
+            out[key] = list(c.generate(prompt, 4, provider="dealer"))
     threads = [threading.Thread(target=go, args=(k, p)) for k, p in (("a", PROMPT), ("b", [9, 100, 4]))]
     for th in threads:
         th.start()
     for th in threads:
-        th.join()
+        th.join(300)
+    assert out["a"] == plain_greedy(saved[1], PROMPT, 4)
+    assert out["b"] == plain_greedy(saved[1], [9, 100, 4], 4)

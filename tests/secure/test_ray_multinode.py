@@ -1,11 +1,14 @@
-"""A simulated multi-node cluster (ray.cluster_utils.Cluster): shards land on different nodes."""
+"""A simulated multi-node cluster (ray.cluster_utils.Cluster): the server joins it by address,
+its shards land on different nodes, each loading the checkpoint on its own node."""
 import pytest
 import torch
 
 from conftest import PROMPT, plain_greedy
 
-from cryptogen.client.generate import SecureGenerator
-from cryptogen.cluster.connect import ClusterError, connect, shutdown
+from cryptogen.client.remote import connect
+from cryptogen.cluster.connect import ClusterError, connect as ray_connect, shutdown
+from cryptogen.model import GPT
+from cryptogen.server.serve import ServeOptions, start
 
 pytestmark = pytest.mark.slow
 
@@ -25,19 +28,23 @@ def three_nodes():
 
 
 def test_shards_on_different_nodes_still_match(three_nodes, tiny_model, tmp_path):
-    """Given a checkpoint folder, each worker loads the weights on its own node: the weights
-    never pass through the user's process (which reads only config.json)."""
-    tiny_model.save_pretrained(tmp_path, dtype=torch.float32)
-    info = connect(three_nodes.address)
-    assert info.nodes == 3
-    with SecureGenerator(str(tmp_path), workers=2, address=three_nodes.address) as gen:
-        assert gen.cfg == tiny_model.config
-        res = gen.generate(PROMPT, 6)
-    assert len(set(res.worker_nodes)) == 2
-    assert res.tokens == plain_greedy(tiny_model, PROMPT, 6)
+    tiny_model.save_pretrained(tmp_path / "m", dtype=torch.float32)
+    model = GPT.from_pretrained(tmp_path / "m")
+    opts = ServeOptions(model=str(tmp_path / "m"), workers=2, address=three_nodes.address, listen="127.0.0.1:0",
+                        connection_file=str(tmp_path / "server.json"), state_dir=str(tmp_path / "state"))
+    gw, pool, _, _ = start(opts)
+    try:
+        assert len(set(pool.node_ids())) == 2
+        with connect(opts.connection_file) as c:
+            assert c.cfg == model.config
+            tokens = list(c.generate(PROMPT, 4))
+    finally:
+        gw.close()
+        pool.shutdown()
+    assert tokens == plain_greedy(model, PROMPT, 4)
 
 
 def test_unreachable_address_fails_fast():
     shutdown()
     with pytest.raises(ClusterError, match="cannot reach a Ray cluster at 127.0.0.1:1"):
-        connect("127.0.0.1:1")
+        ray_connect("127.0.0.1:1")

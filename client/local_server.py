@@ -25,6 +25,7 @@ class LocalServer:
         self.model, self.workers, self.address, self.max_sessions = model, workers, address, max_sessions
         self.extra = extra or []
         self.proc: subprocess.Popen | None = None
+        self.metrics_url: str | None = None
         self._tmp = None
 
     def start(self) -> "LocalServer":
@@ -53,6 +54,9 @@ class LocalServer:
                 raise LocalServerError(f"the local server did not start within {START_TIMEOUT:.0f} s")
             time.sleep(0.2)
         self._relay(shown)
+        import re
+        m = re.search(r"metrics at (http://\S+/metrics)", self.log.read_text(errors="replace"))
+        self.metrics_url = m.group(1) if m else None  # with --metrics-port in ``extra``
         return self
 
     def _relay(self, shown: int) -> int:

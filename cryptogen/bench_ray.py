@@ -131,7 +131,7 @@ class RayBackend:
         self.server = LocalServer(folder, workers=workers, address=address, max_sessions=1,
                                   extra=["--metrics-port", "0"]).start()
         try:
-            self.url = metrics_url(self.server)
+            self.url = self.server.metrics_url or metrics_url(self.server)
             self.conn = connect(self.server.connection_file)
         except BaseException:
             self.server.stop()

@@ -183,13 +183,16 @@ def serve(
     dealer: Optional[str] = typer.Option(None, help="The dealer's server connection file, to offer --provider dealer."),
     metrics_port: Optional[int] = typer.Option(None, help="Server metrics (sessions, HE ops, KV cache) on "
                                                           "127.0.0.1:PORT."),
+    num_cpus: Optional[int] = typer.Option(None, min=1, help="CPUs of the embedded Ray (no --address); default: "
+                                                             "the machine's."),
 ):
     """Run the secure server (the model owner's side) until interrupted."""
     from .server.serve import ServeOptions, serve as run_serve
 
     opts = ServeOptions(model=model, workers=workers, layer_groups=layer_groups, address=address, listen=listen,
                         connection_file=connection_file, max_sessions=max_sessions, idle_timeout=idle_timeout,
-                        state_dir=state_dir, cert=cert, key=key, metrics_port=metrics_port, dealer=dealer)
+                        state_dir=state_dir, cert=cert, key=key, metrics_port=metrics_port, dealer=dealer,
+                        num_cpus=num_cpus)
     _run(run_serve, opts)
 
 
@@ -240,7 +243,7 @@ def bench(
                    "minus --tokens)."),
     tokens: int = typer.Option(3, min=1, help="Decode tokens per point (latency: their median)."),
     workers: str = typer.Option("1,2", help="Worker counts of the sweep; the smallest also runs the context table."),
-    ray: bool = typer.Option(False, "--ray", help="Context table on Ray (SecureGenerator) instead of in-process."),
+    ray: bool = typer.Option(False, "--ray", help="Context table through a local server (its own process, Ray workers) instead of in-process."),
     sweep_backend: str = typer.Option("ray", help="Worker sweep backend: ray (processes: real parallel speedup) "
                                                   "or inprocess (threads, GIL-bound; same counts), or none (no sweep)."),
     sweep_context: Optional[int] = typer.Option(

@@ -161,6 +161,7 @@ def start(opts: ServeOptions):
         def snapshot():
             for snap in pool.snapshots():
                 telemetry.merge(snap)
+            telemetry.sessions(gw.stats.as_dict()["open"])  # the gateway's count, not one per worker
             return telemetry.snapshot()
         exporter = MetricsExporter(snapshot, port=opts.metrics_port)
         exporter.registry.register(GatewayCollector(gw.stats))

@@ -110,7 +110,6 @@ class WorkerActor:
     def telemetry_snapshot(self):
         kv = self.shard.cache_stats()
         self.telemetry.kv_cache(self.index, kv["ciphertexts"], kv["bytes"])
-        self.telemetry.sessions(len(self.shard.sessions))
         return self.telemetry.snapshot()
 
     def session_cache(self, sid: str) -> dict:

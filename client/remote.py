@@ -39,6 +39,7 @@ from cryptogen.scheduler.driver import Driver, StepTiming
 from cryptogen.scheduler.plan import make_plan
 from cryptogen.telemetry import Telemetry
 
+from .demand import DemandModel, profile_key
 from .session import ClientSession
 
 PROVIDERS = control.PROVIDERS
@@ -129,6 +130,10 @@ class _ClientRunner:
         now = {"sent": sum(ph.bytes_sent for ph in phases), "recv": sum(ph.bytes_recv for ph in phases),
                "rounds": sum(ph.rounds for ph in phases)}
         cr = party.cr.counters()
+        off = cr.get("offline", {})  # the dealer-free provider's own link
+        now["sent"] += off.get("bytes_sent", 0)
+        now["recv"] += off.get("bytes_recv", 0)
+        now["rounds"] += off.get("rounds", 0)
         for kind in ("triple", "bits", "matrix"):
             now[f"p_{kind}"] = cr["produced"].get(kind, 0)
             now[f"c_{kind}"] = cr["consumed"].get(kind, 0)
@@ -175,6 +180,9 @@ class Connection:
             from cryptogen.exporter import MetricsExporter
             self.exporter = MetricsExporter(self.telemetry, port=metrics_port).start()
         self._keys: ClientKeys | None = None
+        self.demand = DemandModel(profile_key(self.cfg, len(self.plan.workers), int(w["layer_groups"]),
+                                              self.he_config))
+        self.last_offline_s = 0.0  # correlated randomness made before the last request's first step
 
     @property
     def keys(self) -> ClientKeys:
@@ -217,8 +225,11 @@ class Connection:
         if len(ids) + max_new_tokens - 1 > self.cfg.n_positions:
             raise ValueError(f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's context "
                              f"of {self.cfg.n_positions}")
-        with self._session(ids, sampling, mode, provider) as s:
-            n = len(ids)
+        n = len(ids)
+        steps = [Forward(0, n, "last")] + [
+            Forward(n + i - 1, 1, "last") if mode == "kv-reuse" else Forward(0, n + i, "last", reset=True)
+            for i in range(1, max_new_tokens)]
+        with self._session(ids, sampling, mode, provider, steps) as s:
             s.step(Forward(0, n, "last"), "prefill", on_step)
             yield s.session.tokens[n]
             for i in range(1, max_new_tokens):
@@ -233,25 +244,29 @@ class Connection:
         ids = [int(t) for t in token_ids]
         if not 1 <= len(ids) <= self.cfg.n_positions:
             raise ValueError(f"the text must have 1..{self.cfg.n_positions} tokens, got {len(ids)}")
-        with self._session(ids, SamplingConfig(), "kv-reuse", provider) as s:
+        with self._session(ids, SamplingConfig(), "kv-reuse", provider, [Forward(0, len(ids), "all")]) as s:
             s.step(Forward(0, len(ids), "all"), "prefill", on_step)
             return np.stack(s.session.logit_history)
 
-    def _session(self, ids, sampling, mode, provider) -> "_Session":
+    def _session(self, ids, sampling, mode, provider, steps=()) -> "_Session":
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if provider not in PROVIDERS:
             raise ValueError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
         if provider == "dealer" and self.dealer_file is None:
             raise ValueError("the dealer provider needs the dealer's client connection file (--dealer FILE)")
-        return _Session(self, ids, sampling, mode, provider)
+        return _Session(self, ids, sampling, mode, provider, list(steps))
 
 
 class _Session:
     """One secure session: its data links, parties and the client's shares."""
 
-    def __init__(self, conn: Connection, ids, sampling, mode, provider):
+    def __init__(self, conn: Connection, ids, sampling, mode, provider, steps=()):
         self.conn, self.mode, self.provider = conn, mode, provider
+        # with the dealer-free provider: the request's randomness, made before its first step
+        self.forecast = ({w: conn.demand.predict(w, [(f.start, f.T, f.logits) for f in steps])
+                          for w in range(len(conn.plan.workers))} if provider == "he" and steps else {})
+        self._consumed: dict[int, dict] = {}
         self.session = ClientSession(conn.cfg, conn.plan, conn.keys, ids, Sampler(sampling))
         self.parties: dict[int, Party] = {}
         self.links: list = []
@@ -269,7 +284,18 @@ class _Session:
         self.runner = _ClientRunner(self.session, self.parties, c.telemetry)
         self.driver = Driver(self.runner, c.cfg, c.plan, self.mode)
         c.telemetry.sessions(1)
+        self._offline()
         return self
+
+    def _offline(self) -> None:
+        """Fill every link's pools with the forecast demand of the whole request (offline phase)."""
+        t0 = time.perf_counter()
+        if self.forecast and all(v is not None for v in self.forecast.values()):
+            with ThreadPoolExecutor(max_workers=len(self.parties)) as ex:
+                list(ex.map(lambda w: self.parties[w].cr.preprocess(triples=self.forecast[w]["triple"],
+                                                                     bits=self.forecast[w]["bits"]), self.parties))
+        self.conn.last_offline_s = time.perf_counter() - t0
+        self._consumed = {w: dict(p.cr.counters()["consumed"]) for w, p in self.parties.items()}
 
     def _open_links(self, links: list) -> None:
         c = self.conn
@@ -297,10 +323,10 @@ class _Session:
     def _provider(self, tokens: dict, offline, worker: int):
         if self.provider == "he":
             from cryptogen.mpc.provider_he import HEProvider
-            try:
-                return HEProvider(self.conn.he_config, offline=offline)
-            except TypeError:  # TEMP until the pooled provider lands
-                return HEProvider(self.conn.he_config)
+            # a known forecast is made up front (no background look-ahead competing with the online
+            # phase for the cores); without one, the pools refill in the background as they drain
+            known = self.forecast and all(v is not None for v in self.forecast.values())
+            return HEProvider(self.conn.he_config, offline=offline, lookahead=0 if known else 2)
         from cryptogen.mpc.provider_remote import RemoteDealerProvider, link_id
         return RemoteDealerProvider(self.conn.dealer_file, link_id(tokens["online"], f"w{worker}"))
 
@@ -314,6 +340,14 @@ class _Session:
             raise self._server_reason(e) from None
         control.recv(c.chan, "done")
         timing = StepTiming(fwd.start + fwd.T - 1, phase, time.perf_counter() - t0)
+        for w, party in self.parties.items():  # calibrate the demand forecast (public counts)
+            now = dict(party.cr.counters()["consumed"])
+            last = self._consumed.get(w, {})
+            c.demand.observe(w, fwd.start, fwd.T, fwd.logits, {k: now.get(k, 0) - last.get(k, 0) for k in now})
+            self._consumed[w] = now
+            mark = getattr(party.cr, "mark", None)
+            if mark is not None:
+                mark()
         c.telemetry.token(phase, self.mode, timing.seconds)
         if on_step:
             on_step(timing)
@@ -343,6 +377,8 @@ class _Session:
             closer = getattr(party.cr, "close", None)
             if closer is not None:
                 closer()
+        if self.provider == "he":
+            self.conn.demand.save()
         for ch in self.links:
             ch.close()
         self.session.close()

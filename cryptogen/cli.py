@@ -153,15 +153,19 @@ def generate(
     dealer: Optional[str] = typer.Option(None, help="The dealer's client connection file (--provider dealer)."),
     metrics_port: Optional[int] = typer.Option(None, help="Serve the client's Prometheus metrics on 127.0.0.1:PORT "
                                                           "(0: any free port)."),
+    ban_unk: Optional[bool] = typer.Option(None, "--ban-unk/--no-ban-unk",
+                                           help="Never sample the tokens that start <unk> (a logit mask; plaintext "
+                                                "and secure alike). Default: on for the shipped models."),
 ):
     """Generate text, streaming tokens as they come."""
     sampling = (temperature, top_k, seed)
     if secure or connect or server:
         from .secure_cli import generate_secure
         _run(generate_secure, prompt, model, max_new_tokens, sampling, workers, mode, address, provider, metrics_port,
-             connect_file=connect, server=server, server_cert=server_cert, api_key=api_key, dealer=dealer)
+             connect_file=connect, server=server, server_cert=server_cert, api_key=api_key, dealer=dealer,
+             ban_unk=ban_unk)
     else:
-        _run(_generate_plain, prompt, model, max_new_tokens, *sampling)
+        _run(_generate_plain, prompt, model, max_new_tokens, *sampling, ban_unk=ban_unk)
 
 
 @app.command()
@@ -196,6 +200,36 @@ def serve(
     _run(run_serve, opts)
 
 
+@app.command()
+def proxy(
+    connect: str = typer.Option(..., "--connect", help="Connection file a `cryptogen serve` wrote."),
+    listen: str = typer.Option("127.0.0.1:8000", help="HTTP address of the endpoint (loopback unless --allow-remote)."),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a non-loopback --listen address "
+                                                                    "(needs --local-api-key)."),
+    local_api_key: Optional[str] = typer.Option(None, envvar="CRYPTOGEN_PROXY_API_KEY",
+                                                help="Clients must send `Authorization: Bearer KEY`."),
+    provider: str = typer.Option("he", help="Correlated randomness: he (dealer-free) or dealer (needs --dealer)."),
+    dealer: Optional[str] = typer.Option(None, help="The dealer's client connection file (--provider dealer)."),
+    mode: str = typer.Option("kv-reuse", help="kv-reuse (encrypted KV cache) or recompute (baseline)."),
+    ban_unk: Optional[bool] = typer.Option(None, "--ban-unk/--no-ban-unk",
+                                           help="Never sample the tokens that start <unk>. Default: on for the "
+                                                "shipped models."),
+    max_sessions: int = typer.Option(16, min=1, help="Secure sessions of this proxy at once (the server has its "
+                                                     "own limit: past it, requests get 429)."),
+):
+    """An OpenAI-compatible endpoint on this machine (/v1/completions, /v1/chat/completions, /v1/models):
+    each request is a secure session whose client side runs here, against a `cryptogen serve`."""
+    def go():
+        from .client.proxy import ProxyConfigError, ProxyOptions, run_proxy
+        try:
+            run_proxy(ProxyOptions(connect=connect, listen=listen, local_api_key=local_api_key,
+                                   allow_remote=allow_remote, provider=provider, mode=mode, dealer=dealer,
+                                   ban_unk=ban_unk, max_sessions=max_sessions))
+        except ProxyConfigError as e:
+            raise UsageError(str(e)) from None
+    _run(go)
+
+
 @app.command("dealer")
 def dealer_cmd(
     listen: str = typer.Option("127.0.0.1:7870", help="TLS address the two parties connect to."),
@@ -215,13 +249,14 @@ def dealer_cmd(
     _run(go)
 
 
-def _generate_plain(prompt, model_name, max_new_tokens, temperature, top_k, seed):
+def _generate_plain(prompt, model_name, max_new_tokens, temperature, top_k, seed, ban_unk=None):
     from . import registry
-    from .sampling import Sampler, SamplingConfig
+    from .sampling import Sampler, SamplingConfig, ban_note, unk_bans
 
-    model, tok, _ = registry.load(model_name)
+    model, tok, folder = registry.load(model_name)
     ids = encode_prompt(tok, prompt, model.config.n_positions, max_new_tokens)
-    sampler = Sampler(SamplingConfig(temperature, top_k, seed))
+    bans = unk_bans(tok, folder.name, ban_unk)  # by folder name, as a server names its model
+    sampler = Sampler(SamplingConfig(temperature, top_k, seed).with_bans(bans))
     stream = TokenStream(tok)
     sys.stdout.write(prompt)
     t0 = time.perf_counter()
@@ -229,7 +264,7 @@ def _generate_plain(prompt, model_name, max_new_tokens, temperature, top_k, seed
         stream.push(token)
     dt = time.perf_counter() - t0
     stream.close()
-    typer.echo(f"[{max_new_tokens} tokens in {dt * 1000:.0f} ms, plaintext]", err=True)
+    typer.echo(f"[{max_new_tokens} tokens in {dt * 1000:.0f} ms, plaintext{ban_note(bans)}]", err=True)
 
 
 @app.command()

@@ -72,9 +72,9 @@ def progress_printer(max_new_tokens: int, mode: str):
 
 
 def generate_secure(prompt, model, max_new_tokens, sampling, workers, mode, address, provider, metrics_port,
-                    connect_file=None, server=None, server_cert=None, api_key=None, dealer=None):
+                    connect_file=None, server=None, server_cert=None, api_key=None, dealer=None, ban_unk=None):
     from .client.remote import MODES, PROVIDERS
-    from .sampling import SamplingConfig
+    from .sampling import SamplingConfig, ban_note, unk_bans
 
     if mode not in MODES:
         raise UsageError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -88,6 +88,8 @@ def generate_secure(prompt, model, max_new_tokens, sampling, workers, mode, addr
         if conn.tokenizer is None:
             raise UsageError("the server sent no tokenizer, so a text prompt cannot be encoded")
         ids = encode_prompt(conn.tokenizer, prompt, conn.cfg.n_positions, max_new_tokens)
+        bans = unk_bans(conn.tokenizer, conn.model_name, ban_unk)  # the same mask as plaintext generation
+        sampling = sampling.with_bans(bans)
         stream = TokenStream(conn.tokenizer)
         sys.stdout.write(prompt)
         sys.stdout.flush()
@@ -105,7 +107,7 @@ def generate_secure(prompt, model, max_new_tokens, sampling, workers, mode, addr
     msg = f"secure {mode}, {len(conn.plan.workers)} worker(s), provider {provider}: prefill {timings[0].seconds:.1f} s"
     if dec:
         msg += f", {1000 * sum(dec) / len(dec):.0f} ms per decoded token"
-    _say(msg)
+    _say(msg + ban_note(bans))
 
 
 def secure_eval(model_name, data, split, data_dir, windows: int, window: int, workers, address, provider,

@@ -9,10 +9,10 @@ this process), on a shipped model: prefill of the prompt, then ``--tokens - 1`` 
    path): per phase, wall and process-CPU seconds, online bytes, randomness consumed.
    This run also measures the demand of every phase.
 2. ``dealer-prefilled``: both pools filled with exactly that demand before the prompt
-   (``preprocess``), then the same generation.
-3. ``he`` (``HEProvider(offline=channel_pair(), lookahead=0)``): the offline link fills both
-   pools with the same demand before the prompt (offline wall/CPU seconds and bytes reported),
-   then the same generation, with no production during it (checked).
+   (``preprocess``); 3. ``he`` (``HEProvider(offline=channel_pair(), lookahead=0)``): the
+   offline link fills both pools with the same demand (offline wall/CPU seconds and bytes
+   reported). Then 2 and 3 generate side by side, phase by phase, alternating which goes
+   first (machine load hits both alike); ``he`` produces nothing during it (checked).
 4. with ``--cold``: ``he`` with its default look-ahead and no pre-fill (production inside the
    online path as the background producer races the protocols), for reference.
 Online = the wall time of the driver's prefill / decode steps. CPU = process CPU (both parties
@@ -43,51 +43,46 @@ def _online_bytes(party) -> int:
     return st.bytes_sent + st.bytes_recv
 
 
-def _both(runner, fn) -> None:
-    c, s = runner.client_parties[0].cr, runner.server_parties[0].cr
-    th = threading.Thread(target=fn, args=(s,))
-    th.start()
-    fn(c)
-    th.join()
+class Run:
+    """One provider's in-process runner, stepped phase by phase (prefill, then decode steps)."""
 
+    def __init__(self, name, model, ids, factory, demand=None):
+        self.name, self.cfg, self.n_prompt = name, model.config, len(ids)
+        self.plan = make_plan(self.cfg.n_layer, self.cfg.n_head, self.cfg.d_ff, 1)
+        self.runner = InProcessRunner(model, self.plan, ids, provider_factory=factory)
+        self.driver, self.cp = Driver(self.runner, self.cfg, self.plan), self.runner.client_parties[0]
+        self.rec, self.phases = dict(provider=name), []
+        if demand:  # both parties fill their pools with the measured demand before the prompt
+            c, s = self.cp.cr, self.runner.server_parties[0].cr
+            w0, p0 = time.perf_counter(), time.process_time()
+            th = threading.Thread(target=s.preprocess, kwargs=dict(triples=demand["triple"], bits=demand["bits"]))
+            th.start()
+            c.preprocess(triples=demand["triple"], bits=demand["bits"])
+            th.join()
+            self.rec.update(offline_wall_s=time.perf_counter() - w0, offline_cpu_s=time.process_time() - p0)
+        self.produced0 = dict(self.cp.cr.counters()["produced"])
 
-def generate(runner, cfg, plan, n_prompt: int, tokens: int) -> list[dict]:
-    """Prefill + decode steps; per phase: wall, CPU, online bytes (client end), consumed."""
-    d, cp = Driver(runner, cfg, plan), runner.client_parties[0]
-    phases = []
-    for i in range(tokens):
-        c0 = dict(cp.cr.counters()["consumed"])
-        b0, w0, p0 = _online_bytes(cp), time.perf_counter(), time.process_time()
-        st = d.prefill(n_prompt) if i == 0 else d.decode_one_token(n_prompt + i - 1)
-        c1 = cp.cr.counters()["consumed"]
-        phases.append(dict(phase=st.phase, wall_s=time.perf_counter() - w0, cpu_s=time.process_time() - p0,
-                           online_bytes=_online_bytes(cp) - b0,
-                           consumed={k: c1[k] - c0.get(k, 0) for k in c1}))
-    return phases
+    def step(self, i: int) -> None:
+        c0 = dict(self.cp.cr.counters()["consumed"])
+        b0, w0, p0 = _online_bytes(self.cp), time.perf_counter(), time.process_time()
+        st = self.driver.prefill(self.n_prompt) if i == 0 else self.driver.decode_one_token(self.n_prompt + i - 1)
+        c1 = self.cp.cr.counters()["consumed"]
+        self.phases.append(dict(phase=st.phase, wall_s=time.perf_counter() - w0, cpu_s=time.process_time() - p0,
+                                online_bytes=_online_bytes(self.cp) - b0,
+                                consumed={k: c1[k] - c0.get(k, 0) for k in c1}))
 
-
-def run(name, model, tok_ids, tokens, factory, demand=None):
-    cfg = model.config
-    plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, 1)
-    runner = InProcessRunner(model, plan, tok_ids, provider_factory=factory)
-    out = dict(provider=name)
-    if demand:
-        w0, p0 = time.perf_counter(), time.process_time()
-        _both(runner, lambda src: src.preprocess(triples=demand.get("triple", 0), bits=demand.get("bits", 0)))
-        out["offline_wall_s"], out["offline_cpu_s"] = time.perf_counter() - w0, time.process_time() - p0
-    before = dict(runner.client_parties[0].cr.counters().get("produced", {}))
-    out["phases"] = generate(runner, cfg, plan, len(tok_ids), tokens)
-    cnt = runner.client_parties[0].cr.counters()
-    out["produced_online"] = {k: v - before.get(k, 0) for k, v in cnt["produced"].items() if v - before.get(k, 0)}
-    if "offline" in cnt:
-        srv = runner.server_parties[0].cr.counters()
-        out["offline_link"] = dict(client=cnt["offline"], server=srv["offline"], wait_s=cnt["wait_s"])
-    out["tokens"] = runner.client.generated
-    for p in (runner.client_parties[0], runner.server_parties[0]):
-        close = getattr(p.cr, "close", None)
-        if close:
-            close()
-    return out
+    def finish(self) -> dict:
+        cnt = self.cp.cr.counters()
+        self.rec["produced_online"] = {k: v - self.produced0.get(k, 0) for k, v in cnt["produced"].items()
+                                       if v - self.produced0.get(k, 0)}
+        if "offline" in cnt:
+            srv = self.runner.server_parties[0].cr.counters()
+            self.rec["offline_link"] = dict(client=cnt["offline"], server=srv["offline"], wait_s=cnt["wait_s"])
+        self.rec.update(phases=self.phases, tokens=self.runner.client.generated)
+        for p in (self.cp, self.runner.server_parties[0]):
+            if hasattr(p.cr, "close"):
+                p.cr.close()
+        return self.rec
 
 
 def summary(r: dict) -> dict:
@@ -101,8 +96,10 @@ def summary(r: dict) -> dict:
             s[k] = r[k]
     if "offline_link" in r:
         ol = r["offline_link"]
-        s["offline_MB_each_way"] = (ol["client"]["bytes_sent"] / 1e6, ol["client"]["bytes_recv"] / 1e6)
-        s["offline_cpu_s_client_server"] = (ol["client"]["cpu_s"], ol["server"]["cpu_s"])
+        s["offline_MB_client_to_server"] = ol["client"]["bytes_sent"] / 1e6
+        s["offline_MB_server_to_client"] = ol["client"]["bytes_recv"] / 1e6
+        s["offline_producer_cpu_s_client_server"] = (ol["client"]["cpu_s"], ol["server"]["cpu_s"])
+        s["online_wait_s"] = ol["wait_s"]
     return s
 
 
@@ -120,27 +117,39 @@ def main(argv=None):
     rec = dict(model=a.model, prompt=a.prompt, prompt_tokens=len(ids), tokens=a.tokens, commit=commit,
                machine=f"{platform.platform()}, {platform.processor() or platform.machine()}",
                date=time.strftime("%Y-%m-%d %H:%M"), runs=[])
-    dealer = run("dealer", model, ids, a.tokens, DealerProvider)
-    demand = {}
-    for p in dealer["phases"]:
+    dealer = Run("dealer", model, ids, DealerProvider)  # as deployed: bundles made on demand
+    for i in range(a.tokens):
+        dealer.step(i)
+    rec["runs"].append(dealer.finish())
+    demand: dict = {}
+    for p in dealer.phases:
         for k, v in p["consumed"].items():
             demand[k] = demand.get(k, 0) + v
     rec["demand"] = demand
-    rec["runs"].append(dealer)
-    rec["runs"].append(run("dealer-prefilled", model, ids, a.tokens, DealerProvider, demand))
-    he = run("he", model, ids, a.tokens, lambda: HEProvider(offline=channel_pair(timeout=600), lookahead=0), demand)
-    assert not he["produced_online"], "the he pool was refilled during the online phase"
-    rec["runs"].append(he)
+    pair = [Run("dealer-prefilled", model, ids, DealerProvider, demand),
+            Run("he", model, ids, lambda: HEProvider(offline=channel_pair(timeout=600), lookahead=0), demand)]
+    for i in range(a.tokens):  # side by side: alternate which provider steps first
+        for r in (pair if i % 2 == 0 else pair[::-1]):
+            r.step(i)
+    rec["runs"] += [r.finish() for r in pair]
+    assert not rec["runs"][-1]["produced_online"], "the he pool was refilled during the online phase"
     if a.cold:
-        rec["runs"].append(run("he-cold", model, ids, a.tokens, lambda: HEProvider(offline=channel_pair(timeout=600))))
+        cold = Run("he-cold", model, ids, lambda: HEProvider(offline=channel_pair(timeout=600)))
+        for i in range(a.tokens):
+            cold.step(i)
+        rec["runs"].append(cold.finish())
     rec["summary"] = [summary(r) for r in rec["runs"]]
     by = {s["provider"]: s for s in rec["summary"]}
     rec["ratio_he_over_dealer"] = {
         f"{k}_{base}": by["he"][k] / by[base][k] for base in ("dealer", "dealer-prefilled")
         for k in ("prefill_wall_s", "decode_wall_s", "prefill_cpu_s", "decode_cpu_s") if by[base].get(k)}
+    d_ph, h_ph = rec["runs"][1]["phases"], rec["runs"][2]["phases"]
+    rec["paired_ratio_he_over_dealer_prefilled"] = [
+        dict(phase=d["phase"], wall=h["wall_s"] / d["wall_s"], cpu=h["cpu_s"] / d["cpu_s"]) for d, h in zip(d_ph, h_ph)]
     rec["same_tokens"] = len({tuple(r["tokens"]) for r in rec["runs"]}) == 1
     print(json.dumps(dict(summary=rec["summary"], ratio=rec["ratio_he_over_dealer"], demand=demand,
-                          same_tokens=rec["same_tokens"], tokens=dealer["tokens"]), indent=1, default=float))
+                          paired=rec["paired_ratio_he_over_dealer_prefilled"], same_tokens=rec["same_tokens"],
+                          tokens=rec["runs"][0]["tokens"]), indent=1, default=float))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rec, f, indent=1, default=float)

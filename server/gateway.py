@@ -68,6 +68,14 @@ class Gateway:
 
     async def _on_connect(self, reader, writer) -> None:
         chan = TLSChannel(reader, writer, max_frame=self.ctx_cap + 4096, timeout=HELLO_TIMEOUT)
+        with self._lock:
+            crowded = len(self._threads) >= 4 * self.options.max_sessions + 16
+        if crowded:  # a flood of connections gets no thread each
+            self.stats.refuse("busy")
+            control.send_error(chan, "busy", f"the server has too many connections; retry after {BUSY_RETRY_S} s",
+                               retry_after=BUSY_RETRY_S)
+            chan.close_soon()
+            return
         th = threading.Thread(target=self._serve, args=(chan,), name="cryptogen-session", daemon=True)
         with self._lock:
             self._threads.add(th)

@@ -80,10 +80,9 @@ class WorkerActor:
         self.offline[sid] = offline
         if provider == "he":
             from cryptogen.mpc.provider_he import HEProvider
-            try:
-                provider = HEProvider(self.he_config, offline=offline)
-            except TypeError:  # TEMP until the pooled provider lands
-                provider = HEProvider(self.he_config)
+            if offline is None:
+                raise SessionError("the dealer-free provider needs the session's offline link")
+            provider = HEProvider(self.he_config, offline=offline)  # it follows the client's batches
         party = Party("server", online, provider, self.fp)
         with self._lock:
             if sid not in self.tokens:  # closed while connecting

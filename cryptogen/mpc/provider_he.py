@@ -60,7 +60,6 @@ from .pool import PooledSource, Stopped, recv_blob, send_blob
 from .provider import Source, nbits
 
 
-
 def _to_arr(b: bytes) -> np.ndarray:
     return np.frombuffer(b, dtype=np.uint8)
 

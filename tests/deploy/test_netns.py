@@ -16,7 +16,6 @@ import random
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -122,7 +121,7 @@ def test_client_in_another_network_namespace_gets_greedy_over_veth(veth_namespac
         code = CLIENT.format(conn=str(server.conn_file), prompt=list(PROMPT), n=NEW)
         r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], capture_output=True, text=True,
                            timeout=240, cwd=ROOT, env=clean_env(home))
-        assert r.returncode == 0, r.stderr[-3000:] + "\n--- server ---\n" + server.log.read_text()[-2000:]
+        assert r.returncode == 0, r.stderr[-6000:] + "\n--- server ---\n" + server.log.read_text()[-3000:]
         out = json.loads(r.stdout.splitlines()[-1])
         assert out["tokens"] == greedy(tiny_folder, PROMPT, NEW)
         socks = out["socks"]

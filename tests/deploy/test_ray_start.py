@@ -9,7 +9,6 @@ the processes it started (never `ray stop`: other Ray instances may be running o
 """
 import json
 import os
-import re
 import secrets
 import signal
 import socket

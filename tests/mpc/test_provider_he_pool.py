@@ -211,13 +211,13 @@ def test_close_stops_producers_idle_and_mid_batch():
 
     prov = pooled(lookahead=0)
     c, s = prov.source("client", None), prov.source("server", None)
-    c.preprocess(triples=50 * 8192, wait=False)  # a long fill in progress
+    c.preprocess(triples=400 * 8192, wait=False)  # a long fill (~10 s of work) in progress
     while c.counters()["offline"]["batches"] < 1:
         threading.Event().wait(0.05)
     c.close(timeout=30)
     s.close(timeout=30)
     assert not c._thread.is_alive() and not s._thread.is_alive()
-    assert c.counters()["produced"].get("triple", 0) < 50 * 8192
+    assert c.counters()["produced"].get("triple", 0) < 400 * 8192
 
 
 def test_preprocess_then_online_produces_nothing_and_inline_mode_unchanged():

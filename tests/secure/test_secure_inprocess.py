@@ -35,7 +35,7 @@ def test_secure_greedy_equals_plaintext(tiny_model, workers, mode):
     assert len(set(tokens)) > 3  # a non-degenerate continuation
     assert_logits_close(runner.client.logit_history, tiny_model, PROMPT, tokens, TOL)
     # kv-reuse keeps one cache entry per token; recompute rebuilt it for the last pass only
-    cache = runner.shards[0].sessions[runner.sid][(0, runner.shards[0].plan.shards[0].heads[0])]
+    cache = runner.shards[0].sessions[runner.sid]["caches"][(0, runner.shards[0].plan.shards[0].heads[0])]
     assert cache.length == len(PROMPT) + 15
 
 

@@ -183,6 +183,7 @@ class Connection:
         self.demand = DemandModel(profile_key(self.cfg, len(self.plan.workers), int(w["layer_groups"]),
                                               self.he_config))
         self.last_offline_s = 0.0  # correlated randomness made before the last request's first step
+        self.last_forecast = False  # whether that request's demand was known (else made on demand, online)
 
     @property
     def keys(self) -> ClientKeys:
@@ -290,7 +291,8 @@ class _Session:
     def _offline(self) -> None:
         """Fill every link's pools with the forecast demand of the whole request (offline phase)."""
         t0 = time.perf_counter()
-        if self.forecast and all(v is not None for v in self.forecast.values()):
+        self.conn.last_forecast = bool(self.forecast) and all(v is not None for v in self.forecast.values())
+        if self.conn.last_forecast:
             with ThreadPoolExecutor(max_workers=len(self.parties)) as ex:
                 list(ex.map(lambda w: self.parties[w].cr.preprocess(triples=self.forecast[w]["triple"],
                                                                      bits=self.forecast[w]["bits"]), self.parties))

@@ -170,8 +170,8 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> ClusterI
         if address.startswith("ray://"):
             _probe(address)
         ray.init(address=address, **common)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **common)
+    else:  # "local": a new embedded instance, never one left by `ray start` on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
     return _info(address)
 
 

@@ -104,7 +104,12 @@ def generate_secure(prompt, model, max_new_tokens, sampling, workers, mode, addr
             stream.push(token)
         stream.close()
     dec = [t.seconds for t in timings if t.phase == "decode"]
-    msg = f"secure {mode}, {len(conn.plan.workers)} worker(s), provider {provider}: prefill {timings[0].seconds:.1f} s"
+    msg = f"secure {mode}, {len(conn.plan.workers)} worker(s), provider {provider}: "
+    if provider == "he":
+        msg += (f"offline {conn.last_offline_s:.1f} s (correlated randomness for the request, made first); online "
+                if conn.last_forecast else "randomness made on demand (first run of this model: calibrating the "
+                                           "forecast, later runs make it before the request); ")
+    msg += f"prefill {timings[0].seconds:.1f} s"
     if dec:
         msg += f", {1000 * sum(dec) / len(dec):.0f} ms per decoded token"
     _say(msg + ban_note(bans))

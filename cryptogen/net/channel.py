@@ -16,6 +16,7 @@ peer that runs too far ahead: the link ends with a ``ChannelError`` naming the s
 from __future__ import annotations
 
 import asyncio
+import atexit
 import queue
 import struct
 import threading
@@ -53,7 +54,22 @@ class _Loop:
                 loop = asyncio.new_event_loop()
                 threading.Thread(target=loop.run_forever, name="cryptogen-tls", daemon=True).start()
                 cls._loop = loop
+                atexit.register(cls._stop, loop)
             return cls._loop
+
+    @staticmethod
+    def _stop(loop) -> None:
+        """At exit: cancel the links' reader tasks and stop the loop (no 'task destroyed' noise)."""
+        async def cancel_all():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(2)
+            loop.call_soon_threadsafe(loop.stop)
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            pass
 
 
 def io_loop() -> asyncio.AbstractEventLoop:

@@ -35,8 +35,8 @@ from cryptogen.net.channel import dial, frame
 from cryptogen.net.control import Forward, RemoteError
 from cryptogen.net.tls import TLSError, fingerprint
 from cryptogen.sampling import Sampler, SamplingConfig
-from cryptogen.scheduler.driver import Driver, StepTiming
-from cryptogen.scheduler.plan import make_plan
+from cryptogen.driver import Driver, StepTiming
+from cryptogen.plan import make_plan
 from cryptogen.telemetry import Telemetry
 
 from .demand import DemandModel, profile_key

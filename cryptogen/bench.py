@@ -108,7 +108,7 @@ def load_model(opts: BenchOptions, cfg):
 
 def validate(opts: BenchOptions):
     """(cfg, model label, contexts, worker counts, sweep context); raises BenchError before any work."""
-    from .scheduler.plan import make_plan
+    from .plan import make_plan
     for bad, msg in ((opts.tokens < 1, f"--tokens must be >= 1, got {opts.tokens}"),
                      (opts.sweep_backend not in BACKENDS + ("none",), "--sweep-backend must be ray, inprocess or none"),
                      (opts.max_minutes <= 0, f"--max-minutes must be positive, got {opts.max_minutes}")):
@@ -170,7 +170,7 @@ def _traffic(chans) -> dict:
 class InProcessBackend:
     def __init__(self, model, workers: int):
         from .scheduler.inprocess import InProcessRunner
-        from .scheduler.plan import make_plan
+        from .plan import make_plan
         self.cfg = model.config
         self.plan = make_plan(self.cfg.n_layer, self.cfg.n_head, self.cfg.d_ff, workers)
         self.runner = InProcessRunner(model, self.plan, [0])  # weights encoded and keys made once
@@ -184,7 +184,7 @@ class InProcessBackend:
 
     def run(self, mode: str, prompt: list[int], tokens: int, progress) -> dict:
         from .client.session import ClientSession
-        from .scheduler.driver import Driver, StepTiming
+        from .driver import Driver, StepTiming
         r, C = self.runner, len(prompt) - 1  # prompt: the C context tokens + the first token to decode
         r.client.close()
         rec = _Recorder(self._totals, self._kv, progress)
@@ -208,7 +208,7 @@ class InProcessBackend:
         cache grows to the next context by one chunked prefill pass over more prompt tokens (the
         decode step at a context is the same as after a fresh prefill; the prefill work is shared)."""
         from .client.session import ClientSession
-        from .scheduler.driver import Driver
+        from .driver import Driver
         r, out, done = self.runner, {}, 0
         r.client.close()
         r.client = ClientSession(self.cfg, self.plan, r.keys, prompt[:contexts[0]])

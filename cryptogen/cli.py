@@ -32,8 +32,8 @@ def _user_errors() -> tuple:
     from .mpc.errors import ChannelError
     from .net.control import ProtocolError, RemoteError
     from .net.tls import TLSError
-    from .scheduler.driver import DriverError
-    from .scheduler.plan import PlanError
+    from .driver import DriverError
+    from .plan import PlanError
     from .client.local_server import LocalServerError
     from .client.remote import ConnectError
     from .server.serve import ServeError

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_providers.py [--model wikitext2] [--tokens 3] [--out r.json]
 
-In-process (scheduler/inprocess.py + scheduler/driver.py, 1 worker, both parties as threads of
+In-process (scheduler/inprocess.py + cryptogen/driver.py, 1 worker, both parties as threads of
 this process), on a shipped model: prefill of the prompt, then ``--tokens - 1`` decode steps.
 
 1. ``dealer`` (as deployed today: the dealer's bundles are made on demand, inside the online
@@ -33,9 +33,9 @@ from cryptogen import registry
 from cryptogen.mpc.channel import channel_pair
 from cryptogen.mpc.provider import DealerProvider
 from cryptogen.mpc.provider_he import HEProvider
-from cryptogen.scheduler.driver import Driver
+from cryptogen.driver import Driver
 from cryptogen.scheduler.inprocess import InProcessRunner
-from cryptogen.scheduler.plan import make_plan
+from cryptogen.plan import make_plan
 
 
 def _online_bytes(party) -> int:

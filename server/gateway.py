@@ -28,7 +28,7 @@ from cryptogen.mpc.errors import ChannelError, MPCError
 from cryptogen.net import control
 from cryptogen.net.channel import IdleTimeout, TLSChannel, run
 from cryptogen.net.tls import new_secret, same_secret, server_context
-from cryptogen.scheduler.driver import Driver
+from cryptogen.driver import Driver
 from cryptogen.scheduler.ray_runner import RayRunner, ServerPool, WorkerDied
 
 from .stats import GatewayStats

@@ -100,7 +100,7 @@ def check(opts: ServeOptions) -> tuple[Path, str, int]:
         if not (folder / f).is_file():
             raise ServeError(f"model folder {folder} has no {f}")
     cfg = GPT.read_config(folder)
-    from cryptogen.scheduler.plan import make_plan
+    from cryptogen.plan import make_plan
     make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, opts.workers, opts.layer_groups)  # PlanError early
     conn = Path(opts.connection_file)
     if not conn.parent.resolve().is_dir():
@@ -116,7 +116,7 @@ def start(opts: ServeOptions):
     from cryptogen.he.params import HEConfig
     from cryptogen.model import GPT
     from cryptogen.net import control
-    from cryptogen.scheduler.plan import make_plan
+    from cryptogen.plan import make_plan
     from cryptogen.scheduler.ray_runner import ServerPool
 
     folder, host, port = check(opts)

@@ -6,9 +6,9 @@ import torch
 
 from cryptogen.client.demand import MARGIN, DemandModel
 from cryptogen.model import GPT, GPTConfig
-from cryptogen.scheduler.driver import Driver
+from cryptogen.driver import Driver
 from cryptogen.scheduler.inprocess import InProcessRunner
-from cryptogen.scheduler.plan import make_plan
+from cryptogen.plan import make_plan
 
 CFG = GPTConfig(vocab_size=256, n_positions=64, n_embd=64, n_layer=1, n_head=2)
 

@@ -6,7 +6,7 @@ cache of its heads per session, and runs the server role of each stage against t
 over a ``Party`` (channel + correlated randomness). It is built from a *public* HE context
 only: it holds no key that opens a ciphertext.
 
-Stages (the names are the metric labels; scheduler/driver.py calls them in this order):
+Stages (the names are the metric labels; cryptogen/driver.py calls them in this order):
   embed      token one-hot (encrypted by the client) x this worker's embedding row shards
              -> partial residual share (+ positions on the ends worker)
   layernorm  LN with the server's private gamma/beta (2PC), on the layer's lead worker
@@ -31,7 +31,7 @@ from cryptogen.model import GPT
 from cryptogen.mpc.compare import trunc
 from cryptogen.mpc.gelu import gelu
 from cryptogen.mpc.layernorm import layernorm
-from cryptogen.scheduler.plan import WorkerPlan
+from cryptogen.plan import WorkerPlan
 from cryptogen.twoparty import (kv_append_server, kv_prefill_server, linear_server,
                                 scores_prefill_server, scores_server, softmax_heads, values_prefill_server,
                                 values_server)

@@ -253,9 +253,9 @@ def _tiny_model():
 
 
 def test_inprocess_secure_generation_with_pooled_provider():
-    from cryptogen.scheduler.driver import Driver
+    from cryptogen.driver import Driver
     from cryptogen.scheduler.inprocess import InProcessRunner
-    from cryptogen.scheduler.plan import make_plan
+    from cryptogen.plan import make_plan
 
     model, prompt, n_new = _tiny_model(), [3, 17], 2
     cfg = model.config

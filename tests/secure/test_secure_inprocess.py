@@ -10,9 +10,9 @@ from transformers import GPT2LMHeadModel
 
 from conftest import PROMPT, assert_logits_close, plain_greedy
 
-from cryptogen.scheduler.driver import Driver
+from cryptogen.driver import Driver
 from cryptogen.scheduler.inprocess import InProcessRunner
-from cryptogen.scheduler.plan import make_plan
+from cryptogen.plan import make_plan
 
 pytestmark = pytest.mark.slow
 TOL = 0.05

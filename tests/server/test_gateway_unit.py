@@ -11,7 +11,7 @@ from cryptogen.mpc.errors import ChannelError
 from cryptogen.net import control
 from cryptogen.net.channel import dial
 from cryptogen.net.tls import ensure_certificate, fingerprint
-from cryptogen.scheduler.plan import make_plan
+from cryptogen.plan import make_plan
 from cryptogen.server.gateway import Gateway, GatewayConfig
 
 CFG = GPTConfig(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=2)

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cryptogen.scheduler.plan import PlanError, make_plan
+from cryptogen.plan import PlanError, make_plan
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,13 +1,14 @@
-"""The per-token driver: secure prefill over the prompt, then decode steps.
+"""The stage sequence of secure prefill and decode steps, run by BOTH parties.
 
 It reads like ``Block.forward``: each call to ``self.stage`` is one stage of the data flow
-(DESIGN §3), run by the client and the workers that serve it, and the stage names are the
-metric labels. The driver is server-side: it never sees a token, a share or a logit; it
-only passes the server's own shares between workers (as Ray object refs) and knows the
-public counts (prompt length, tokens asked for).
+(DESIGN §3), and the stage names are the metric labels. It is a pure function of public facts
+(model shape, shard plan, positions), so the server's gateway and the user's client each run it
+with their own ``runner``: the server's ``RayRunner`` (scheduler/ray_runner.py) fans each stage
+out to the worker actors and passes the server's shares between them as Ray refs inside the
+server's cluster; the client's runner (client/remote.py) runs the client halves over the TLS
+data links. ``InProcessRunner`` (scheduler/inprocess.py) runs both halves as threads, for tests.
+The driver itself never sees a token, a share or a logit.
 
-A ``runner`` executes stages: ``InProcessRunner`` (both parties as threads, for tests) or
-``RayRunner`` (client actor + worker actors; fans out, one ``ray.get`` per token).
 Modes: ``kv-reuse`` keeps the encrypted KV cache across steps; ``recompute`` (the BOLT-style
 baseline) clears it and re-runs the whole prefix for every new token, on the same kernels.
 """

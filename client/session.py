@@ -1,4 +1,4 @@
-"""The client's side of secure generation (no Ray here; ``actor.py`` wraps it).
+"""The client's side of secure generation, on the user's machine (``remote.py`` runs it over TLS).
 
 The client holds the secret key, its shares of every activation, the token ids and the
 logits; it never holds a weight. Each stage mirrors ``workers/shard.py`` step for step

@@ -7,8 +7,8 @@ it has received (or its very first send) starts a new round, so a simultaneous
 exchange (both send, then both receive) costs one round for each party.
 
 Implementations only provide ``_send_raw`` / ``_recv_raw`` / ``close``. The in-memory
-pair below connects two threads of one process; a Ray transport (client actor <->
-server worker) implements the same three methods.
+pair below connects two threads of one process; the TLS link between the user's client and a
+server worker (``cryptogen.net.channel.TLSChannel``) implements the same methods.
 """
 from __future__ import annotations
 

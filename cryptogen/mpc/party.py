@@ -5,7 +5,7 @@ with their own ``Party`` and their own shares, in the same order; the code branc
 ``party.is_client`` only where the two roles differ (e.g. the client adds public
 constants). Shares are ``np.int64`` arrays in ``[0, t)`` (see ``cryptogen.field``).
 
-Running a role outside this process (e.g. a Ray client actor and a server worker)::
+Running a role outside this process (e.g. the user's client and a server worker, over TLS)::
 
     chan = MyRayChannel(...)                       # implements Channel._send_raw/_recv_raw
     me = Party("server", chan, provider)           # provider.source("server", ...) inside

@@ -151,7 +151,7 @@ def generate(
     provider: str = typer.Option("he", help="Correlated randomness: he (dealer-free, default) or dealer "
                                             "(a third party's `cryptogen dealer`, needs --dealer)."),
     dealer: Optional[str] = typer.Option(None, help="The dealer's client connection file (--provider dealer)."),
-    metrics_port: Optional[int] = typer.Option(None, help="Serve the client's Prometheus metrics on 127.0.0.1:PORT "
+    metrics_port: Optional[int] = typer.Option(None, min=0, max=65535, help="Serve the client's Prometheus metrics on 127.0.0.1:PORT "
                                                           "(0: any free port)."),
     ban_unk: Optional[bool] = typer.Option(None, "--ban-unk/--no-ban-unk",
                                            help="Never sample the tokens that start <unk> (a logit mask; plaintext "
@@ -159,6 +159,14 @@ def generate(
 ):
     """Generate text, streaming tokens as they come."""
     sampling = (temperature, top_k, seed)
+
+    def check():  # one-line errors before anything starts
+        from .sampling import SamplingConfig
+        try:
+            SamplingConfig(*sampling)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    _run(check)
     if secure or connect or server:
         from .secure_cli import generate_secure
         _run(generate_secure, prompt, model, max_new_tokens, sampling, workers, mode, address, provider, metrics_port,
@@ -185,7 +193,7 @@ def serve(
     cert: Optional[str] = typer.Option(None, help="TLS certificate (PEM) instead of the self-signed one."),
     key: Optional[str] = typer.Option(None, help="Its private key (PEM)."),
     dealer: Optional[str] = typer.Option(None, help="The dealer's server connection file, to offer --provider dealer."),
-    metrics_port: Optional[int] = typer.Option(None, help="Server metrics (sessions, HE ops, KV cache) on "
+    metrics_port: Optional[int] = typer.Option(None, min=0, max=65535, help="Server metrics (sessions, HE ops, KV cache) on "
                                                           "127.0.0.1:PORT."),
     num_cpus: Optional[int] = typer.Option(None, min=1, help="CPUs of the embedded Ray (no --address); default: "
                                                              "the machine's."),

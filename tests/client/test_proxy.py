@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import save_tiny
 import torch
 
 from cryptogen.model import GPT, GPTConfig
@@ -121,16 +122,7 @@ def test_proxy_refuses_a_public_address_without_the_flag_and_a_key(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """The tests/server tiny checkpoint (non-degenerate greedy), named like a shipped model."""
-    torch.manual_seed(0)
-    model = GPT(TINY).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
-            else:
-                p.add_(0.1 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("models") / "wikitext2"
-    model.save_pretrained(folder, dtype=torch.float32)
+    folder = save_tiny(tmp_path_factory.mktemp("models") / "wikitext2")
     byte_tokenizer().save(str(folder / "tokenizer.json"))
     return folder
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from tiny import greedy as plain_greedy, save_tiny
 
 from cryptogen.model import GPT, GPTConfig
 
@@ -114,28 +114,12 @@ def tail(path: Path, n: int = 3000) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    """A tiny random GPT-2 checkpoint; weights scaled so that greedy is not one repeated token."""
-    torch.manual_seed(0)
-    model = GPT(TINY).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
-            else:
-                p.add_(0.1 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(folder, dtype=torch.float32)
-    return folder
+    """The shared tiny random GPT-2 checkpoint (tests/tiny.py)."""
+    return save_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def greedy(folder: Path, prompt: list[int], n: int) -> list[int]:
-    model = GPT.from_pretrained(folder).eval()
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            logits, _ = model(torch.tensor([ids]))
-            ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return plain_greedy(GPT.from_pretrained(folder).eval(), prompt, n)
 
 
 class RayHead:

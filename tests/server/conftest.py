@@ -9,43 +9,22 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
+from tiny import greedy as plain_greedy, save_tiny
 
-from cryptogen.model import GPT, GPTConfig
-
-TINY = GPTConfig(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=2)
+from cryptogen.model import GPT
 PROMPTS = ([3, 17], [9, 100, 4], [42, 7, 19])  # top-2 logit margins >= 0.06 over 6 tokens
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
-    """A tiny random GPT-2 checkpoint (float32) whose greedy continuation is not degenerate."""
-    torch.manual_seed(0)
-    model = GPT(TINY).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
-            else:
-                p.add_(0.1 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(folder, dtype=torch.float32)
-    return folder
+    return save_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")
 def greedy(tiny_folder):
     model = GPT.from_pretrained(tiny_folder).eval()
-
-    def run(prompt, n):
-        ids = list(prompt)
-        with torch.no_grad():
-            for _ in range(n):
-                logits, _ = model(torch.tensor([ids]))
-                ids.append(int(logits[0, -1].argmax()))
-        return ids[len(prompt):]
-    return run
+    return lambda prompt, n: plain_greedy(model, prompt, n)
 
 
 @pytest.fixture(scope="module")

@@ -10,3 +10,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def repo_root():
     from pathlib import Path
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dealer(tmp_path_factory):
+    """A third party's dealer of correlated randomness (``cryptogen dealer``) on loopback."""
+    from cryptogen.dealer.service import DealerServer
+
+    d = tmp_path_factory.mktemp("dealer")
+    server = DealerServer(listen="127.0.0.1:0", state_dir=str(d / "state"), out_dir=str(d)).start()
+    yield server
+    server.stop()

@@ -27,16 +27,6 @@ def saved(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dealer(tmp_path_factory):
-    from cryptogen.dealer.service import DealerServer
-
-    d = tmp_path_factory.mktemp("dealer")
-    server = DealerServer(listen="127.0.0.1:0", state_dir=str(d / "state"), out_dir=str(d)).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def servers(saved, dealer, tmp_path_factory):
     """Two servers on one embedded Ray: 1 and 2 workers."""
     shutdown()

@@ -27,16 +27,6 @@ def greedy(tiny_folder):
     return lambda prompt, n: plain_greedy(model, prompt, n)
 
 
-@pytest.fixture(scope="module")
-def dealer(tmp_path_factory):
-    from cryptogen.dealer.service import DealerServer
-
-    d = tmp_path_factory.mktemp("dealer")
-    server = DealerServer(listen="127.0.0.1:0", state_dir=str(d / "state"), out_dir=str(d)).start()
-    yield server
-    server.stop()
-
-
 class ServerProcess:
     def __init__(self, folder: Path, tmp: Path, workers: int = 1, max_sessions: int = 4, dealer=None,
                  idle_timeout: float = 120.0, listen: str = "127.0.0.1:0", extra=(), env=None):

@@ -265,8 +265,19 @@ def _timing_header(t: dict) -> dict:
     return {"X-CryptoGen-Timing": ", ".join(parts)} if parts else {}
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
 def create_app(up: Upstream, local_api_key: str | None = None) -> FastAPI:
     async def _auth(request: Request) -> None:
+        if local_api_key is None:
+            # loopback without a key: refuse what a web page could send (cross-site requests carry an
+            # Origin; DNS rebinding carries a foreign Host), so only local programs reach the session
+            host = request.headers.get("host", "").rsplit(":", 1)[0]
+            if host not in LOCAL_HOSTS or request.headers.get("origin"):
+                raise oa.APIError(403, "this proxy answers local programs only (no browser origins, Host must "
+                                       "be localhost); bind elsewhere with --allow-remote and a --local-api-key",
+                                  code="forbidden")
         if local_api_key is not None:
             got = request.headers.get("authorization", "")
             if not hmac.compare_digest(got.encode(), f"Bearer {local_api_key}".encode()):

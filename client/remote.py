@@ -184,6 +184,7 @@ class Connection:
                                               self.he_config))
         self.last_offline_s = 0.0  # correlated randomness made before the last request's first step
         self.last_forecast = False  # whether that request's demand was known (else made on demand, online)
+        self.broken: str | None = None  # set when a session failed mid-step: the control stream may be out of step
 
     @property
     def keys(self) -> ClientKeys:
@@ -250,6 +251,8 @@ class Connection:
             return np.stack(s.session.logit_history)
 
     def _session(self, ids, sampling, mode, provider, steps=()) -> "_Session":
+        if self.broken:
+            raise ConnectError(f"this connection cannot be reused after a failed session ({self.broken}); connect again")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if provider not in PROVIDERS:
@@ -339,7 +342,9 @@ class _Session:
         try:
             self.driver.forward(fwd.start, fwd.T, fwd.logits)
         except (ChannelError, control.ProtocolError, ValueError) as e:
-            raise self._server_reason(e) from None
+            reason = self._server_reason(e)
+            c.broken = str(reason)[:200]
+            raise reason from None
         control.recv(c.chan, "done")
         timing = StepTiming(fwd.start + fwd.T - 1, phase, time.perf_counter() - t0)
         for w, party in self.parties.items():  # calibrate the demand forecast (public counts)

@@ -87,7 +87,9 @@ class ClientSession:
         def one(w):
             p = parties[w]
             logits_c = self._linear(p, sp.head_plan(self.cfg, self.n, cols[w]), self.h_c)
-            return f_add(logits_c, p.chan.recv(shape=logits_c.shape), self.fp.t)
+            logits_s = p.chan.recv(shape=logits_c.shape, dtype=np.int64)
+            p.check(logits_s)  # field elements only
+            return f_add(logits_c, logits_s, self.fp.t)
         futures = [self._pool.submit(one, w) for w in sorted(parties, key=lambda w: cols[w])]
         logits = self.fp.decode(np.concatenate([f.result() for f in futures], axis=1), 2 * self.fp.frac_bits)
         self.logit_history.extend(logits)

@@ -117,39 +117,49 @@ def generate_secure(prompt, model, max_new_tokens, sampling, workers, mode, addr
 
 def secure_eval(model_name, data, split, data_dir, windows: int, window: int, workers, address, provider,
                 connect_file=None, server=None, server_cert=None, api_key=None, dealer=None):
-    """Secure perplexity on ``windows`` x ``window`` test tokens, beside plaintext on the same tokens
-    (the plaintext reference needs the weights: this is the model owner's evaluation or a local run)."""
-    import torch
-
+    """Secure perplexity on ``windows`` x ``window`` test tokens. Against a local server (the model
+    is on this machine) it is printed beside plaintext on the same tokens; against a remote server
+    (``--connect``) the weights are not the user's: secure only, with the server's tokenizer."""
     from . import registry
     from .data import data_path, load_text
 
+    remote = bool(connect_file or server or server_cert or api_key)
     ds = data or (model_name if model_name in registry.SHIPPED else "wikitext2")
     data_path(ds, split, data_dir)
-    model, tok, folder = registry.load(model_name)
-    if window > model.config.n_positions:
-        raise UsageError(f"--window {window} exceeds the model's context of {model.config.n_positions}")
-    text = load_text(ds, split, data_dir)
-    ids = np.asarray(tok.encode(text[: 400 * window * windows]).ids, np.int64)
-    chunks = [ids[i * window:(i + 1) * window] for i in range(windows) if len(ids) >= (i + 1) * window]
+    folder = None if remote else registry.checkpoint_folder(model_name)
     nll_secure = nll_plain = 0.0
     count = 0
-    with open_connection(connect_file, server, server_cert, api_key, str(folder.resolve()), workers, address,
-                         dealer=dealer) as conn:
+    with open_connection(connect_file, server, server_cert, api_key, str(folder) if folder else model_name, workers,
+                         address, dealer=dealer) as conn:
+        if conn.tokenizer is None:
+            raise UsageError("the server sent no tokenizer, so the test text cannot be encoded")
+        if window > conn.cfg.n_positions:
+            raise UsageError(f"--window {window} exceeds the model's context of {conn.cfg.n_positions}")
+        model = None
+        if folder is not None:
+            from .model import GPT
+            model = GPT.from_pretrained(folder).eval()
+        text = load_text(ds, split, data_dir)
+        ids = np.asarray(conn.tokenizer.encode(text[: 400 * window * windows]).ids, np.int64)
+        chunks = [ids[i * window:(i + 1) * window] for i in range(windows) if len(ids) >= (i + 1) * window]
         for w, chunk in enumerate(chunks):
             t0 = time.perf_counter()
             print(f"\r\x1b[2K[window {w + 1}/{len(chunks)}: {window} tokens in one secure pass]", end="",
                   file=sys.stderr, flush=True)
             secure = conn.score(chunk.tolist(), provider=provider)
-            with torch.no_grad():
-                plain = model(torch.as_tensor(chunk[None]))[0][0].double().numpy()
             nll_secure += _nll(secure[:-1], chunk[1:])
-            nll_plain += _nll(plain[:-1], chunk[1:])
+            if model is not None:
+                import torch
+                with torch.no_grad():
+                    plain = model(torch.as_tensor(chunk[None]))[0][0].double().numpy()
+                nll_plain += _nll(plain[:-1], chunk[1:])
             count += len(chunk) - 1
             print(f"\r\x1b[2K[window {w + 1}/{len(chunks)} done in {time.perf_counter() - t0:.0f} s]",
                   file=sys.stderr, flush=True)
-    print(f"{folder.name} on {ds}/{split}, {len(chunks)} x {window} tokens ({count} predicted): "
-          f"secure perplexity {np.exp(nll_secure / count):.3f}, plaintext {np.exp(nll_plain / count):.3f}")
+        name = conn.model_name or model_name
+    msg = (f"{name} on {ds}/{split}, {len(chunks)} x {window} tokens ({count} predicted): "
+           f"secure perplexity {np.exp(nll_secure / count):.3f}")
+    print(msg + (f", plaintext {np.exp(nll_plain / count):.3f}" if model is not None else ""))
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:

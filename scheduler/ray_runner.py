@@ -23,6 +23,10 @@ class WorkerDied(RuntimeError):
     """A worker actor died during generation."""
 
 
+class ClientGone(RuntimeError):
+    """The session's client disconnected while the server was working on a step."""
+
+
 class ServerPool:
     """The server's worker actors (one per plan worker): weights loaded and encoded once, serving
     every session; each listens for data links on one TLS port."""
@@ -88,10 +92,15 @@ class RayRunner:
         for w, actor in enumerate(self.pool.workers):
             self._last_worker[w] = actor.reset_cache.remote(self.sid, after=self._last_worker.get(w))
 
-    def barrier(self) -> None:
+    def barrier(self, alive=None) -> None:
+        """Wait for the step; ``alive()`` False (the client went away) ends the wait at once."""
         pending = [r for r in self._last_worker.values() if r is not None]
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            if not done:
+                if alive is not None and not alive():
+                    raise ClientGone("the client disconnected during a step")
+                continue
             try:
                 ray.get(done[0])
             except ray.exceptions.RayActorError as e:

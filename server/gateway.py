@@ -29,11 +29,13 @@ from cryptogen.net import control
 from cryptogen.net.channel import IdleTimeout, TLSChannel, run
 from cryptogen.net.tls import new_secret, same_secret, server_context
 from cryptogen.driver import Driver
-from cryptogen.scheduler.ray_runner import RayRunner, ServerPool, WorkerDied
+from cryptogen.scheduler.ray_runner import ClientGone, RayRunner, ServerPool, WorkerDied
 
 from .stats import GatewayStats
 
-HELLO_TIMEOUT = 30.0
+HELLO_TIMEOUT = 10.0
+HELLO_CAP = 64 << 10  # before the API key is checked, a connection may send this much
+MAX_UNAUTHENTICATED = 64
 BUSY_RETRY_S = 30
 
 
@@ -56,6 +58,7 @@ class Gateway:
         self.ctx_cap = control.public_context_cap(he_config, len(sp.rotation_steps(cfg, plan, he_config.n)))
         self._ssl = server_context(*tls)
         self._threads: set[threading.Thread] = set()
+        self._unauthenticated = 0
         self._live: dict[str, TLSChannel] = {}
         self._lock = threading.Lock()
         self.server = None
@@ -67,15 +70,17 @@ class Gateway:
         return self.server.sockets[0].getsockname()[:2]
 
     async def _on_connect(self, reader, writer) -> None:
-        chan = TLSChannel(reader, writer, max_frame=self.ctx_cap + 4096, timeout=HELLO_TIMEOUT)
-        with self._lock:
-            crowded = len(self._threads) >= 4 * self.options.max_sessions + 16
-        if crowded:  # a flood of connections gets no thread each
+        with self._lock:  # a flood of connections gets no thread and no buffer each
+            crowded = (len(self._threads) >= 4 * self.options.max_sessions + 16
+                       or self._unauthenticated >= MAX_UNAUTHENTICATED)
+            if not crowded:
+                self._unauthenticated += 1
+        if crowded:
             self.stats.refuse("busy")
-            control.send_error(chan, "busy", f"the server has too many connections; retry after {BUSY_RETRY_S} s",
-                               retry_after=BUSY_RETRY_S)
-            chan.close_soon()
+            writer.transport.abort()
             return
+        # until the API key is checked: small frames, nothing read ahead, a short timeout
+        chan = TLSChannel(reader, writer, max_frame=HELLO_CAP, timeout=HELLO_TIMEOUT, max_ahead=HELLO_CAP)
         th = threading.Thread(target=self._serve, args=(chan,), name="cryptogen-session", daemon=True)
         with self._lock:
             self._threads.add(th)
@@ -92,14 +97,24 @@ class Gateway:
 
     # ---- one connection -------------------------------------------------------------------------
     def _serve(self, chan: TLSChannel) -> None:
+        authenticated = False
         try:
-            hello = control.recv(chan, "hello")
+            try:
+                hello = control.recv(chan, "hello")
+            finally:
+                with self._lock:
+                    self._unauthenticated -= 1
             if not same_secret(str(hello.get("api_key", "")), self.api_key):
                 self.stats.refuse("auth")
                 control.send_error(chan, "auth", "the server refused the API key; use the key from the server's "
                                                  "connection file (cryptogen serve --connection-file)")
                 return
-            chan.timeout = self.options.idle_timeout
+            authenticated = True
+            if hello.get("version") != control.VERSION:
+                raise control.ProtocolError(f"this server speaks protocol version {control.VERSION}; "
+                                            "update the client")
+            chan.timeout, chan.max_frame = self.options.idle_timeout, self.ctx_cap + 4096
+            chan.max_ahead = 2 * chan.max_frame
             control.send(chan, "welcome", version=control.VERSION, model=self.cfg.to_hf(),
                          he=self.he_config.to_dict(), workers=len(self.plan.workers),
                          layer_groups=self.layer_groups, tokenizer=self.tokenizer_json,
@@ -111,12 +126,13 @@ class Gateway:
                 if msg["type"] == "open":  # a stray "end" after a session the server ended is ignored
                     self._session(chan, msg)
         except IdleTimeout:
-            self.stats.timeout()
+            if authenticated:
+                self.stats.timeout()
             control.send_error(chan, "timeout", f"the session was idle for {chan.timeout:.0f} s and was closed")
         except control.ProtocolError as e:
             self.stats.refuse("bad_request")
             control.send_error(chan, "bad_request", str(e))
-        except (ChannelError, control.RemoteError):
+        except (ChannelError, control.RemoteError, ClientGone):
             pass  # the client went away: its session (if any) was freed in _session
         finally:
             chan.close()
@@ -150,9 +166,16 @@ class Gateway:
             providers = [self._provider(provider, tokens[i], i) for i in range(n)]
             self._wait_links(chan, self.pool.connect(sid, providers))
             self._steps(chan, sid, mode)
+        except ClientGone:
+            pass  # freed below
         except (WorkerDied, ray.exceptions.RayTaskError, MPCError) as e:
+            if isinstance(e, ChannelError) and chan.peer_gone:
+                return  # the client left (its control connection closed): freed below
             self.stats.failure()
             control.send_error(chan, "session", f"the session failed on the server: {_cause(e)}")
+        except ray.exceptions.RayActorError:
+            self.stats.failure()
+            control.send_error(chan, "session", "the session failed on the server: a server worker died")
         finally:
             with self._lock:
                 self._live.pop(sid, None)
@@ -176,7 +199,7 @@ class Gateway:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
             ray.get(done)
             if chan.peer_gone:
-                raise ChannelError("the client disconnected while opening its links")
+                raise ClientGone("the client disconnected while opening its links")
             if pending and time.monotonic() > deadline:
                 raise ChannelError("the client did not open its data links in time")
 
@@ -199,7 +222,7 @@ class Gateway:
                                             f"holds {cached} positions")
             t0 = time.perf_counter()
             driver.forward(step.start, step.T, step.logits)
-            runner.barrier()
+            runner.barrier(alive=lambda: not chan.peer_gone)  # a client gone mid-step frees the session now
             cached = step.start + step.T
             control.send(chan, "done", seconds=time.perf_counter() - t0, cached=cached)
 

@@ -54,7 +54,7 @@ class WorkerActor:
         bind, self.advertise = link_bind_host(gateway_host, gateway_node)
         self.links = LinkServer(bind, tls[0], tls[1], link_cap)
         self.parties: dict[str, Party] = {}
-        self.offline: dict[str, object] = {}
+        self.link_chans: dict[str, list] = {}  # every data link a session opened (online, offline)
         self.tokens: dict[str, dict] = {}
         self._lock = threading.Lock()
 
@@ -70,27 +70,43 @@ class WorkerActor:
         return True
 
     def connect(self, sid: str, provider) -> bool:
-        """Wait for the client's data links, shake hands. ``provider``: a provider factory result
-        (picklable spec) or "he" for the dealer-free provider over the offline link."""
+        """Wait for the client's data links, shake hands. ``provider``: "he" (dealer-free, over the
+        offline link) or a picklable dealer provider. Every link that arrives is recorded at once,
+        so a session closed while connecting (or a failure here) aborts whatever it opened."""
         tokens = self.tokens[sid]
-        online = self.links.wait(tokens["online"], self.link_timeout)
-        with self._lock:
-            self.parties[sid] = None  # closing from now on also closes the links
-        offline = self.links.wait(tokens["offline"], self.link_timeout) if "offline" in tokens else None
-        self.offline[sid] = offline
-        if provider == "he":
-            from cryptogen.mpc.provider_he import HEProvider
-            if offline is None:
-                raise SessionError("the dealer-free provider needs the session's offline link")
-            provider = HEProvider(self.he_config, offline=offline)  # it follows the client's batches
-        party = Party("server", online, provider, self.fp)
-        with self._lock:
-            if sid not in self.tokens:  # closed while connecting
-                online.abort()
-                raise SessionError("the session was closed")
-            self.parties[sid] = party
-        party.handshake()
+        try:
+            online = self._claim(sid, tokens["online"])
+            offline = self._claim(sid, tokens["offline"]) if "offline" in tokens else None
+            if provider == "he":
+                from cryptogen.mpc.provider_he import HEProvider
+                if offline is None:
+                    raise SessionError("the dealer-free provider needs the session's offline link")
+                provider = HEProvider(self.he_config, offline=offline)  # it follows the client's batches
+            party = Party("server", online, provider, self.fp)
+            with self._lock:
+                if sid not in self.tokens:
+                    raise SessionError("the session was closed")
+                self.parties[sid] = party
+            party.handshake()
+        except BaseException:
+            self._abort_links(sid)
+            raise
         return True
+
+    def _claim(self, sid: str, token: str):
+        chan = self.links.wait(token, self.link_timeout)
+        with self._lock:
+            if sid not in self.tokens:  # closed while waiting
+                chan.abort()
+                raise SessionError("the session was closed")
+            self.link_chans.setdefault(sid, []).append(chan)
+        return chan
+
+    def _abort_links(self, sid: str) -> None:
+        with self._lock:
+            chans = self.link_chans.pop(sid, [])
+        for chan in chans:
+            chan.abort()
 
     def stage(self, sid: str, name: str, *args, after=None) -> dict:
         """Run the server half of stage ``name``; ``after`` only orders calls (a previous ref)."""
@@ -124,15 +140,12 @@ class WorkerActor:
         with self._lock:
             tokens = self.tokens.pop(sid, {})
             party = self.parties.pop(sid, None)
-            offline = self.offline.pop(sid, None)
         self.links.forget(tokens.values())
         if party is not None:
             closer = getattr(party.cr, "close", None)
             if closer is not None:
                 closer()
-            party.chan.abort()
-        if offline is not None:
-            offline.abort()
+        self._abort_links(sid)
         self.shard.close_session(sid)
 
     def open_sessions(self) -> int:

@@ -54,7 +54,7 @@ class Party:
         mine = np.array([ROLES.index(self.role), tag, self.t, self.fp.frac_bits], np.int64)
         with self.chan.phase("setup"):
             self.chan.send(mine)
-            other = self.chan.recv(shape=(4,))
+            other = self.chan.recv(shape=(4,), dtype=np.int64)
         if other[0] == mine[0]:
             raise RoleError(f"both parties claim the role {self.role!r}")
         if other[1] != mine[1]:

@@ -37,6 +37,7 @@ blocked on a short pool).
 from __future__ import annotations
 
 import threading
+import math
 import time
 from collections import Counter, defaultdict, deque
 
@@ -50,6 +51,8 @@ MAX_MSG = 16 << 20  # deployment frame cap on the offline link: larger payloads 
 CODES = {"triple": 1, "bits": 2, "matrix": 3}
 STOP, PING = 0, 9
 MAX_ITEMS = 1 << 24  # a header asking for more items per batch is refused
+MAX_MATRIX_DIM = 1 << 16
+MAX_SERVER_POOL_BYTES = 2 << 30  # the server follows the client's batches, up to this much unconsumed
 
 
 class Stopped(Exception):
@@ -275,9 +278,16 @@ class PooledSource(Source):
                 continue
             kind, count = kinds.get(h[0]), h[1]
             key = tuple(h[2:]) if kind == "matrix" else None
-            size = count * (int(np.prod(key)) if key else 1)
-            if kind is None or not 0 < size <= MAX_ITEMS or (key and min(key) < 1):
+            if key and not all(1 <= d <= MAX_MATRIX_DIM for d in key):
+                raise ProviderError("malformed batch header on the offline link (matrix dimensions)")
+            size = count * (math.prod(key) if key else 1)  # Python ints: no wrap-around
+            if kind is None or not 0 < size <= MAX_ITEMS:
                 raise ProviderError("malformed batch header on the offline link")
+            with self._cv:
+                held = sum(p.size * self._item_bytes(k) for k, p in self.pools.items())
+            if held > MAX_SERVER_POOL_BYTES:
+                raise ProviderError(f"the client asked for more than {MAX_SERVER_POOL_BYTES >> 20} MiB of unconsumed "
+                                    "correlated randomness")
             self._batch(kind, count, key)
 
     def _batch(self, kind: str, count: int, key) -> None:

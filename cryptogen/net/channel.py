@@ -82,6 +82,21 @@ def run(coro, timeout: float | None = None):
     return asyncio.run_coroutine_threadsafe(coro, io_loop()).result(timeout)
 
 
+def keepalive(writer) -> None:
+    """TCP keepalive on a link's socket: a peer that vanishes without closing is noticed in ~1 min."""
+    import socket
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, val in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, opt):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
+    except OSError:
+        pass
+
+
 def frame(arr: np.ndarray) -> bytes:
     if arr.dtype not in _DTYPES or arr.ndim > _MAX_RANK:
         raise ChannelError(f"cannot send an array of dtype {arr.dtype} and rank {arr.ndim}")
@@ -115,13 +130,16 @@ class TLSChannel(Channel):
     """One end of a TLS link. Build with :func:`dial` (client) or from a server's accepted streams."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 max_frame: int = DEFAULT_MAX_FRAME, timeout: float = IDLE_TIMEOUT, record: bool = False):
+                 max_frame: int = DEFAULT_MAX_FRAME, timeout: float = IDLE_TIMEOUT, record: bool = False,
+                 max_ahead: int | None = None):
         super().__init__(record=record)
         self.reader, self.writer, self.max_frame, self.timeout = reader, writer, max_frame, timeout
         self.loop = io_loop()
-        self.max_ahead = max(4 * max_frame, 256 << 20)
+        self.max_ahead = max_ahead if max_ahead is not None else max(4 * max_frame, 256 << 20)
         self._inbox: queue.Queue = queue.Queue()
-        self._buffered = 0
+        self._buffered = 0  # bytes parsed but not yet received (both threads: under _count_lock)
+        self._count_lock = threading.Lock()
+        keepalive(writer)
         self._closed = False
         self.peer_gone = False  # set when the peer closed, failed, or broke the framing
         self._task = asyncio.run_coroutine_threadsafe(self._read_loop(), self.loop)
@@ -136,7 +154,8 @@ class TLSChannel(Channel):
                     self.peer_gone = True
                     self._inbox.put(ChannelError("the peer closed the channel (it failed or finished early)"))
                     return
-                self._buffered += arr.nbytes
+                with self._count_lock:
+                    self._buffered += arr.nbytes
                 self._inbox.put(arr)
         except asyncio.IncompleteReadError:
             self.peer_gone = True
@@ -171,7 +190,8 @@ class TLSChannel(Channel):
         if isinstance(item, BaseException):
             self._inbox.put(item)  # every later recv fails the same way
             raise item
-        self._buffered -= item.nbytes
+        with self._count_lock:
+            self._buffered -= item.nbytes
         return item
 
     def close(self) -> None:

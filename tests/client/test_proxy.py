@@ -331,3 +331,35 @@ def test_server_down_is_503_and_a_local_key_is_checked(proxy, server, tmp_path):
     with pytest.raises(openai.InternalServerError) as e:
         proxy.client().completions.create(model="wikitext2", prompt=[3, 17], max_tokens=1, temperature=0)
     assert e.value.status_code == 503 and e.value.body["type"] == "server_error"
+
+
+def test_loopback_proxy_refuses_browser_origins_and_foreign_hosts():
+    """A web page cannot drive the user's private sessions: a cross-site request (Origin header)
+    or a DNS-rebound Host gets 403 in OpenAI's error format (the app called as ASGI, no server)."""
+    import asyncio
+    import json as _json
+
+    from cryptogen.client.proxy import create_app
+
+    app = create_app(up=None)
+
+    async def call(headers):
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+                 "scheme": "http", "path": "/v1/models", "raw_path": b"/v1/models", "root_path": "",
+                 "query_string": b"", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5555),
+                 "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+        out = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(msg):
+            out.append(msg)
+        await app(scope, receive, send)
+        status = next(m["status"] for m in out if m["type"] == "http.response.start")
+        body = b"".join(m.get("body", b"") for m in out if m["type"] == "http.response.body")
+        return status, _json.loads(body)
+    status, body = asyncio.run(call({"host": "127.0.0.1:8000", "origin": "https://evil.example"}))
+    assert status == 403 and body["error"]["code"] == "forbidden"
+    status, _ = asyncio.run(call({"host": "evil.example:8000"}))
+    assert status == 403

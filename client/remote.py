@@ -12,7 +12,7 @@ uniformly masked openings and the public counts it needs to schedule (positions,
     logits = conn.score(token_ids)                    # secure logits at every position (eval)
 
 Each call opens a session (its own per-worker TLS data links, tokens from the control connection)
-and runs the same stage sequence as the server's driver (``scheduler.driver.Driver.forward``).
+and runs the same stage sequence as the server (``cryptogen.driver.Driver.forward``, shared code).
 """
 from __future__ import annotations
 
@@ -270,6 +270,7 @@ class _Session:
         # with the dealer-free provider: the request's randomness, made before its first step
         self.forecast = ({w: conn.demand.predict(w, [(f.start, f.T, f.logits) for f in steps])
                           for w in range(len(conn.plan.workers))} if provider == "he" and steps else {})
+        self.known = bool(self.forecast) and all(v is not None for v in self.forecast.values())
         self._consumed: dict[int, dict] = {}
         self.session = ClientSession(conn.cfg, conn.plan, conn.keys, ids, Sampler(sampling))
         self.parties: dict[int, Party] = {}
@@ -294,8 +295,8 @@ class _Session:
     def _offline(self) -> None:
         """Fill every link's pools with the forecast demand of the whole request (offline phase)."""
         t0 = time.perf_counter()
-        self.conn.last_forecast = bool(self.forecast) and all(v is not None for v in self.forecast.values())
-        if self.conn.last_forecast:
+        self.conn.last_forecast = self.known
+        if self.known:
             with ThreadPoolExecutor(max_workers=len(self.parties)) as ex:
                 list(ex.map(lambda w: self.parties[w].cr.preprocess(triples=self.forecast[w]["triple"],
                                                                      bits=self.forecast[w]["bits"]), self.parties))
@@ -330,8 +331,7 @@ class _Session:
             from cryptogen.mpc.provider_he import HEProvider
             # a known forecast is made up front (no background look-ahead competing with the online
             # phase for the cores); without one, the pools refill in the background as they drain
-            known = self.forecast and all(v is not None for v in self.forecast.values())
-            return HEProvider(self.conn.he_config, offline=offline, lookahead=0 if known else 2)
+            return HEProvider(self.conn.he_config, offline=offline, lookahead=0 if self.known else 2)
         from cryptogen.mpc.provider_remote import RemoteDealerProvider, link_id
         return RemoteDealerProvider(self.conn.dealer_file, link_id(tokens["online"], f"w{worker}"))
 

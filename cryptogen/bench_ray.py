@@ -16,14 +16,12 @@ after every step:
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 OPS = ("ct_pt_mul", "ct_ct_mul", "rotations")
-_METRICS_LINE = re.compile(r"metrics at (http://\S+/metrics)")
 NOTE = ("ray backend: a local `cryptogen serve` per worker count (own process, own embedded Ray), this process "
         "its client over TLS loopback; HE ops and KV cache scraped from the server's metrics endpoint; CPU s per "
         "party from /proc: client = the bench process, workers = the server's WorkerActor processes, gateway = the "
@@ -32,22 +30,6 @@ NOTE = ("ray backend: a local `cryptogen serve` per worker count (own process, o
 
 class BenchServerError(RuntimeError):
     """The bench's local server did not expose what the bench reads."""
-
-
-# ---- the server's metrics endpoint ---------------------------------------------------------
-def metrics_url(server, timeout: float = 60.0) -> str:
-    """The metrics URL a ``LocalServer`` started with ``--metrics-port 0`` logged (``[serve] ... metrics at``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            m = _METRICS_LINE.search(Path(server.log).read_text(errors="replace"))
-        except OSError:
-            m = None
-        if m:
-            return m.group(1)
-        if server.proc.poll() is not None or time.monotonic() > deadline:
-            raise BenchServerError(f"the local server logged no metrics address (log {server.log})")
-        time.sleep(0.1)
 
 
 def scrape(url: str) -> dict:
@@ -131,7 +113,9 @@ class RayBackend:
         self.server = LocalServer(folder, workers=workers, address=address, max_sessions=1,
                                   extra=["--metrics-port", "0"]).start()
         try:
-            self.url = self.server.metrics_url or metrics_url(self.server)
+            if self.server.metrics_url is None:
+                raise BenchServerError(f"the local server logged no metrics address (log {self.server.log})")
+            self.url = self.server.metrics_url
             self.conn = connect(self.server.connection_file)
         except BaseException:
             self.server.stop()

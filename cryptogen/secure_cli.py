@@ -21,6 +21,11 @@ def _say(msg: str) -> None:
     print(f"[{msg}]", file=sys.stderr, flush=True)
 
 
+def _is_remote(*connection_options) -> bool:
+    """Any of --connect / --server / --server-cert / --api-key: a running server, not a local one."""
+    return any(connection_options)
+
+
 @contextlib.contextmanager
 def open_connection(connect_file, server, server_cert, api_key, model, workers, address, metrics_port=None,
                     dealer=None):
@@ -28,7 +33,7 @@ def open_connection(connect_file, server, server_cert, api_key, model, workers, 
     from .client.local_server import LocalServer
     from .client.remote import connect
 
-    remote = connect_file or server or server_cert or api_key
+    remote = _is_remote(connect_file, server, server_cert, api_key)
     local = None
     t0 = time.perf_counter()
     try:
@@ -123,7 +128,7 @@ def secure_eval(model_name, data, split, data_dir, windows: int, window: int, wo
     from . import registry
     from .data import data_path, load_text
 
-    remote = bool(connect_file or server or server_cert or api_key)
+    remote = _is_remote(connect_file, server, server_cert, api_key)
     ds = data or (model_name if model_name in registry.SHIPPED else "wikitext2")
     data_path(ds, split, data_dir)
     folder = None if remote else registry.checkpoint_folder(model_name)

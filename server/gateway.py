@@ -2,7 +2,7 @@
 
 It runs in the model owner's process on the Ray cluster's head (``cryptogen serve``). It holds
 the server's certificate, the API key, the worker pool and, per session, the scheduler
-(``scheduler.driver.Driver`` over ``RayRunner``): server shares move between workers as Ray refs
+(``cryptogen.driver.Driver`` over ``RayRunner``): server shares move between workers as Ray refs
 inside the server's cluster. It never holds a secret key, a prompt, a client share or a logit.
 
 Per connection (one thread; see ``cryptogen.net.control`` for the messages):

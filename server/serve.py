@@ -166,6 +166,7 @@ def start(opts: ServeOptions):
         exporter = MetricsExporter(snapshot, port=opts.metrics_port)
         exporter.registry.register(GatewayCollector(gw.stats))
         exporter.start()
+        _log(f"metrics at http://127.0.0.1:{exporter.port}/metrics")  # before the connection file appears
     advertised = bound_host
     if bound_host in ("0.0.0.0", "::", ""):
         import ray
@@ -181,9 +182,8 @@ def serve(opts: ServeOptions) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    metrics = f"; metrics at http://127.0.0.1:{exporter.port}/metrics" if exporter is not None else ""
     _log(f"serving {conn['model']} at {conn['address']} (TLS {conn['fingerprint'][:23]}...); "
-         f"connection file {opts.connection_file}{metrics}")
+         f"connection file {opts.connection_file}")
     stop.wait()
     _log("stopping: open sessions get an error")
     gw.close()

@@ -68,17 +68,18 @@ class GatewayCollector:
         g = GaugeMetricFamily("cryptogen_server_sessions_open", "Secure sessions open on the server now.")
         g.add_metric([], s["open"])
         yield g
-        c = CounterMetricFamily("cryptogen_server_sessions", "Secure sessions opened on the server.")
-        c.add_metric([], s["opened"])
-        yield c
+        yield self._counter("cryptogen_server_sessions", "Secure sessions opened on the server.", s["opened"])
         r = CounterMetricFamily("cryptogen_server_sessions_refused", "Connections or sessions refused, by reason.",
                                 labels=["reason"])
         for reason in REFUSALS:
             r.add_metric([reason], s["refused"][reason])
         yield r
-        t = CounterMetricFamily("cryptogen_server_sessions_timed_out", "Sessions ended by the idle timeout.")
-        t.add_metric([], s["timed_out"])
-        yield t
-        f = CounterMetricFamily("cryptogen_server_sessions_failed", "Sessions ended by an error.")
-        f.add_metric([], s["failed"])
-        yield f
+        yield self._counter("cryptogen_server_sessions_timed_out", "Sessions ended by the idle timeout.",
+                            s["timed_out"])
+        yield self._counter("cryptogen_server_sessions_failed", "Sessions ended by an error.", s["failed"])
+
+    @staticmethod
+    def _counter(name: str, doc: str, value: int) -> CounterMetricFamily:
+        c = CounterMetricFamily(name, doc)
+        c.add_metric([], value)
+        return c

@@ -127,9 +127,6 @@ class WorkerActor:
         self.telemetry.kv_cache(self.index, kv["ciphertexts"], kv["bytes"])
         return self.telemetry.snapshot()
 
-    def session_cache(self, sid: str) -> dict:
-        return self.shard.cache_stats(sid)
-
     def reset_cache(self, sid: str, after=None) -> bool:
         self.shard.reset_cache(sid)
         return True
@@ -150,9 +147,6 @@ class WorkerActor:
 
     def open_sessions(self) -> int:
         return len(self.shard.sessions)
-
-    def link_stats(self) -> dict:
-        return {"rejected": self.links.rejected, "sessions": len(self.shard.sessions), "parties": len(self.parties)}
 
     def stats(self) -> dict:
         return {"worker": self.index, "he": self.shard.stats.as_dict(), "kv": self.shard.cache_stats()}

@@ -87,6 +87,3 @@ class LinkServer:
             writer.transport.abort()
             return
         fut.set_result(TLSChannel(reader, writer, max_frame=self.max_frame, timeout=self.idle_timeout))
-
-    def close(self) -> None:
-        io_loop().call_soon_threadsafe(self.server.close)

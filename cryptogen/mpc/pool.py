@@ -153,11 +153,6 @@ class PooledSource(Source):
             if wait:
                 self._wait_until(lambda: all(self._pool(*k).size >= n for k, n in wants.items()))
 
-    def wait_idle(self, timeout: float = 600.0) -> None:
-        """Client: block until the producer has nothing left to do (tests, benchmarks)."""
-        with self._cv:
-            self._wait_until(lambda: self._decide() is None, timeout)
-
     def close(self, timeout: float = 10.0) -> None:
         """Stop the producer (within one flight) and the link; later takes raise ProviderError."""
         with self._cv:

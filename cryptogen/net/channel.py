@@ -213,22 +213,11 @@ class TLSChannel(Channel):
         except Exception:  # noqa: BLE001 - closing a broken link is best effort
             self.abort()
 
-    def close_soon(self) -> None:
-        """Close from the event-loop thread itself (no waiting): flush what was queued, then close."""
-        self._closed = True
-        self.loop.call_soon(self.writer.write, _HEAD.pack(_CLOSE, 0))
-        self.loop.call_soon(self.writer.close)
-
     def abort(self) -> None:
         """Drop the link now (from any thread): the peer's and this end's receives fail at once."""
         self._closed = True
         self.loop.call_soon_threadsafe(self.writer.transport.abort)
         self._inbox.put(ChannelError("the link was aborted"))
-
-    @property
-    def peer_host(self) -> str:
-        peer = self.writer.get_extra_info("peername")
-        return peer[0] if peer else "?"
 
 
 def dial(host: str, port: int, cert_pem: str, pin: str, max_frame: int = DEFAULT_MAX_FRAME,

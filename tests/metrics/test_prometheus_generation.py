@@ -13,7 +13,6 @@ import urllib.request
 import pytest
 import torch
 
-from cryptogen.bench_ray import metrics_url
 from cryptogen.client.local_server import LocalServer
 from cryptogen.client.remote import connect
 from cryptogen.model import GPT, GPTConfig
@@ -33,7 +32,7 @@ def server(tmp_path_factory):
     GPT(TINY).save_pretrained(folder)
     srv = LocalServer(str(folder), workers=1, extra=["--metrics-port", "0"]).start()
     try:
-        yield srv, int(metrics_url(srv).rsplit(":", 1)[1].split("/")[0])
+        yield srv, int(srv.metrics_url.rsplit(":", 1)[1].split("/")[0])
     finally:
         srv.stop()
 

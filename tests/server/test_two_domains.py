@@ -119,6 +119,8 @@ def test_bad_frame_ends_only_its_session(server, dealer, greedy, kind):
 
 
 def test_killed_client_frees_its_session_within_30s(server, dealer):
+    """Catches: a session not freed on disconnect (gateway count) or a worker keeping its cache
+    (``ServerPool.close`` / ``WorkerActor.close`` made a no-op)."""
     code = f"""
 from cryptogen.client.remote import connect
 c = connect({str(server.conn_file)!r}, dealer={str(dealer.client_file)!r})
@@ -130,10 +132,13 @@ for t in c.generate([1, 2, 3], 40, provider="dealer"):
     try:
         assert proc.stdout.readline().strip().isdigit()  # generating: the session is open
         assert server.metrics()["cryptogen_server_sessions_open"] >= 1
+        assert server.metrics()['cryptogen_kv_cache_bytes{worker="w0"}'] > 0
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         t0 = time.monotonic()
         assert server.wait_metric("cryptogen_server_sessions_open", lambda v: v == 0, 30) == 0
+        # and the worker freed what the session held (its encrypted KV cache)
+        assert server.wait_metric('cryptogen_kv_cache_bytes{worker="w0"}', lambda v: v == 0, 30) == 0
         assert time.monotonic() - t0 < 30
     finally:
         if proc.poll() is None:

@@ -156,6 +156,7 @@ class Gateway:
                   for _ in range(n)]
         with self._lock:
             self._live[sid] = chan
+        failure = None  # told to the client only once the session is freed everywhere
         try:
             try:
                 self.pool.open_session(sid, public_context, tokens)
@@ -169,13 +170,10 @@ class Gateway:
         except ClientGone:
             pass  # freed below
         except (WorkerDied, ray.exceptions.RayTaskError, MPCError) as e:
-            if isinstance(e, ChannelError) and chan.peer_gone:
-                return  # the client left (its control connection closed): freed below
-            self.stats.failure()
-            control.send_error(chan, "session", f"the session failed on the server: {_cause(e)}")
+            if not (isinstance(e, ChannelError) and chan.peer_gone):  # else the client left: freed below
+                failure = _cause(e)
         except ray.exceptions.RayActorError:
-            self.stats.failure()
-            control.send_error(chan, "session", "the session failed on the server: a server worker died")
+            failure = "a server worker died"
         finally:
             with self._lock:
                 self._live.pop(sid, None)
@@ -183,6 +181,9 @@ class Gateway:
                 self.pool.close(sid)
             finally:
                 self.stats.closing()
+        if failure is not None:
+            self.stats.failure()
+            control.send_error(chan, "session", f"the session failed on the server: {failure}")
 
     def _provider(self, name: str, tokens: dict, worker: int):
         """"he" (built on the worker over its offline link), or the dealer's server-party provider for

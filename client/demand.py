@@ -28,14 +28,16 @@ SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "demand"
 
 
 def _features(start: int, T: int, logits) -> list[float]:
-    rows = 0 if logits is None else (1 if logits == "last" else T)
+    rows = 0 if logits is None else (T if logits == "all" else 1)
     return [1.0, float(T), float(T * (start + T)), float(rows)]
 
 
-def profile_key(cfg, plan_workers: int, layer_groups: int, he_config) -> str:
-    """A name for the model's public shape, worker split and HE parameters."""
+def profile_key(cfg, plan_workers: int, layer_groups: int, he_config, reveal: str = "logits") -> str:
+    """A name for the model's public shape, worker split, HE parameters and output (token-only
+    output adds the 2PC argmax to every generation step: its own profile)."""
     shape = json.dumps([cfg.to_hf(), plan_workers, layer_groups, he_config.to_dict()], sort_keys=True)
-    return hashlib.sha256(shape.encode()).hexdigest()[:20]
+    key = hashlib.sha256(shape.encode()).hexdigest()[:20]
+    return key if reveal == "logits" else f"{key}-{reveal}"
 
 
 def cache_dir() -> Path:

@@ -210,8 +210,10 @@ class Generation:
         """Run the session; False: a pooled connection turned out stale before any work (retry)."""
         conn, reused = self.up.pool.acquire()
         r, o = self.req, self.up.opts
+        # token-only output unless the request needs the logits (top-k / top-p cut the distribution)
+        reveal = "logits" if r.sampling.top_k or r.sampling.top_p < 1 else "token"
         gen = conn.generate(r.prompt_ids, r.max_tokens, r.sampling, mode=o.mode, provider=o.provider,
-                            on_step=self.timings.append)
+                            on_step=self.timings.append, reveal=reveal)
         n, healthy = 0, False
         try:
             for token in gen:

@@ -35,7 +35,7 @@ from cryptogen.net.channel import dial, frame
 from cryptogen.net.control import Forward, RemoteError
 from cryptogen.net.tls import TLSError, fingerprint
 from cryptogen.sampling import Sampler, SamplingConfig
-from cryptogen.driver import Driver, StepTiming
+from cryptogen.driver import REVEALS, Driver, StepTiming
 from cryptogen.plan import make_plan
 from cryptogen.telemetry import Telemetry
 
@@ -168,6 +168,7 @@ class Connection:
                               int(w["layer_groups"]))
         self.model_name = str(w.get("name", ""))
         self.server_has_dealer = bool(w.get("dealer"))
+        self.server_opens_logits = bool(w.get("logits", True))  # False: `serve --token-only`
         self.tokenizer = None
         if w.get("tokenizer"):
             from tokenizers import Tokenizer
@@ -180,8 +181,8 @@ class Connection:
             from cryptogen.exporter import MetricsExporter
             self.exporter = MetricsExporter(self.telemetry, port=metrics_port).start()
         self._keys: ClientKeys | None = None
-        self.demand = DemandModel(profile_key(self.cfg, len(self.plan.workers), int(w["layer_groups"]),
-                                              self.he_config))
+        self.demand = {r: DemandModel(profile_key(self.cfg, len(self.plan.workers), int(w["layer_groups"]),
+                                                  self.he_config, r)) for r in REVEALS}
         self.last_offline_s = 0.0  # correlated randomness made before the last request's first step
         self.last_forecast = False  # whether that request's demand was known (else made on demand, online)
         self.broken: str | None = None  # set when a session failed mid-step: the control stream may be out of step
@@ -215,10 +216,13 @@ class Connection:
         return self.tokenizer.encode(prompt).ids
 
     def generate(self, prompt, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-                 mode: str = "kv-reuse", provider: str = "he", on_step=None, keep_logits: bool = False):
-        """Yields the new token ids one by one as they are sampled (here, from the logits only this
-        process sees). ``prompt``: text (the server's tokenizer) or token ids. ``on_step(timing)``
-        is called after each step with its public timing."""
+                 mode: str = "kv-reuse", provider: str = "he", on_step=None, keep_logits: bool = False,
+                 reveal: str = "token"):
+        """Yields the new token ids one by one. ``prompt``: text (the server's tokenizer) or token
+        ids. ``reveal`` "token" (default): the logits stay secret-shared and a 2PC argmax opens only
+        the token (greedy, or temperature sampling with this process's randomness); "logits": the
+        logits are opened to this process only, which samples from them (needed for top-k/top-p and
+        ``keep_logits``). ``on_step(timing)`` is called after each step with its public timing."""
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
@@ -227,23 +231,34 @@ class Connection:
         if len(ids) + max_new_tokens - 1 > self.cfg.n_positions:
             raise ValueError(f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's context "
                              f"of {self.cfg.n_positions}")
+        if reveal not in REVEALS:
+            raise ValueError(f"unknown reveal {reveal!r}; choose one of {', '.join(REVEALS)}")
+        if reveal == "token":
+            if sampling.top_k or sampling.top_p < 1:
+                raise ValueError("top-k and top-p need the logits: use reveal 'logits' (--reveal logits); "
+                                 "token-only output supports greedy and temperature sampling")
+            if keep_logits:
+                raise ValueError("keep_logits needs reveal 'logits': with token-only output no logit is opened")
+        elif not self.server_opens_logits:
+            raise ValueError("this server opens no logits (it runs with --token-only): use reveal 'token'")
+        out = "token" if reveal == "token" else "last"
         n = len(ids)
-        steps = [Forward(0, n, "last")] + [
-            Forward(n + i - 1, 1, "last") if mode == "kv-reuse" else Forward(0, n + i, "last", reset=True)
+        steps = [Forward(0, n, out)] + [
+            Forward(n + i - 1, 1, out) if mode == "kv-reuse" else Forward(0, n + i, out, reset=True)
             for i in range(1, max_new_tokens)]
         with self._session(ids, sampling, mode, provider, steps) as s:
-            s.step(Forward(0, n, "last"), "prefill", on_step)
+            s.step(steps[0], "prefill", on_step)
             yield s.session.tokens[n]
             for i in range(1, max_new_tokens):
-                pos = n + i - 1
-                fwd = Forward(pos, 1, "last") if mode == "kv-reuse" else Forward(0, pos + 1, "last", reset=True)
-                s.step(fwd, "decode", on_step)
-                yield s.session.tokens[pos + 1]
+                s.step(steps[i], "decode", on_step)
+                yield s.session.tokens[n + i]
             self.last_logits = list(s.session.logit_history) if keep_logits else []
 
     def score(self, token_ids, provider: str = "he", on_step=None) -> np.ndarray:
         """Secure logits (this process only) at every position of a given text: (T, vocab)."""
         ids = [int(t) for t in token_ids]
+        if not self.server_opens_logits:
+            raise ValueError("this server opens no logits (it runs with --token-only), so it cannot score text")
         if not 1 <= len(ids) <= self.cfg.n_positions:
             raise ValueError(f"the text must have 1..{self.cfg.n_positions} tokens, got {len(ids)}")
         with self._session(ids, SamplingConfig(), "kv-reuse", provider, [Forward(0, len(ids), "all")]) as s:
@@ -268,7 +283,8 @@ class _Session:
     def __init__(self, conn: Connection, ids, sampling, mode, provider, steps=()):
         self.conn, self.mode, self.provider = conn, mode, provider
         # with the dealer-free provider: the request's randomness, made before its first step
-        self.forecast = ({w: conn.demand.predict(w, [(f.start, f.T, f.logits) for f in steps])
+        self.demand = conn.demand["token" if any(f.logits == "token" for f in steps) else "logits"]
+        self.forecast = ({w: self.demand.predict(w, [(f.start, f.T, f.logits) for f in steps])
                           for w in range(len(conn.plan.workers))} if provider == "he" and steps else {})
         self.known = bool(self.forecast) and all(v is not None for v in self.forecast.values())
         self._consumed: dict[int, dict] = {}
@@ -350,7 +366,7 @@ class _Session:
         for w, party in self.parties.items():  # calibrate the demand forecast (public counts)
             now = dict(party.cr.counters()["consumed"])
             last = self._consumed.get(w, {})
-            c.demand.observe(w, fwd.start, fwd.T, fwd.logits, {k: now.get(k, 0) - last.get(k, 0) for k in now})
+            self.demand.observe(w, fwd.start, fwd.T, fwd.logits, {k: now.get(k, 0) - last.get(k, 0) for k in now})
             self._consumed[w] = now
             mark = getattr(party.cr, "mark", None)
             if mark is not None:
@@ -385,7 +401,7 @@ class _Session:
             if closer is not None:
                 closer()
         if self.provider == "he":
-            self.conn.demand.save()
+            self.demand.save()
         for ch in self.links:
             ch.close()
         self.session.close()

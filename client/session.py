@@ -16,6 +16,7 @@ from cryptogen.field import add as f_add
 from cryptogen.he.convert import ClientRole
 from cryptogen.he.keys import ClientKeys
 from cryptogen.model import GPTConfig
+from cryptogen.mpc.argmax import BAN_OFFSET, argmax_last, argmax_pairs, open_to_client
 from cryptogen.mpc.compare import trunc
 from cryptogen.mpc.gelu import gelu
 from cryptogen.mpc.layernorm import layernorm
@@ -79,10 +80,16 @@ class ClientSession:
     def mlp(self, parties: dict, layer: int) -> None:
         self.partials = self._fan_out(parties, layer, lambda p, s: self._mlp_one(p, s))
 
-    def head(self, parties: dict) -> None:
-        """LM head on each worker's vocabulary columns (in parallel), logits opened to the client
-        only; samples the next token when generating."""
+    def head(self, parties: dict, reveal: str = "logits") -> None:
+        """LM head on each worker's vocabulary columns (in parallel). ``reveal`` "logits": the
+        logits are opened to the client only, which samples the next token when generating.
+        "token": the client shifts its logit shares by the sampler's public bias and Gumbel noise
+        (``Sampler.token_offsets``), and a 2PC argmax (mpc/argmax.py) opens only the token id."""
         cols = sp.head_columns(self.cfg, self.plan)
+        order = sorted(parties, key=lambda w: cols[w])
+        if reveal == "token":
+            self._token_head(parties, cols, order)
+            return
 
         def one(w):
             p = parties[w]
@@ -90,12 +97,47 @@ class ClientSession:
             logits_s = p.chan.recv(shape=logits_c.shape, dtype=np.int64)
             p.check(logits_s)  # field elements only
             return f_add(logits_c, logits_s, self.fp.t)
-        futures = [self._pool.submit(one, w) for w in sorted(parties, key=lambda w: cols[w])]
+        futures = [self._pool.submit(one, w) for w in order]
         logits = self.fp.decode(np.concatenate([f.result() for f in futures], axis=1), 2 * self.fp.frac_bits)
         self.logit_history.extend(logits)
         last = self.start + self.T - 1
         if last == len(self.tokens) - 1:  # generating: sample the next token (scoring: nothing to do)
             self.tokens.append(self.sampler(logits[-1]))
+
+    def _token_head(self, parties: dict, cols: dict, order: list) -> None:
+        shift = self._token_shift()
+
+        def one(w):
+            p, (lo, hi) = parties[w], cols[w]
+            logits_c = self._linear(p, sp.head_plan(self.cfg, self.n, cols[w]), self.h_c[-1:])[-1]
+            best = argmax_last(p, f_add(logits_c, shift[lo:hi], self.fp.t), offset=lo)
+            return open_to_client(p, best[1]) if len(order) == 1 else np.stack(best)
+        futures = [self._pool.submit(one, w) for w in order]
+        results = [f.result() for f in futures]
+        if len(order) == 1:
+            self._append_token(results[0])
+        else:
+            self._winners = np.stack(results, -1)  # (2, workers): shares of each worker's (max, index)
+
+    def pick(self, parties: dict) -> None:
+        """Token-only output over several workers: the argmax of the workers' winners (on the ends
+        worker's link); only the token id is opened, to the client."""
+        (p,) = parties.values()
+        self._append_token(open_to_client(p, argmax_pairs(p, self._winners[0], self._winners[1])[1]))
+
+    def _token_shift(self) -> np.ndarray:
+        """The client's additive shift of its logit shares (scale 2^2f): bias and T x Gumbel noise;
+        a banned token is pushed below every real logit."""
+        off = self.sampler.token_offsets(self.cfg.vocab_size)
+        banned = np.isneginf(off)
+        shift = self.fp.encode(np.where(banned, 0.0, off), scale_bits=2 * self.fp.frac_bits)
+        return np.mod(shift - banned * np.int64(BAN_OFFSET), self.fp.t)
+
+    def _append_token(self, token) -> None:
+        token = int(np.asarray(token).reshape(-1)[0])
+        if not 0 <= token < self.cfg.vocab_size:
+            raise ValueError(f"the token-only output opened {token}, outside the vocabulary: the parties are out of step")
+        self.tokens.append(token)
 
     @property
     def generated(self) -> list[int]:

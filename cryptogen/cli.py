@@ -156,6 +156,9 @@ def generate(
     ban_unk: Optional[bool] = typer.Option(None, "--ban-unk/--no-ban-unk",
                                            help="Never sample the tokens that start <unk> (a logit mask; plaintext "
                                                 "and secure alike). Default: on for the shipped models."),
+    reveal: str = typer.Option("token", help="Secure generation: what this process learns per new token. token "
+                                             "(default): only the token (2PC argmax; greedy or --temperature); "
+                                             "logits: the logits (needed for --top-k)."),
 ):
     """Generate text, streaming tokens as they come."""
     sampling = (temperature, top_k, seed)
@@ -166,12 +169,17 @@ def generate(
             SamplingConfig(*sampling)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if reveal not in ("token", "logits"):
+            raise UsageError(f"unknown --reveal {reveal!r}; choose token or logits")
+        if reveal == "token" and top_k and (secure or connect or server):
+            raise UsageError("--top-k needs the logits: add --reveal logits (token-only output supports greedy "
+                             "and --temperature sampling)")
     _run(check)
     if secure or connect or server:
         from .secure_cli import generate_secure
         _run(generate_secure, prompt, model, max_new_tokens, sampling, workers, mode, address, provider, metrics_port,
              connect_file=connect, server=server, server_cert=server_cert, api_key=api_key, dealer=dealer,
-             ban_unk=ban_unk)
+             ban_unk=ban_unk, reveal=reveal)
     else:
         _run(_generate_plain, prompt, model, max_new_tokens, *sampling, ban_unk=ban_unk)
 
@@ -197,6 +205,8 @@ def serve(
                                                           "127.0.0.1:PORT."),
     num_cpus: Optional[int] = typer.Option(None, min=1, help="CPUs of the embedded Ray (no --address); default: "
                                                              "the machine's."),
+    token_only: bool = typer.Option(False, "--token-only", help="Clients learn only generated tokens, never logits "
+                                                               "(protects the LM head; refuses eval/--reveal logits)."),
 ):
     """Run the secure server (the model owner's side) until interrupted."""
     from .server.serve import ServeOptions, serve as run_serve
@@ -204,7 +214,7 @@ def serve(
     opts = ServeOptions(model=model, workers=workers, layer_groups=layer_groups, address=address, listen=listen,
                         connection_file=connection_file, max_sessions=max_sessions, idle_timeout=idle_timeout,
                         state_dir=state_dir, cert=cert, key=key, metrics_port=metrics_port, dealer=dealer,
-                        num_cpus=num_cpus)
+                        num_cpus=num_cpus, token_only=token_only)
     _run(run_serve, opts)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from cryptogen import secure_plan as sp
 
 MODES = ("kv-reuse", "recompute")
+REVEALS = ("token", "logits")  # what the client learns per generated position
 
 
 class DriverError(ValueError):
@@ -34,16 +35,21 @@ class StepTiming:
 
 
 class Driver:
-    def __init__(self, runner, cfg, plan, mode: str = "kv-reuse", ends_worker: int = 0):
+    def __init__(self, runner, cfg, plan, mode: str = "kv-reuse", ends_worker: int = 0, reveal: str = "logits"):
         if mode not in MODES:
             raise DriverError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if reveal not in REVEALS:
+            raise DriverError(f"unknown reveal {reveal!r}; choose one of {', '.join(REVEALS)}")
+        self.last = "token" if reveal == "token" else "last"  # the ``logits`` of a generation pass
         self.r, self.cfg, self.plan, self.mode, self.ends = runner, cfg, plan, mode, ends_worker
         self.embedders = [w for w, shards in sp.embed_owners(cfg, plan).items() if shards]
         self.heads = list(sp.head_columns(cfg, plan))
 
     # ---- tokens start .. start+T-1 through the model ----------------------------------------
     def forward(self, start: int, T: int, logits: str | None) -> None:
-        """One pass; ``logits``: None, "last" (generation) or "all" (scoring)."""
+        """One pass; ``logits``: None, "last" (generation; the client sees the last position's
+        logits), "token" (generation; the client learns only the next token, mpc/argmax.py) or
+        "all" (scoring)."""
         emb = self.stage("embed", self.embedders, client=(start, T), server=(start, T))
         x, partials = emb.pop(self.ends), list(emb.values())  # positions added on the ends worker
         for layer in range(self.cfg.n_layer):
@@ -55,8 +61,11 @@ class Driver:
             partials = list(self.stage("mlp", owners, client=(layer,), server=(layer, x)).values())
         if logits:
             rows = "all" if logits == "all" else "last"
+            reveal = "token" if logits == "token" else "logits"
             ln = self.stage("layernorm", [self.ends], client=(rows,), server=(None, "ln_f", rows, x, *partials))
-            self.stage("head", self.heads, client=(), server=(ln[self.ends],))
+            heads = self.stage("head", self.heads, client=(reveal,), server=(ln[self.ends], reveal))
+            if reveal == "token" and len(self.heads) > 1:  # the workers' winners meet on the ends worker
+                self.stage("pick", [self.ends], client=(), server=tuple(heads[w] for w in self.heads))
 
     def stage(self, name: str, workers: list[int], client: tuple, server: tuple) -> dict:
         return self.r.stage(name, workers, client, server)
@@ -80,7 +89,7 @@ class Driver:
         if start + T > self.cfg.n_positions:
             raise DriverError(f"positions up to {start + T - 1} exceed the context of {self.cfg.n_positions}")
         t0 = time.perf_counter()
-        self.forward(start, T, logits="last" if sample else None)
+        self.forward(start, T, logits=self.last if sample else None)
         self.r.barrier()
         return StepTiming(start + T - 1, "prefill", time.perf_counter() - t0)
 
@@ -90,9 +99,9 @@ class Driver:
         t0 = time.perf_counter()
         if self.mode == "recompute":
             self.r.reset_cache()
-            self.forward(0, position + 1, logits="last")
+            self.forward(0, position + 1, logits=self.last)
         else:
-            self.forward(position, 1, logits="last")
+            self.forward(position, 1, logits=self.last)
         self.r.barrier()
         return StepTiming(position, "decode", time.perf_counter() - t0)
 

@@ -98,6 +98,21 @@ class Sampler:
             p = cut / cut.sum()
         return int(self.rng.choice(z.size, p=p))
 
+    def token_offsets(self, vocab_size: int) -> np.ndarray:
+        """For token-only output (mpc/argmax.py): what the client adds to its share of the logits
+        before the 2PC argmax -- the bias (banned: -inf) and, when sampling, T x i.i.d. Gumbel(0, 1)
+        noise from this sampler's generator. argmax(logits + offsets) is then a sample from the same
+        distribution as ``__call__`` (the Gumbel-max trick); greedy when T = 0."""
+        if self.cfg.top_k or self.cfg.top_p < 1:
+            raise ValueError("top-k and top-p need the logits: use --reveal logits (token-only output "
+                             "supports greedy and temperature sampling)")
+        off = np.zeros(vocab_size, np.float64)
+        if self.cfg.logit_bias:
+            off += self.cfg.mask(vocab_size)
+        if self.cfg.temperature > 0:
+            off += self.cfg.temperature * self.rng.gumbel(size=vocab_size)
+        return off
+
 
 def word_start_ids(tokenizer, word: str = UNK) -> list[int]:
     """Token ids that can begin ``word`` in generated text: tokens whose text contains it, or ends

@@ -77,7 +77,8 @@ def progress_printer(max_new_tokens: int, mode: str):
 
 
 def generate_secure(prompt, model, max_new_tokens, sampling, workers, mode, address, provider, metrics_port,
-                    connect_file=None, server=None, server_cert=None, api_key=None, dealer=None, ban_unk=None):
+                    connect_file=None, server=None, server_cert=None, api_key=None, dealer=None, ban_unk=None,
+                    reveal="token"):
     from .client.remote import MODES, PROVIDERS
     from .sampling import SamplingConfig, ban_note, unk_bans
 
@@ -105,11 +106,12 @@ def generate_secure(prompt, model, max_new_tokens, sampling, workers, mode, addr
             timings.append(t)
             if on_step:
                 on_step(t)
-        for token in conn.generate(ids, max_new_tokens, sampling, mode=mode, provider=provider, on_step=step):
+        for token in conn.generate(ids, max_new_tokens, sampling, mode=mode, provider=provider, on_step=step,
+                                   reveal=reveal):
             stream.push(token)
         stream.close()
     dec = [t.seconds for t in timings if t.phase == "decode"]
-    msg = f"secure {mode}, {len(conn.plan.workers)} worker(s), provider {provider}: "
+    msg = f"secure {mode}, {len(conn.plan.workers)} worker(s), provider {provider}, reveal {reveal}: "
     if provider == "he":
         msg += (f"offline {conn.last_offline_s:.1f} s (correlated randomness for the request, made first); online "
                 if conn.last_forecast else "randomness made on demand (first run of this model: calibrating the "

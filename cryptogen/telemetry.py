@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Dict, Iterator, Tuple
 
-TOP_STAGES = ("embed", "layernorm", "attention", "mlp", "head")
+TOP_STAGES = ("embed", "layernorm", "attention", "mlp", "head", "pick")
 SUB_STAGES = ("linear", "softmax", "gelu", "truncation", "refresh", "transfer")
 STAGES = TOP_STAGES + SUB_STAGES
 PHASES = ("prefill", "decode")

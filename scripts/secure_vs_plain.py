@@ -59,7 +59,7 @@ def main():
             for prompt in [p for p in chosen for _ in range(args.repeat)]:
                 ids = tok.encode(prompt).ids
                 t0 = time.perf_counter()
-                tokens = list(conn.generate(ids, args.tokens, keep_logits=True))  # greedy (the default sampling)
+                tokens = list(conn.generate(ids, args.tokens, keep_logits=True, reveal="logits"))  # greedy
                 logits = conn.last_logits  # the secure logits each token was picked from (this process only)
                 secs = time.perf_counter() - t0
                 ref = plain_greedy(model, ids, args.tokens)

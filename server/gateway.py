@@ -44,6 +44,7 @@ class GatewayConfig:
     max_sessions: int = 4
     idle_timeout: float = 600.0
     link_timeout: float = 60.0
+    token_only: bool = False  # refuse steps that open logits (protects the LM head; no eval)
 
 
 class Gateway:
@@ -118,7 +119,7 @@ class Gateway:
             control.send(chan, "welcome", version=control.VERSION, model=self.cfg.to_hf(),
                          he=self.he_config.to_dict(), workers=len(self.plan.workers),
                          layer_groups=self.layer_groups, tokenizer=self.tokenizer_json,
-                         name=self.model_name, dealer=self.dealer is not None)
+                         name=self.model_name, dealer=self.dealer is not None, logits=not self.options.token_only)
             while True:
                 msg = control.recv(chan, "open", "end", "close")
                 if msg["type"] == "close":
@@ -213,6 +214,9 @@ class Gateway:
             if msg["type"] == "end":
                 return
             step = control.Forward.from_msg(msg, self.cfg.n_positions)
+            if self.options.token_only and step.logits in ("last", "all"):
+                raise control.ProtocolError("this server opens no logits (cryptogen serve --token-only): generate "
+                                            "with --reveal token; scoring (eval) needs a server that allows logits")
             if step.reset:
                 if mode != "recompute" or step.start != 0:
                     raise control.ProtocolError("a cache reset is only for recompute mode, from position 0")
@@ -229,7 +233,10 @@ class Gateway:
 
 
 def _cause(err: BaseException) -> str:
-    """A one-line, secret-free reason from a worker's error (its type and message)."""
+    """A one-line, secret-free reason from a worker's error: the message of the project's own errors
+    (written not to carry values), only the type name of anything else (a library's message might)."""
     cause = getattr(err, "cause", None) or err
+    if not type(cause).__module__.startswith("cryptogen"):
+        return f"internal error on the server ({type(cause).__name__})"
     text = str(cause).strip().splitlines()
     return (text[0] if text else type(cause).__name__)[:300]

@@ -42,6 +42,7 @@ class ServeOptions:
     metrics_port: int | None = None
     dealer: str | None = None
     num_cpus: int | None = None  # embedded Ray only
+    token_only: bool = False  # clients learn generated tokens only, never logits
 
 
 def default_state_dir() -> Path:
@@ -147,7 +148,8 @@ def start(opts: ServeOptions):
     pool = ServerPool(str(folder), plan, he_config, tls, host, control.link_cap(cfg, he_config))
     _log(f"workers ready in {time.perf_counter() - t0:.0f} s")
     gw = Gateway(pool, cfg, plan, opts.layer_groups, he_config, tokenizer_json, api_key, tls,
-                 GatewayConfig(max_sessions=opts.max_sessions, idle_timeout=opts.idle_timeout), dealer,
+                 GatewayConfig(max_sessions=opts.max_sessions, idle_timeout=opts.idle_timeout,
+                               token_only=opts.token_only), dealer,
                  model_name=folder.name)
     bound_host, bound_port = gw.listen(host, port)
     exporter = None

@@ -20,7 +20,8 @@ from .links import LinkServer
 from .shard import ServerShard, SessionError
 
 # HE-operation metric label of each stage's kernels (attention includes its q/k/v and W_o products).
-_KERNEL = {"embed": "embed", "layernorm": "linear", "attention": "attention", "mlp": "linear", "head": "lm_head"}
+_KERNEL = {"embed": "embed", "layernorm": "linear", "attention": "attention", "mlp": "linear", "head": "lm_head",
+           "pick": "lm_head"}
 LINK_TIMEOUT = 60.0
 
 

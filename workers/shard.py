@@ -13,7 +13,10 @@ Stages (the names are the metric labels; cryptogen/driver.py calls them in this 
              (the final LN on the ends worker)
   attention  qkv linear -> truncate -> KV append -> q.K^T -> softmax -> p.V -> W_o rows
   mlp        c_fc columns -> truncate -> GELU (2PC) -> c_proj rows -> truncate
-  head       tied LM head on this worker's vocabulary columns; logit shares opened to the client only
+  head       tied LM head on this worker's vocabulary columns; logit shares opened to the client only,
+             or (token-only output) a 2PC argmax over them
+  pick       token-only output over several workers: the argmax of their winners; the token id
+             is opened to the client only
 Residual adds are local: the lead sums the partial shares of the owners.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ from cryptogen.he.kvcache import EncryptedKVCache
 from cryptogen.he.linear import EncodedLinear
 from cryptogen.he.stats import HEStats
 from cryptogen.model import GPT
+from cryptogen.mpc.argmax import argmax_last, argmax_pairs, open_to_client
 from cryptogen.mpc.compare import trunc
 from cryptogen.mpc.gelu import gelu
 from cryptogen.mpc.layernorm import layernorm
@@ -68,6 +72,7 @@ class ServerShard:
             embed_shards = range(len(sp.embed_shards(self.cfg))) if holds_ends else ()
         if head_cols is None and holds_ends:
             head_cols = (0, self.cfg.vocab_size)
+        self.head_cols, self.single_head = head_cols, head_cols == (0, self.cfg.vocab_size)
         self.embed_idx = tuple(embed_shards)
         self.weights = model_weights(model, plan, self.fp, holds_ends, frozenset(lead_layers),
                                      self.embed_idx, head_cols)
@@ -159,10 +164,27 @@ class ServerShard:
         g = gelu(p, h)
         return {"o": trunc(p, self._linear(p, sid, self.linears[f"fc2{layer}"], g, lw.b_fc2), f)}
 
-    def head(self, p, sid: str, ln: dict) -> dict:
-        """The tied LM head on this worker's vocabulary columns; sends the server's logit shares to
-        the client (opened to the client only)."""
-        p.chan.send(self._linear(p, sid, self.linears["head"], ln["h"]))
+    def head(self, p, sid: str, ln: dict, reveal: str = "logits") -> dict:
+        """The tied LM head on this worker's vocabulary columns. ``reveal`` "logits": sends the
+        server's logit shares to the client (opened to the client only); "token": the logits stay
+        shared and a 2PC argmax (mpc/argmax.py) over these columns keeps only the winner's shares,
+        opened (the index only, to the client) here if this worker has the whole vocabulary, else
+        passed to ``pick`` on the ends worker."""
+        logits_s = self._linear(p, sid, self.linears["head"], ln["h"])
+        if reveal != "token":
+            p.chan.send(logits_s)
+            return {}
+        best = argmax_last(p, logits_s[-1], offset=self.head_cols[0])
+        if self.single_head:
+            open_to_client(p, best[1])
+            return {}
+        return {"best": np.stack(best)}
+
+    def pick(self, p, sid: str, *heads: dict) -> dict:
+        """Token-only output over several workers: the argmax of their winners (server shares,
+        passed inside the server's cluster, in vocabulary order); the index is opened to the client."""
+        best = np.stack([h["best"] for h in heads], -1)  # (2, workers)
+        open_to_client(p, argmax_pairs(p, best[0], best[1])[1])
         return {}
 
     # ---- kernels: decode (one token) or prefill (many) ----------------------------------

@@ -5,12 +5,15 @@ context) follow as their own frame. Both sides check the type, the fields and th
 before acting; a bad message ends only its own session with an ``error`` reply.
 
 Flow (client -> server / server -> client):
-  1. ``hello`` {api_key, version}             -> ``welcome`` {model, he, workers, layer_groups, tokenizer}
+  1. ``hello`` {api_key, version}             -> ``welcome`` {model, he, workers, layer_groups, tokenizer,
+                                                  name, dealer, logits (False: ``serve --token-only``)}
                                                   or ``error`` {code: "auth"} (no work is started)
   2. ``open`` {mode, provider} + public ctx   -> ``session`` {sid, links: [{worker, host, port, tokens}]}
                                                   or ``error`` {code: "busy", retry_after}
      the client then dials every worker link (TLS, pinned certificate) and sends its link token first
-  3. ``forward`` {start, T, logits, reset}    -> ``done`` {seconds, stats}   (per prefill / decode step)
+  3. ``forward`` {start, T, logits, reset}    -> ``done`` {seconds, cached}   (per prefill / decode step)
+     ``logits``: null (no LM head), "last" / "all" (logit shares opened to the client), "token"
+     (a 2PC argmax opens only the next token to the client, mpc/argmax.py)
   4. ``end`` {}                               -> the server frees the session (also on disconnect)
   5. ``close`` {}                             -> the connection ends
 Who learns what: the server learns the public counts (prompt length, steps, positions) and the
@@ -25,11 +28,11 @@ import numpy as np
 
 from cryptogen.mpc.errors import ChannelError
 
-VERSION = 1
+VERSION = 2  # 2: token-only output ("token" steps, the welcome's "logits")
 MAX_CONTROL = 16 << 20  # JSON messages (the welcome carries the tokenizer)
 MODES = ("kv-reuse", "recompute")
 PROVIDERS = ("he", "dealer")
-LOGITS = (None, "last", "all")
+LOGITS = (None, "last", "token", "all")
 
 
 class ProtocolError(ValueError):

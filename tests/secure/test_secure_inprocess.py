@@ -116,3 +116,21 @@ def test_embedding_and_head_sharded_over_two_workers():
     assert_logits_close(runner.client.logit_history, model, prompt, runner.client.generated, TOL)
     held = {w: sorted(k for k in s.linears if k.startswith(("embed", "head"))) for w, s in runner.shards.items()}
     assert held == {0: ["embed0", "embed2", "head"], 1: ["embed1", "head"]}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_token_only_output_equals_plaintext_with_bans(tiny_model, workers):
+    """--reveal token: the logits stay shared, a 2PC argmax opens the token (over 2 workers the
+    winners of their columns meet in ``pick``); a banned token (the plaintext's first choice) is
+    never chosen. Reference: plaintext generation with the same sampler config; no logit opened."""
+    from cryptogen.sampling import Sampler, SamplingConfig
+
+    cfg = tiny_model.config
+    first = plain_greedy(tiny_model, PROMPT, 1)[0]
+    sampling = SamplingConfig(logit_bias={first: -100, 7: 3.0})
+    plain = list(tiny_model.generate(PROMPT, 5, Sampler(sampling)))
+    plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, workers)
+    runner = InProcessRunner(tiny_model, plan, PROMPT, sampler=Sampler(sampling))
+    Driver(runner, cfg, plan, reveal="token").generate(len(PROMPT), 5)
+    assert runner.client.generated == plain and first not in plain
+    assert runner.client.logit_history == []

@@ -48,7 +48,8 @@ def test_welcome_carries_only_public_facts(gateway):
     chan = _hello(gateway)
     w = control.recv(chan, "welcome")
     assert GPTConfig.from_hf(w["model"]) == CFG and HEConfig.from_dict(w["he"]) == HEConfig()
-    assert set(w) == {"type", "version", "model", "he", "workers", "layer_groups", "tokenizer", "name", "dealer"}
+    assert set(w) == {"type", "version", "model", "he", "workers", "layer_groups", "tokenizer", "name", "dealer",
+                       "logits"}
     control.send(chan, "close")
 
 
@@ -95,3 +96,28 @@ def test_forward_fields_are_checked():
                 {"start": 0, "T": True, "logits": None}, {"start": 0, "T": 1, "logits": None, "reset": 1}):
         with pytest.raises(control.ProtocolError):
             control.Forward.from_msg(bad, 64)
+
+
+def test_token_only_server_says_so_and_refuses_logit_steps(tmp_path):
+    """`serve --token-only`: the welcome tells the client, and a step that would open logits
+    ("last" or "all") ends the session with a bad_request; the refusal comes before any work."""
+    from types import SimpleNamespace
+
+    from cryptogen.mpc.channel import channel_pair
+
+    tls = ensure_certificate(tmp_path)
+    plan = make_plan(CFG.n_layer, CFG.n_head, CFG.d_ff, 1)
+    gw = Gateway(SimpleNamespace(workers=[]), CFG, plan, 1, HEConfig(), None, KEY, tls,
+                 GatewayConfig(token_only=True))
+    host, port = gw.listen("127.0.0.1", 0)
+    try:
+        chan = dial(host, port, tls[0], fingerprint(tls[0]))
+        control.send(chan, "hello", api_key=KEY, version=control.VERSION)
+        assert control.recv(chan, "welcome")["logits"] is False
+        for logits in ("last", "all"):
+            client, server = channel_pair()
+            control.send(client, "forward", **control.Forward(0, 3, logits).to_msg())
+            with pytest.raises(control.ProtocolError, match="--token-only"):
+                gw._steps(server, "s", "kv-reuse")
+    finally:
+        gw.close()

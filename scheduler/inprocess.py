@@ -43,7 +43,9 @@ class InProcessRunner:
     sid = "local"
 
     def __init__(self, model, plan, prompt_ids, sampler=None, he_config: HEConfig | None = None,
-                 provider_factory=DealerProvider, keys: ClientKeys | None = None):
+                 provider_factory=DealerProvider, keys: ClientKeys | None = None, record: bool = False):
+        """``record`` (tests): every link's channels keep each party's transcript (all it receives,
+        handshake included) and the values opened to it (``Channel.transcript`` / ``.opened``)."""
         cfg = model.config
         self.he_config = he_config or (keys.config if keys is not None else HEConfig())
         steps = sp.rotation_steps(cfg, plan, self.he_config.n)
@@ -52,14 +54,15 @@ class InProcessRunner:
         embeds, heads = sp.embed_owners(cfg, plan), sp.head_columns(cfg, plan)
         self.shards = {w.worker: ServerShard(model, w, public, holds_ends=w.worker == 0, he_config=self.he_config,
                                              lead_layers={l for l in range(cfg.n_layer) if plan.lead(l) == w.worker},
-                                             embed_shards=embeds[w.worker], head_cols=heads.get(w.worker))
+                                             embed_shards=embeds[w.worker], head_cols=heads.get(w.worker),
+                                             key_share=len(plan.workers))
                        for w in plan.workers}
         for shard in self.shards.values():
             shard.open_session(self.sid)
         self.client = ClientSession(cfg, plan, self.keys, prompt_ids, sampler)
         self.client_parties, self.server_parties = {}, {}
         for w in self.shards:
-            cc, sc = channel_pair(timeout=300)
+            cc, sc = channel_pair(timeout=300, record=record)
             provider = provider_factory()
             self.client_parties[w] = Party("client", cc, provider, self.he_config.fixed_point)
             self.server_parties[w] = Party("server", sc, provider, self.he_config.fixed_point)

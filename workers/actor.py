@@ -50,7 +50,8 @@ class WorkerActor:
         self.shard = ServerShard(model, plan.workers[index], None, holds_ends=index == 0,
                                  lead_layers=lead, he_config=he_config,
                                  embed_shards=sp.embed_owners(model.config, plan)[index],
-                                 head_cols=sp.head_columns(model.config, plan).get(index))
+                                 head_cols=sp.head_columns(model.config, plan).get(index),
+                                 key_share=len(plan.workers))
         self.telemetry = Telemetry(f"worker-{index}")
         bind, self.advertise = link_bind_host(gateway_host, gateway_node)
         self.links = LinkServer(bind, tls[0], tls[1], link_cap)

@@ -49,7 +49,8 @@ class SessionError(KeyError):
 
 class ServerShard:
     def __init__(self, model: GPT, plan: WorkerPlan, public_context: bytes | None, holds_ends: bool,
-                 lead_layers=frozenset(), he_config: HEConfig | None = None, embed_shards=None, head_cols=None):
+                 lead_layers=frozenset(), he_config: HEConfig | None = None, embed_shards=None, head_cols=None,
+                 key_share: int = 1):
         """``public_context``: None in a long-lived server (the weights are encoded once with the
         server's own key-less encoding context; each session brings the client's public context to
         ``open_session``), or one client's public context (in-process tests: every session uses it).
@@ -58,6 +59,7 @@ class ServerShard:
         this worker's embedding row shards and LM-head columns (default: all of them if it holds
         the ends, as with one worker)."""
         self.cfg = model.config
+        self.key_share = key_share  # workers exporting under one session key (each gets 1/key_share of its budget)
         self.he_config = he_config or HEConfig()
         self.stats = HEStats()
         if public_context is None:
@@ -65,7 +67,7 @@ class ServerShard:
         else:
             self.ctx = PublicContext.from_bytes(public_context, self.he_config)
         self.ctx.assert_public()
-        self.engine = ServerEngine(self.ctx, self.stats)  # encodes the weights (and serves sessions in tests)
+        self.engine = ServerEngine(self.ctx, self.stats, key_share)  # encodes the weights (and serves sessions in tests)
         self.fp = self.engine.config.fixed_point
         self.plan, self.n = plan, self.engine.config.n
         if embed_shards is None:
@@ -96,7 +98,7 @@ class ServerShard:
             missing = self.required_steps - set(ctx.rotation_steps)
             if missing:
                 raise SessionError(f"the client's public context lacks {len(missing)} Galois keys the kernels use")
-            engine = ServerEngine(ctx, self.stats)
+            engine = ServerEngine(ctx, self.stats, self.key_share)
         self.sessions[sid] = {"engine": engine, "caches": {}}
 
     def close_session(self, sid: str) -> None:

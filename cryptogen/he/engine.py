@@ -1,33 +1,38 @@
-"""Server-side ciphertext evaluator with op counting and static noise tracking.
+"""Server-side ciphertext evaluator with op counting and worst-case noise tracking.
 
 Construction: SEAL BFV evaluation (Pyfhel); circuit privacy by re-randomisation and
 noise flooding before a ciphertext leaves the server (Gentry's flooding; as used by
-Gazelle/Cheetah-style 2PC+HE), see :meth:`ServerEngine.export`.
+Gazelle/Cheetah-style 2PC+HE), see :meth:`ServerEngine.export` and :mod:`cryptogen.he.noise`.
 
 Steps of ``export`` (server -> client):
-  1. check the static budget b leaves room for flooding (else NoiseBudgetError);
-  2. add a fresh public-key encryption of zero (c1 becomes freshly random);
-  3. add to c0 a polynomial e_f with coefficients uniform in [-B, B), B = 2^(sigma + log2 n) * E,
-     where E = q / (2 t 2^b) bounds the evaluation noise. Then each coefficient of the
-     noise differs in distribution from a simulated one by <= E / B, and the whole
-     ciphertext by <= n E / B = 2^-sigma (sigma = 40 by default): its noise carries no
-     statistically useful information about the server's weights or shares.
+  1. refuse if this key already exported 2^X ciphertexts (X = ``max_exports_log2``;
+     per key id, per process) -- the flooding below is sized for that many;
+  2. check the proven budget b leaves room for flooding (else NoiseBudgetError);
+  3. add a fresh public-key encryption of zero (c1 becomes freshly random);
+  4. add to c0 a polynomial F with i.i.d. coefficients floor(U1 + U2 + U3) - 3A/2, U_i uniform on
+     [0, A), A = 2^a, a = ceil(sigma + (X + log2 n)/2 + 0.1 + log2 E), E = (q/t) 2^-(b+1) >= the
+     evaluation noise (b is a worst-case lower bound). By the Hellinger argument of noise.py
+     (steps 6-8) all 2^X exports of a key together are within statistical distance 2^-sigma
+     (sigma = 40) of exports whose noise is independent of the server's weights and shares.
 Who learns what: the client later decrypts Enc(x - r) only (see convert.py).
-Cost: per export one encryption of zero (~2 ms) and one pass over c0's RNS words.
-Every method is callable with a :class:`PublicContext` only.
+Cost: per export one encryption of zero and a few passes over c0's RNS words (os.urandom).
+Every method is callable with a :class:`PublicContext` only; the noise model uses the primes
+read from the loaded SEAL context (``ctx.qi``).
 """
 from __future__ import annotations
 
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 from Pyfhel import PyCtxt
 
-from .errors import SecretKeyError, SerializationError, ShapeError
+from .errors import HEError, SecretKeyError, SerializationError, ShapeError
 from .keys import ClientKeys, PublicContext
+from . import noise as noise_mod
 from .noise import NoiseModel
 from .stats import HEStats
 
@@ -40,46 +45,89 @@ class Cipher:
     budget: float
 
 
+class ExportLimitError(HEError, RuntimeError):
+    """A key has exported as many ciphertexts as its flooding was sized for."""
+
+
+_EXPORTS: dict[bytes, int] = {}  # key id -> ciphertexts exported under it (this process)
+_EXPORTS_LOCK = threading.Lock()
+
+
+def exports_of(key_id: bytes) -> int:
+    with _EXPORTS_LOCK:
+        return _EXPORTS.get(key_id, 0)
+
+
+_M32 = np.uint64(0xFFFFFFFF)
+
+
 def _mulmod_scalar(a: np.ndarray, c: int, q: int) -> np.ndarray:
-    """a * c mod q for uint64 a < q < 2^47 and a Python int c, without overflow."""
+    """a * c mod q for uint64 a < q < 2^63 and a Python int c (Shoup's multiplication: the quotient is
+    the high word of a * floor(c 2^64 / q), computed from 32-bit halves; uint64 products wrap)."""
     c %= q
-    r = np.zeros_like(a)
-    for shift in range((q.bit_length() + 15) // 16 - 1, -1, -1):
-        chunk = (c >> (16 * shift)) & 0xFFFF
-        r = np.mod(np.mod(r << np.uint64(16), np.uint64(q)) + np.mod(a * np.uint64(chunk), np.uint64(q)), np.uint64(q))
-    return r
+    wp, qq = (c << 64) // q, np.uint64(q)
+    w0, w1, s32 = np.uint64(wp & 0xFFFFFFFF), np.uint64(wp >> 32), np.uint64(32)
+    a0, a1 = a & _M32, a >> s32
+    mid1 = a1 * w0 + ((a0 * w0) >> s32)
+    mid2 = a0 * w1 + (mid1 & _M32)
+    hi = a1 * w1 + (mid1 >> s32) + (mid2 >> s32)
+    with np.errstate(over="ignore"):
+        r = a * np.uint64(c) - hi * qq  # exact value in [0, 2q)
+    return np.where(r >= qq, r - qq, r)
 
 
-def _uniform_mod(bits: int, shape, moduli: list[int]) -> np.ndarray:
-    """Residues mod each q_i of integers uniform in [-2^bits, 2^bits) (os.urandom)."""
-    total = bits + 1
-    nlimb = (total + 59) // 60
-    n = int(np.prod(shape))
+def _uniform_limbs(bits: int, n: int) -> np.ndarray:
+    """(limbs, n) uint64 60-bit limbs of n integers uniform in [0, 2^bits) (os.urandom)."""
+    nlimb = (bits + 59) // 60
     limbs = np.frombuffer(os.urandom(8 * n * nlimb), dtype=np.uint64).reshape(nlimb, n).copy()
     limbs &= np.uint64((1 << 60) - 1)
-    top = total - 60 * (nlimb - 1)
-    limbs[-1] &= np.uint64((1 << top) - 1)
+    limbs[-1] &= np.uint64((1 << (bits - 60 * (nlimb - 1))) - 1)
+    return limbs
+
+
+def _irwin_hall_j(n: int) -> np.ndarray:
+    """J in {0, 1, 2} with probabilities 1/6, 2/3, 1/6 (= floor of a sum of 3 uniform fractions),
+    exactly: rejection-sample u uniform in {0..5}, J = 0 if u == 0, 2 if u == 5, else 1."""
+    out, todo = np.empty(n, np.uint64), np.arange(n)
+    while todo.size:
+        u = np.frombuffer(os.urandom(todo.size), dtype=np.uint8) & 7
+        ok = u < 6
+        out[todo[ok]] = np.where(u[ok] == 0, 0, np.where(u[ok] == 5, 2, 1))
+        todo = todo[~ok]
+    return out
+
+
+def _flood_residues(a: int, n: int, moduli: list[int]) -> np.ndarray:
+    """Residues mod each q_i of F = K1 + K2 + K3 + J - 3 * 2^(a-1) (noise.py rule 6)."""
+    s = _uniform_limbs(a, n) + _uniform_limbs(a, n) + _uniform_limbs(a, n)  # limb sums < 2^62
+    j = _irwin_hall_j(n)
     out = np.empty((len(moduli), n), dtype=np.uint64)
     for i, q in enumerate(moduli):
-        acc = np.zeros(n, dtype=np.uint64)
-        for j in range(nlimb):
-            acc = np.mod(acc + _mulmod_scalar(np.mod(limbs[j], np.uint64(q)), 1 << (60 * j), q), np.uint64(q))
-        off = (1 << bits) % q  # subtract 2^bits to center
-        out[i] = np.mod(acc + np.uint64(q - off), np.uint64(q))
+        qq = np.uint64(q)
+        acc = np.mod(j, qq)
+        for k in range(s.shape[0]):
+            limb = np.mod(s[k], qq)
+            acc = np.mod(acc + (_mulmod_scalar(limb, 1 << (60 * k), q) if k else limb), qq)
+        off = (3 << (a - 1)) % q  # center
+        out[i] = np.mod(acc + np.uint64(q - off), qq)
     return out
 
 
 class ServerEngine:
     """Evaluates on ciphertexts for the server; accepts only a :class:`PublicContext`."""
 
-    def __init__(self, ctx: PublicContext, stats: HEStats | None = None):
+    def __init__(self, ctx: PublicContext, stats: HEStats | None = None, export_share: int = 1):
+        """``export_share``: how many processes export under this key (the workers of a session):
+        each may use 1/export_share of the key's 2^max_exports_log2 exports, so the key's whole
+        transcript stays within the budget its flooding was sized for."""
         if isinstance(ctx, ClientKeys) or not isinstance(ctx, PublicContext):
             raise SecretKeyError("server-side code must be built from a PublicContext, not client keys")
         ctx.assert_public()
         self.ctx, self.config = ctx, ctx.config
         self.stats = stats if stats is not None else HEStats()
-        self.noise = NoiseModel(ctx.config)
+        self.noise = NoiseModel(ctx.config, tuple(ctx.qi))
         self._qi = list(ctx.qi)
+        self.max_exports = (1 << ctx.config.max_exports_log2) // max(1, int(export_share))
 
     # ---- encoding / transport -------------------------------------------------
     def encode(self, slots):
@@ -88,7 +136,7 @@ class ServerEngine:
     def encrypt(self, slots) -> Cipher:
         """Server-side public-key encryption (e.g. of its own share)."""
         self.stats.encryptions += 1
-        return Cipher(self.ctx.encrypt_public(slots), self.noise.fresh)
+        return Cipher(self.ctx.encrypt_public(slots), self.noise.fresh_encryption)
 
     def receive(self, data: bytes) -> Cipher:
         """A fresh ciphertext sent by the client (S2H input, refresh)."""
@@ -96,14 +144,31 @@ class ServerEngine:
         if ct.size() != 2:
             raise ShapeError("client ciphertexts must have 2 polynomials")
         self.stats.record_to_server(len(data))
-        return Cipher(ct, self.noise.fresh)
+        return Cipher(ct, self.noise.fresh_encryption)
+
+    def _count_export(self) -> None:
+        kid = self.ctx.key_id
+        with _EXPORTS_LOCK:
+            done = _EXPORTS.get(kid, 0)
+            if done >= self.max_exports:
+                raise ExportLimitError(
+                    f"this key has exported {done} ciphertexts here, its share of the 2^{self.config.max_exports_log2} "
+                    f"its noise flooding is sized for; reconnect to make new keys")
+            _EXPORTS[kid] = done + 1
+
+    @property
+    def exports_left(self) -> int:
+        return self.max_exports - exports_of(self.ctx.key_id)
 
     def export(self, c: Cipher, what: str = "ciphertext") -> bytes:
         """Re-randomise + flood ``c`` (see module doc) and serialize it for the client."""
-        self.noise.require_sendable(c.budget, what)
         ct = c.ct
+        budget = c.budget if ct.size() == 2 else self.noise.after_rotate(c.budget)  # relinearisation: a key switch
+        self.noise.require_sendable(budget, what)
+        self._count_export()
         if ct.size() != 2:
             ct = self.ctx.he.relinearize(ct) or ct
+        c = Cipher(ct, budget)
         ct = ct + self.ctx.encrypt_public(np.zeros(self.config.n, np.int64))
         ct = self._flood(ct, c.budget)
         self.stats.rerandomizations += 1
@@ -112,9 +177,11 @@ class ServerEngine:
         return data
 
     def flood_bits(self, budget: float) -> int:
-        lq = self.config.data_modulus_bits
-        noise_bits = lq - math.log2(self.config.t) - budget - 1  # log2 of the noise bound E
-        return int(math.ceil(self.config.flood_sigma + math.log2(self.config.n) + noise_bits))
+        """a: the flood's coefficients span 3 * 2^a (noise.py rules 6-8)."""
+        log_e = math.log2(self.config.t) - self.noise.lq
+        log_e = math.log2(2.0 ** (-budget - 1) + 2.0 ** (-self.noise.fresh_encryption - 1)) - log_e  # log2 E
+        bits = self.config.flood_sigma + math.log2(self.config.n) / 2 + self.config.max_exports_log2 / 2
+        return int(math.ceil(bits + noise_mod.TV_CONST + log_e))
 
     def _flood(self, ct: PyCtxt, budget: float) -> PyCtxt:
         raw = ct.to_bytes("none")
@@ -124,7 +191,7 @@ class ServerEngine:
             raise SerializationError("unexpected SEAL ciphertext layout")
         data_len = size * k * n * 8
         data = np.frombuffer(raw[-data_len:], dtype=np.uint64).reshape(size, k, n).copy()
-        noise = _uniform_mod(self.flood_bits(budget), (n,), self._qi[:k])
+        noise = _flood_residues(self.flood_bits(budget), n, self._qi[:k])
         for i in range(k):
             q = np.uint64(self._qi[i])
             data[0, i] = np.mod(data[0, i] + noise[i], q)
@@ -147,7 +214,7 @@ class ServerEngine:
 
     def add_ct_pt(self, c: Cipher, slots) -> Cipher:
         self.stats.additions += 1
-        return Cipher(self.ctx.he.add_plain(c.ct, self.encode(slots), True), c.budget)
+        return Cipher(self.ctx.he.add_plain(c.ct, self.encode(slots), True), self.noise.after_add_plain(c.budget))
 
     def sub_ct_pt(self, c: Cipher, slots) -> Cipher:
         return self.add_ct_pt(c, np.mod(-np.asarray(slots, np.int64), self.config.t))

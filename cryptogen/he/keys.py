@@ -8,8 +8,11 @@ Steps:
   1. Client: ``ClientKeys.generate(config, rotation_steps)`` -- secret key, public key,
      relin key, Galois keys for exactly ``rotation_steps`` (0 = row swap).
   2. Client: ``public_context_bytes()`` -> envelope (params fingerprint + key id).
-  3. Server: ``PublicContext.from_bytes(data)`` -- a Pyfhel object with no secret key;
+  3. Server: ``PublicContext.from_bytes(data, expected)`` -- a Pyfhel object with no secret key;
      it can encrypt (public key), evaluate, and (de)serialize ciphertexts, never decrypt.
+     N, t, the coefficient-modulus primes and the security level are read from the loaded SEAL
+     context itself (not from the envelope's metadata) and must equal the server's HEConfig
+     (``check_context_params``); sec < 128 (incl. Pyfhel's sec=0 = "no check") is refused.
 Who learns what: the server learns public keys only. Cost: key generation ~0.1 s plus
 ~2.6 MB per Galois key at n=8192 (uncompressed: this Pyfhel build has no zstd/zlib).
 """
@@ -22,14 +25,41 @@ from Pyfhel import Pyfhel, PyCtxt
 
 from . import serialize
 from .errors import ConfigError, SecretKeyError, SerializationError, ShapeError
-from .params import HEConfig
+from .params import SEAL_MAX_BITS, HEConfig
 
 
 def _context(config: HEConfig) -> Pyfhel:
+    """A SEAL context with the config's primes (explicit ``qi``: Pyfhel then keeps our prime sizes)
+    *and* SEAL's own HomomorphicEncryption.org check at ``security_bits`` (never sec=0)."""
     he = Pyfhel()
-    # sec=0: SEAL's own check is replaced by HEConfig's (which allows custom qi_sizes).
-    he.contextGen(scheme="bfv", n=config.n, t=config.t, sec=0, qi_sizes=list(config.qi_sizes))
+    status = he.contextGen(scheme="bfv", n=config.n, t=config.t, sec=config.security_bits,
+                           qi=list(config.expected_qi))
+    if not str(status).startswith("success"):
+        raise ConfigError(f"SEAL refused the parameters ({status}); choose smaller qi_sizes or a larger n")
     return he
+
+
+def check_context_params(actual: dict, config: HEConfig) -> None:
+    """Refuse a loaded SEAL context whose real parameters (``serialize.seal_context_params``) are not
+    ``config``'s or are below 128-bit security. One-line messages: what differs, what to do."""
+    fix = "make the keys with cryptogen's ClientKeys.generate(<the server's HEConfig>)"
+    if actual["sec"] < 128:
+        raise SerializationError(f"public context: SEAL security level sec={actual['sec']} is below 128 bits "
+                                 f"(sec=0 switches SEAL's check off); {fix}")
+    if actual["sec"] != config.security_bits:
+        raise SerializationError(f"public context: SEAL security level {actual['sec']} differs from the server's "
+                                 f"{config.security_bits}; {fix}")
+    bits, limit = sum(q.bit_length() for q in actual["qi"]), SEAL_MAX_BITS[128].get(actual["n"], 0)
+    if bits > limit:
+        raise SerializationError(f"public context: {bits}-bit coefficient modulus at N={actual['n']} is below "
+                                 f"128-bit security (max {limit} bits); {fix}")
+    for name, got, want in (("scheme", actual["scheme"], 1), ("poly modulus degree N", actual["n"], config.n),
+                            ("plain modulus t", actual["t"], config.t),
+                            ("coefficient-modulus primes", actual["qi"], config.expected_qi)):
+        if got != want:
+            shown = f"{len(got)} primes of {[q.bit_length() for q in got]} bits" if name.startswith("coeff") else got
+            raise SerializationError(f"public context: SEAL {name} is {shown}, the server's parameters need "
+                                     f"{want if not name.startswith('coeff') else list(config.qi_sizes)}; {fix}")
 
 
 def _key_id(public_key_bytes: bytes) -> bytes:
@@ -91,17 +121,25 @@ class PublicContext(_HEBase):
 
     @classmethod
     def from_bytes(cls, data: bytes, expected: HEConfig | None = None) -> "PublicContext":
+        """Server: load a client's public context. N, t, the primes and the security level come from
+        the SEAL context itself and must match ``expected`` (the server's own HEConfig)."""
         meta, payload, fp, kid = serialize.unpack(
             data, "public_context", expected.fingerprint if expected else None)
-        config = HEConfig.from_dict(meta["config"])
+        try:
+            config = HEConfig.from_dict(meta["config"])
+        except (KeyError, TypeError) as exc:
+            raise SerializationError("public context metadata lacks a valid config") from exc
         if config.fingerprint != fp:
             raise SerializationError("public context metadata does not match its fingerprint")
         if expected is not None and config != expected:  # e.g. flood_sigma is the server's policy, not the client's
             diff = sorted(k for k, v in expected.to_dict().items() if config.to_dict()[k] != v)
             raise SerializationError(f"public context parameters differ from the server's in {', '.join(diff)}")
+        config = expected or config
         ctx_b, pk_b, rk_b, gk_b = serialize.split_blobs(payload)
         if _key_id(pk_b) != kid:
             raise SerializationError("public key does not match the envelope key id")
+        actual = serialize.seal_context_params(ctx_b)
+        check_context_params(actual, config)  # before SEAL loads anything sized by these parameters
         he = Pyfhel()
         try:
             he.from_bytes_context(ctx_b)
@@ -111,7 +149,11 @@ class PublicContext(_HEBase):
                 he.from_bytes_rotate_key(gk_b)
         except Exception as exc:
             raise SerializationError("public context payload rejected by SEAL") from exc
-        return cls(config, he, kid, tuple(meta["rotation_steps"]), tuple(int(q) for q in meta["qi"]))
+        loaded = (int(he.sec), int(he.get_poly_modulus_degree()), int(he.get_plain_modulus()),
+                  int(he.total_coeff_modulus_bit_count))
+        if loaded != (actual["sec"], actual["n"], actual["t"], sum(q.bit_length() for q in actual["qi"][:-1])):
+            raise SerializationError("public context: the loaded SEAL context disagrees with its parameter block")
+        return cls(config, he, kid, tuple(meta.get("rotation_steps", ())), actual["qi"])
 
     @classmethod
     def for_encoding(cls, config: HEConfig) -> "PublicContext":

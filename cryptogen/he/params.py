@@ -2,19 +2,22 @@
 
 Steps:
   1. :class:`HEConfig` names the scheme (BFV), ring degree ``n``, plaintext modulus ``t``
-     (the shared field of ``cryptogen.field``) and coefficient-modulus prime sizes.
+     (the shared field of ``cryptogen.field``) and coefficient-modulus prime sizes; the primes
+     themselves are the ones SEAL's ``CoeffModulus::Create`` picks (``expected_qi``).
   2. ``HEConfig.__post_init__`` checks: ``t`` prime and ``t = 1 mod 2n`` (SIMD batching),
-     ``sum(qi_sizes)`` within SEAL's bound for >=128-bit security at ``n``
+     ``sum(qi_sizes)`` within SEAL's bound for the security level at ``n``
      (HomomorphicEncryption.org standard table, as enforced by SEAL), the value ranges fit
-     the field at their fixed-point scales, and the static noise model leaves room for one
-     ct x pt plus noise flooding (so N=4096, whose 72-bit data modulus leaves ~23 bits of
-     budget, is rejected with t ~ 2^42).
+     the field at their fixed-point scales, and the *worst-case* noise bounds
+     (:mod:`cryptogen.he.noise`) leave room for a rotation, one ct x pt and noise flooding
+     at ``flood_sigma`` bits over ``2^max_exports_log2`` exports. With t ~ 2^42 this rejects
+     n = 8192 (at most 180 data bits; needs ~190, see docs/HE.md "Worst-case flooding").
   3. ``fingerprint`` hashes the parameters; every serialized object carries it.
 
-Who learns what: parameters are public. Cost: none (pure validation).
+Who learns what: parameters are public. Cost: none (pure validation; prime search cached).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -60,21 +63,38 @@ def _is_prime(p: int) -> bool:
     return True
 
 
-MIN_FLOOD_SIGMA = 40  # bits of statistical distance of the flooded noise (engine.export)
+@functools.lru_cache(maxsize=32)
+def _seal_primes(n: int, sizes: tuple[int, ...]) -> tuple[int, ...]:
+    table = {}
+    for size in sorted(set(sizes)):
+        count, found, v = sizes.count(size), [], (1 << size) - 2 * n + 1
+        while len(found) < count and v > (1 << (size - 1)):
+            if _is_prime(v):
+                found.append(v)
+            v -= 2 * n
+        if len(found) < count:
+            raise ConfigError(f"not enough {size}-bit primes = 1 mod 2n={2 * n}")
+        table[size] = found
+    return tuple(table[s].pop() for s in sizes)
+
+
+MIN_FLOOD_SIGMA = 40  # bits of statistical distance of a key's whole export transcript (noise.py step 8)
 
 
 @dataclass(frozen=True)
 class HEConfig:
     """Public HE parameters. Frozen; validated on construction."""
 
-    n: int = 8192
+    n: int = 16384
     t: int = DEFAULT_T
-    # 218 bits = the 128-bit bound at n=8192; 180 data bits (SEAL default: 174) -- see docs/HE.md
-    qi_sizes: tuple[int, ...] = (45, 45, 45, 45, 38)
+    # 276 bits (<= 438, the 128-bit bound at n=16384; also <= 305, the 192-bit one); 216 data bits,
+    # special prime 60 bits >= the data primes (small key-switch noise) -- docs/HE.md "Worst-case flooding"
+    qi_sizes: tuple[int, ...] = (54, 54, 54, 54, 60)
     scheme: str = "bfv"
     security_bits: int = 128
     frac_bits: int = DEFAULT_FRAC_BITS
-    flood_sigma: int = 40            # statistical security of noise flooding (bits)
+    flood_sigma: int = 40            # flooding: statistical distance <= 2^-sigma over a key's whole transcript
+    max_exports_log2: int = 20       # a key may export at most 2^X ciphertexts (engine refuses beyond)
     max_abs_input: float = 1024.0    # |x| of values entering HE at scale 2^f
     max_abs_output: float = 65536.0  # |y| of a product result at scale 2^(2f)
 
@@ -98,9 +118,12 @@ class HEConfig:
             raise ConfigError("qi_sizes needs >=2 primes of 20..60 bits (last one is the special prime)")
 
     def _check_security(self) -> None:
+        if not 0 <= self.max_exports_log2 <= 40:
+            raise ConfigError(f"max_exports_log2 must be in [0, 40], got {self.max_exports_log2}")
         if self.flood_sigma < MIN_FLOOD_SIGMA:
-            raise ConfigError(f"flood_sigma must be at least {MIN_FLOOD_SIGMA} bits (statistical circuit privacy "
-                              f"of the server's weights), got {self.flood_sigma}")
+            raise ConfigError(f"flood_sigma must be at least {MIN_FLOOD_SIGMA} bits (statistical distance of a key's "
+                              f"whole transcript of 2^max_exports_log2 exports: circuit privacy of the server's "
+                              f"weights), got {self.flood_sigma}")
         table = SEAL_MAX_BITS.get(self.security_bits)
         if table is None:
             raise ConfigError(f"security_bits must be one of {sorted(SEAL_MAX_BITS)}")
@@ -120,11 +143,18 @@ class HEConfig:
         from .noise import NoiseModel  # local import: noise depends on params
 
         model = NoiseModel(self)
-        after = model.after_ct_pt(model.fresh, terms=1)
-        if after - model.flood_cost(after) < model.margin:
+        after = model.after_ct_pt(model.after_rotate(model.fresh))
+        if not model.can_send(after):
             raise ConfigError(
-                f"n={self.n} with a {self.data_modulus_bits}-bit data modulus leaves no room for one "
-                f"ct x pt plus {self.flood_sigma}-bit noise flooding; use n >= 8192")
+                f"n={self.n} with a {self.data_modulus_bits}-bit data modulus leaves no room for a rotation, one "
+                f"ct x pt and noise flooding at {self.flood_sigma} bits over 2^{self.max_exports_log2} exports "
+                f"(worst-case bounds); use n >= 16384 or more data bits")
+
+    @property
+    def expected_qi(self) -> tuple[int, ...]:
+        """The primes SEAL's ``CoeffModulus::Create(n, qi_sizes)`` picks: per size, the largest primes
+        = 1 mod 2n below 2^size, handed out in increasing order (same algorithm, so equal)."""
+        return _seal_primes(self.n, self.qi_sizes)
 
     @property
     def slots(self) -> int:

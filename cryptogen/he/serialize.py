@@ -8,6 +8,8 @@ Layout (little endian)::
 Steps on load: 1. length and magic, 2. checksum (truncation/corruption), 3. kind,
 4. parameter fingerprint, 5. key id. Each failure raises its own exception type
 (:mod:`cryptogen.he.errors`); messages carry kinds, lengths and fingerprints only.
+``seal_context_params`` reads what a Pyfhel/SEAL context blob really holds (security level,
+N, every coefficient-modulus prime, t) so the server checks those, not the envelope's metadata.
 Who learns what: an envelope reveals its kind, parameters and key id (all public).
 Cost: one sha256 over the bytes.
 """
@@ -93,3 +95,42 @@ def split_blobs(data: bytes) -> list[bytes]:
     if off != len(data):
         raise SerializationError("blob list has trailing bytes")
     return out
+
+
+# ---- SEAL context bytes (Pyfhel ``to_bytes_context("none")``) -------------------------------
+_SEAL_MAGIC = 0xA15E
+_SEAL_HEAD = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compression, reserved, size
+
+
+def _seal_object(data: bytes, off: int) -> tuple[int, int]:
+    """Check one SEAL serialization header at ``off``; returns (body offset, end offset)."""
+    magic, hsize, _major, _minor, compr, _res, size = _SEAL_HEAD.unpack_from(data, off)
+    if magic != _SEAL_MAGIC or hsize != _SEAL_HEAD.size or compr != 0 or off + size > len(data):
+        raise SerializationError("public context: SEAL parameters unreadable (bad header or compressed)")
+    return off + hsize, off + size
+
+
+def seal_context_params(ctx_bytes: bytes) -> dict:
+    """The parameters a Pyfhel/SEAL context blob really carries: Pyfhel's prefix (security level
+    ``sec`` it asks SEAL to enforce) and SEAL's ``EncryptionParameters`` (scheme, ``n``, all
+    coefficient-modulus primes ``qi`` -- data primes then the special prime -- and ``t``)."""
+    try:
+        (sec,) = struct.unpack_from("<i", ctx_bytes, 0)
+        (count,) = struct.unpack_from("<Q", ctx_bytes, 4)
+        if count > 64:
+            raise SerializationError("public context: SEAL parameters unreadable (prime count)")
+        body, end = _seal_object(ctx_bytes, 12 + 4 * count + 8)
+        scheme, n, k = struct.unpack_from("<BQQ", ctx_bytes, body)
+        if not 1 <= k <= 64:
+            raise SerializationError("public context: SEAL parameters unreadable (prime count)")
+        off, qi = body + 17, []
+        for _ in range(k + 1):  # coefficient-modulus primes, then the plain modulus
+            mbody, mend = _seal_object(ctx_bytes, off)
+            (value,) = struct.unpack_from("<Q", ctx_bytes, mbody)
+            qi.append(int(value))
+            off = mend
+    except struct.error as exc:
+        raise SerializationError("public context: SEAL parameters truncated") from exc
+    if off != end or end != len(ctx_bytes):
+        raise SerializationError("public context: SEAL parameters have trailing bytes")
+    return {"sec": int(sec), "scheme": int(scheme), "n": int(n), "qi": tuple(qi[:-1]), "t": qi[-1]}

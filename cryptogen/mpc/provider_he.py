@@ -2,20 +2,23 @@
 
 Constructions (over the field Z_t shared by the HE plaintexts and the 2PC shares; the client
 holds the only secret key; every ciphertext the server sends is re-randomised and noise-flooded
-by ``ServerEngine.export``: fresh Enc(0) added, c0 flooded 2^40 above the evaluation noise):
+by ``ServerEngine.export``: fresh Enc(0) added, c0 flooded from the worst-case noise bound so that a
+key's whole transcript is 2^-40-close to one independent of the server's data; the server loads the
+client's context with ``PublicContext.from_bytes(.., self.config)``, which reads N, t, the primes and
+the security level from the SEAL context and refuses anything but its own >= 128-bit parameters):
 
 VOLE (the HE-based OLE of Gazelle/Cheetah, as in Overdrive "LowGear", Keller–Pastro–Rotaru,
-EUROCRYPT 2018): the client encrypts its inputs u_j (all N = 8192 slots used) and sends them;
+EUROCRYPT 2018): the client encrypts its inputs u_j (all N slots used) and sends them;
 for each output the server returns export(sum_j Enc(u_j) * v_j + w) for plaintext slots v_j, w
 it chooses; the client decrypts. With the offline link, ciphertexts are pipelined: the client
 keeps up to 32 ciphertexts in flight and the server answers each output as soon as its inputs
-have arrived. Every message is one ciphertext (~0.5 MB < 16 MiB).
+have arrived. Every message is one ciphertext (~1 MB < 16 MiB).
 
 Triples (one VOLE per N triples):
   1. client draws a_c, b_c; server draws a_s, b_s, m (uniform, os.urandom);
   2. VOLE: client inputs (a_c, b_c), server v = (b_s, a_s), w = -m;
   3. c_c = a_c b_c + dec, c_s = a_s b_s + m.
-  Cost: 2 ciphertexts up, 1 down per 8192 triples (~1.57 MB), 1 round trip.
+  Cost: 2 ciphertexts up, 1 down per N triples (N = 16384: ~3.1 MB), 1 round trip.
 Matrix triples (m,k,n): the cross terms A_c B_s + A_s B_c as m*k*n VOLE slots, summed over k.
 Solved bits, pooled mode (a uniform r in Z_t with additive shares of its L = 42 bits;
 Damgård–Fitzi–Kiltz–Nielsen–Toft, TCC 2006, made here without Beaver triples):
@@ -38,7 +41,7 @@ Damgård–Fitzi–Kiltz–Nielsen–Toft, TCC 2006, made here without Beaver tr
   Who learns what: the server sees fresh ciphertexts and the keep mask; the client sees
   masked shares (uniform) and, per candidate, zero tests that are uniform unless the
   candidate is rejected (then it learns which case; the candidate is dropped).
-  Cost per candidate: 61 slots up, 62 down (~7.9 kB at 8192 per ciphertext), 1 round trip
+  Cost per candidate: 61 slots up, 62 down (~7.9 kB at N = 8192 or 16384), 1 round trip
   + the mask; rejects (2^42 - t) / 2^42 = 3.6e-7 of candidates.
 Solved bits, inline mode (no offline link; unchanged): 42 XORs by Beaver triples plus
   ``compare.gt_public`` opened (~123 triples and 7 rounds per item) on the party's channel.

@@ -8,7 +8,7 @@ from cryptogen.he import (ClientKeys, ClientRole, ConfigError, HEConfig, KeyMism
 
 def test_config_validation():
     with pytest.raises(ConfigError, match="exceeds"):
-        HEConfig(qi_sizes=(60, 60, 60, 60))
+        HEConfig(qi_sizes=(60,) * 8)
     with pytest.raises(ConfigError, match="no room"):
         HEConfig(n=4096, qi_sizes=(36, 36, 37))
     with pytest.raises(ConfigError, match="1 mod 2n"):
@@ -19,7 +19,7 @@ def test_config_validation():
         HEConfig(scheme="ckks")
     with pytest.raises(ConfigError, match="flood_sigma must be at least 40"):
         HEConfig(flood_sigma=0)  # would switch off the flooding that hides the server's weights
-    assert HEConfig().fingerprint != HEConfig(qi_sizes=(43, 43, 44, 44, 44)).fingerprint
+    assert HEConfig().fingerprint != HEConfig(qi_sizes=(50, 50, 50, 50, 60)).fingerprint
     assert HEConfig.from_dict(HEConfig().to_dict()) == HEConfig()
 
 
@@ -60,7 +60,7 @@ def test_ciphertext_envelope_checks(cfg, keys, ctx, engine, client):
 
 
 def test_other_parameter_set_rejected(engine, ctx):
-    cfg2 = HEConfig(qi_sizes=(43, 43, 44, 44, 44))
+    cfg2 = HEConfig(qi_sizes=(50, 50, 50, 50, 60))
     k2 = ClientKeys.generate(cfg2, [])
     with pytest.raises(ParameterMismatchError):
         engine.receive(ClientRole(k2).s2h_send(np.zeros(cfg2.n)))

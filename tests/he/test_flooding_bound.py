@@ -1,0 +1,146 @@
+"""Worst-case noise bounds (noise.py) against the client's measured budgets, and the per-key export budget.
+
+SEAL reports the budget rounded down to whole bits, so "bound holds" means est <= measured + 1.
+Tolerances for "not absurdly loose": ct x pt with adversarial plaintexts within 8 bits of the proven
+worst case (measured 4), a linear-kernel output within 25 bits (measured ~17: the sum over D terms
+is bounded by the triangle inequality), a flooded ciphertext within 3 bits (the flood dominates).
+"""
+import numpy as np
+import pytest
+from Pyfhel import PyPtxt
+
+from cryptogen.field import random_elements
+from cryptogen.he import (ClientKeys, ClientRole, EncodedLinear, HEConfig, NoiseModel, ServerEngine, h2s_server,
+                          matmul_ct_pt_decode, reconstruct)
+from cryptogen.he.engine import ExportLimitError, _flood_residues, _irwin_hall_j
+
+
+def _coeff_plaintext(engine, coeffs):
+    """A plaintext with the given polynomial coefficients (in [0, t)), edited into SEAL's serialization."""
+    raw = engine.encode(np.zeros(engine.config.n, np.int64)).to_bytes("none")
+    data = np.asarray(coeffs, np.uint64).tobytes()
+    return PyPtxt(pyfhel=engine.ctx.he, bytestring=raw[:-len(data)] + data)
+
+
+def _adversarial(engine, rng):
+    n, t = engine.config.n, engine.config.t
+    half = (t - 1) // 2  # lifted by SEAL to +-(t-1)/2
+    signs = rng.integers(0, 2, n)
+    return [_coeff_plaintext(engine, np.full(n, half)), _coeff_plaintext(engine, np.full(n, half + 1)),
+            _coeff_plaintext(engine, np.where(signs == 1, half, half + 1))]
+
+
+def test_ct_pt_bound_holds_and_is_not_loose(cfg, engine, keys, rng):
+    worst = 0.0
+    for pt in _adversarial(engine, rng) + [engine.encode(random_elements(cfg.n, cfg.t, rng))]:
+        for k in (0, 1, 2):
+            x = engine.rotate(engine.encrypt(random_elements(cfg.n, cfg.t, rng)), k)
+            y = engine.mul_ct_pt(x, pt)
+            meas_x, meas_y = keys.noise_budget(x.ct), keys.noise_budget(y.ct)
+            assert x.budget <= meas_x + 1 and y.budget <= meas_y + 1
+            worst = max(worst, meas_x - meas_y)  # measured budget consumed by the product
+    cost = engine.noise.ct_pt_cost()  # lt + ln - 1 = 55 bits at n = 16384
+    assert worst <= cost + 1
+    assert worst >= cost - 8  # an all-(t-1)/2 plaintext gets within 8 bits of the proven worst case (measured: 4)
+
+
+def test_kernel_outputs_and_exports_stay_within_the_bound(cfg, engine, keys, client, plans, rng):
+    """Linear kernel with weights at the field's extremes, many exports: every static bound holds,
+    and after flooding the bound is tight (the flood dominates)."""
+    plan = plans[(128, 384)]
+    half = (cfg.t - 1) // 2
+    W = np.where(rng.integers(0, 2, (plan.d_in, plan.d_out)) == 1, half, cfg.t - half)
+    enc = EncodedLinear(engine, W, plan)
+    gaps = []
+    for _ in range(3):
+        x = engine.receive(client.s2h_send(plan.input_slots_decode(random_elements(plan.d_in, cfg.t, rng))))
+        for y in matmul_ct_pt_decode(enc, x):
+            assert y.budget <= keys.noise_budget(y.ct) + 1 <= y.budget + 25  # sum over D = 128 terms: loose
+            data, r = h2s_server(engine, y)
+            meas = client.measured_budget(data)
+            est = engine.noise.after_flood(engine.noise.after_add_plain(y.budget))
+            assert est <= meas + 1 and meas > 0
+            gaps.append(meas - est)
+            assert np.array_equal(reconstruct(client.h2s_receive(data), r, cfg.t), keys.decrypt(y.ct))
+    for _ in range(20):  # plain ct x pt exports with adversarial plaintexts
+        y = engine.mul_ct_pt(engine.encrypt(random_elements(cfg.n, cfg.t, rng)), _adversarial(engine, rng)[2])
+        meas = client.measured_budget(engine.export(y))
+        est = engine.noise.after_flood(y.budget)
+        assert est <= meas + 1
+        gaps.append(meas - est)
+    assert max(gaps) <= 3
+
+
+def test_flood_sampler_is_irwin_hall(cfg):
+    j = _irwin_hall_j(60000)
+    freq = np.bincount(j.astype(np.int64), minlength=3) / j.size
+    assert np.allclose(freq, [1 / 6, 2 / 3, 1 / 6], atol=0.01)
+    q, a = cfg.expected_qi[0], 10
+    f = _flood_residues(a, 50000, [q])[0].astype(object)
+    f = np.array([v - q if v > q // 2 else v for v in f], np.int64)
+    assert f.min() >= -3 * 2 ** (a - 1) and f.max() < 3 * 2 ** (a - 1)
+    assert abs(f.mean()) < 0.02 * 2 ** a and abs(f.std() / 2 ** a - 0.5) < 0.01  # Var = 3 A^2 / 12
+
+
+def test_flooding_grows_with_the_export_budget(cfg, engine):
+    b = 80.0
+    a = {x: NoiseModel(HEConfig(max_exports_log2=x)).flood_exponent(b) for x in (0, 10, 20, 30)}
+    assert a[0] < a[10] < a[20] < a[30] and abs((a[30] - a[10]) - 10) <= 1  # +X/2 bits (Hellinger composition)
+    assert engine.flood_bits(b) == engine.noise.flood_exponent(b) == a[20]
+    m = engine.noise
+    assert m.flood_cost(b) < cfg.flood_sigma + cfg.max_exports_log2 + m.ln + 1  # cheaper than uniform + union bound
+    assert m.per_ciphertext_tv_log2() == -(cfg.flood_sigma + cfg.max_exports_log2 / 2)
+
+
+def test_export_counter_refuses_beyond_the_budget(rng):
+    cfg = HEConfig(max_exports_log2=1)
+    keys = ClientKeys.generate(cfg)
+    ctx = keys.public_context()
+    eng, eng2 = ServerEngine(ctx), ServerEngine(keys.public_context())  # same key: one count
+    x = eng.encrypt(np.zeros(cfg.n, np.int64))
+    eng.export(x)
+    assert eng2.exports_left == 1
+    eng2.export(x)
+    with pytest.raises(ExportLimitError, match=r"this key has exported 2 ciphertexts.*2\^1 .*reconnect to make new keys"):
+        eng.export(x)
+    other = ServerEngine(ClientKeys.generate(cfg).public_context())  # a new key set starts again
+    assert other.exports_left == 2 and ClientRole(keys).keys is keys
+
+
+def test_workers_sharing_a_key_split_its_budget():
+    """A session's W worker processes export under one key: each gets 2^X / W."""
+    cfg = HEConfig(max_exports_log2=2)
+    eng = ServerEngine(ClientKeys.generate(cfg).public_context(), export_share=2)
+    x = eng.encrypt(np.zeros(cfg.n, np.int64))
+    eng.export(x)
+    eng.export(x)
+    with pytest.raises(ExportLimitError, match="its share of the 2\\^2"):
+        eng.export(x)
+
+
+def test_config_checks_the_worst_case_room():
+    with pytest.raises(Exception, match="max_exports_log2"):
+        HEConfig(max_exports_log2=41)
+    with pytest.raises(Exception, match="no room .*worst-case"):
+        HEConfig(n=8192, qi_sizes=(45, 45, 45, 45, 38))  # the old default: 180 data bits cannot hold it
+
+
+def _chains(model: NoiseModel, n: int) -> dict:
+    """Budget left after flooding for the kernels' worst chains (docs/HE.md "Worst-case flooding")."""
+    m, out = model, {}
+    for D in (128, 768, 3072):  # linear: baby rotation, ct x pt, sum over D, giant rotation + folds
+        b = m.after_fold(m.after_rotate(m.after_ct_pt(m.after_rotate(m.fresh), D)), int(np.log2(D)) // 2)
+        out[f"linear{D}"] = m.after_flood(m.after_add_plain(b))
+    k_cache = m.add(*[m.fresh] * (n // 64))  # a K/V ciphertext holding n/64 appended tokens
+    out["qk"] = m.after_flood(m.after_fold(m.after_ct_ct(m.fresh, k_cache), 6))
+    out["pv"] = m.after_flood(m.after_fold(m.after_ct_ct(m.fresh, k_cache, 4), int(np.log2(n // 128)) + 1))
+    return out
+
+
+def test_default_parameters_fit_the_kernels_worst_case():
+    old = HEConfig.__new__(HEConfig)  # the pre-#14 default, unvalidated (HEConfig now refuses it)
+    for k, v in {**HEConfig().to_dict(), "n": 8192, "qi_sizes": (45, 45, 45, 45, 38)}.items():
+        object.__setattr__(old, k, v)
+    new = _chains(NoiseModel(HEConfig()), 16384)
+    assert all(b >= 13 for b in new.values()), new  # >= 13 bits to spare at N = 16384
+    assert all(b < 0 for b in _chains(NoiseModel(old), 8192).values())  # nothing fits at N = 8192

@@ -106,6 +106,11 @@ MUTATIONS = [
              "cryptogen/mpc/provider.py",
              "        a, b = random_elements(n, self.t), random_elements(n, self.t)\n",
              "        a = random_elements(n, self.t)\n        b = a  # MUTATION\n"),
+    Mutation("argmax_opens_winner", "token-only argmax opens each round's winning value",
+             "cryptogen/mpc/argmax.py",
+             "        m, i = add(b, both[..., :h], p.t), add(ib, both[..., h:], p.t)\n",
+             "        m, i = add(b, both[..., :h], p.t), add(ib, both[..., h:], p.t)\n"
+             "        from .arith import open_; open_(p, m)  # MUTATION\n"),
 ]
 
 BOOT = '''\
@@ -249,7 +254,8 @@ opened values is caught (so the copy's code is what the tests import).
 The tests (false-alarm probabilities are stated in each module's docstring; < 1e-6 overall):
 
 * `test_openings.py` -- per protocol (Beaver mul + truncation, matmul + truncation, DReLU, causal
-  softmax, LayerNorm with server-private gamma/beta, GELU), 16 runs on each of two fixed inputs:
+  softmax, LayerNorm with server-private gamma/beta, GELU, the token-only argmax), 16 runs on each
+  of two fixed inputs:
   every opened position varies between runs (not on an arc of t/64), every call site is uniform
   (chi-square), the two inputs give the same distribution per call site (two-sample chi-square),
   and no mask is used twice (near-equal differences between two runs at two positions).
@@ -259,8 +265,9 @@ The tests (false-alarm probabilities are stated in each module's docstring; < 1e
   noise bound (2^X exports per key) and freshly drawn on every export.
 * `test_e2e_transcripts.py` -- both parties' complete transcripts (every message each receives,
   per link) of a secure generation (tiny one-layer GPT-2, two workers, prefill + one decode step),
-  twice on the same prompt: every message classified, each opening differs between the two runs
-  at each call site, the client gets only flooded, re-randomised ciphertexts.
+  twice on one prompt and once on another: every message classified, each opening differs between
+  the two runs of one prompt at each call site, the two prompts give the same distribution per
+  call site (two-sample chi-square), the client gets only flooded, re-randomised ciphertexts.
 
 """
 

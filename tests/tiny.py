@@ -10,9 +10,9 @@ from cryptogen.model import GPT, GPTConfig
 TINY = GPTConfig(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=2)
 
 
-def tiny_model() -> GPT:
+def tiny_model(cfg: GPTConfig = TINY) -> GPT:
     torch.manual_seed(0)
-    model = GPT(TINY).eval()
+    model = GPT(cfg).eval()
     with torch.no_grad():  # larger random weights: varied greedy tokens, argmax margins >= 0.05
         for p in model.parameters():
             if p.dim() == 2:

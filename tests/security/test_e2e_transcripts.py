@@ -1,6 +1,7 @@
 """Both parties' complete transcripts of a real secure generation (``InProcessRunner(record=True)``:
 tests/tiny.py's GPT-2 with one layer, two workers so two client-worker links, prefill of a
-2-token prompt + one decode step), run twice on the same prompt with fresh keys, masks and dealer.
+2-token prompt + one decode step), run twice on the same prompt and once on another prompt of the
+same length, with fresh keys, masks and dealer each time.
 
 * ``test_transcripts_are_complete_and_classified``: per link, each party's transcript holds every
   message the peer sent (counted by the peer's channel), the first is the handshake, and every
@@ -24,34 +25,24 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 
 import tiny
 from cryptogen.driver import Driver
-from cryptogen.model import GPT
 from cryptogen.mpc.arith import WIRE_BYTES
 from cryptogen.plan import make_plan
 from cryptogen.scheduler.inprocess import InProcessRunner
 from cryptogen.twoparty import TAG_REFRESH, TAG_RESULT
 
-from sec_helpers import binom_sf, ct_words, signed, uniform_pvalue
+from sec_helpers import binom_sf, ct_words, homogeneity_pvalue, signed, uniform_pvalue
 
-PROMPT, N_NEW, WORKERS = [3, 17], 2, 2
+PROMPT, OTHER, N_NEW, WORKERS = [3, 17], [200, 9], 2, 2
 CLOSE_BITS = 24
 ALPHA = 1e-7
 
 
 def _model():
     """tests/tiny.py's model with one layer (half the run time; every stage still runs)."""
-    torch.manual_seed(0)
-    model = GPT(dataclasses.replace(tiny.TINY, n_layer=1)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
-            else:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return tiny.tiny_model(dataclasses.replace(tiny.TINY, n_layer=1))
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +50,9 @@ def runs():
     model = _model()
     cfg = model.config
     out = []
-    for _ in range(2):  # fresh keys, masks and dealer each time; the same prompt and public shapes
+    for prompt in (PROMPT, PROMPT, OTHER):  # fresh keys, masks and dealer each time; the same public shapes
         plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, WORKERS)
-        runner = InProcessRunner(model, plan, PROMPT, record=True)
+        runner = InProcessRunner(model, plan, prompt, record=True)
         Driver(runner, cfg, plan).generate(len(PROMPT), N_NEW)
         out.append(runner)
     return out
@@ -142,3 +133,20 @@ def test_client_receives_flooded_fresh_ciphertexts(runs):
                     assert 0 < budget <= most, (f"link {w}: ciphertext #{j} to the client has a noise budget "
                                                 f"of {budget} bits (fresh: {fresh}): not flooded")
     assert sum(1 for v in seen.values() if v[1] == "client") > 10
+
+
+def test_two_prompts_give_the_same_opening_distribution(runs):
+    """Run 1 (prompt A) against run 3 (prompt B, same length): the same sequence of opening shapes,
+    and at every call site of >= 640 values the two samples pass a two-sample chi-square
+    (homogeneity) at level 1e-7 / sites: what the parties see does not depend on the prompt."""
+    a_links, b_links = _links(runs[0]), _links(runs[2])
+    t = runs[0].he_config.t
+    sites = [(w, i, a, b) for w in a_links
+             for i, (a, b) in enumerate(zip(a_links[w][0].opened, b_links[w][0].opened))]
+    assert [(w, i, a.shape) for w, i, a, _ in sites] == [(w, i, b.shape) for w, i, _, b in sites]
+    big = [s for s in sites if s[2].size >= 640]
+    assert len(big) > 3
+    for w, i, a, b in big:
+        p = homogeneity_pvalue(a, b, t)
+        assert p > ALPHA / len(big), f"link {w}, opening #{i} {a.shape}: prompts A and B differ (p={p:.1e})"
+

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from cryptogen.mpc import drelu, gelu, layernorm, share, simulate, softmax, trunc
+from cryptogen.mpc.argmax import argmax_last
 from cryptogen.mpc.arith import matmul_ss, mul_ss
 
 from mpc_helpers import FP, T
@@ -53,6 +54,7 @@ CASES = {  # name -> (protocol(party, share, *server extras), input shape, serve
     "softmax": (lambda p, a: softmax(p, a, causal=True), (3, 16), ()),
     "layernorm": (lambda p, a, g=None, b=None: layernorm(p, a, g, b), (3, 16), (_G, _B)),
     "gelu": (gelu, (24,), ()),
+    "argmax": (lambda p, a: argmax_last(p, a), (3, 16), ()),  # token-only output (without its final opening)
 }
 
 

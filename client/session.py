@@ -16,7 +16,7 @@ from cryptogen.field import add as f_add
 from cryptogen.he.convert import ClientRole
 from cryptogen.he.keys import ClientKeys
 from cryptogen.model import GPTConfig
-from cryptogen.mpc.argmax import BAN_OFFSET, argmax_last, argmax_pairs, open_to_client
+from cryptogen.mpc.argmax import argmax_last, argmax_pairs, encode_shift, open_to_client
 from cryptogen.mpc.compare import trunc
 from cryptogen.mpc.gelu import gelu
 from cryptogen.mpc.layernorm import layernorm
@@ -105,7 +105,7 @@ class ClientSession:
             self.tokens.append(self.sampler(logits[-1]))
 
     def _token_head(self, parties: dict, cols: dict, order: list) -> None:
-        shift = self._token_shift()
+        shift = encode_shift(self.fp, self.sampler.token_offsets(self.cfg.vocab_size))  # bias, T x Gumbel
 
         def one(w):
             p, (lo, hi) = parties[w], cols[w]
@@ -124,14 +124,6 @@ class ClientSession:
         worker's link); only the token id is opened, to the client."""
         (p,) = parties.values()
         self._append_token(open_to_client(p, argmax_pairs(p, self._winners[0], self._winners[1])[1]))
-
-    def _token_shift(self) -> np.ndarray:
-        """The client's additive shift of its logit shares (scale 2^2f): bias and T x Gumbel noise;
-        a banned token is pushed below every real logit."""
-        off = self.sampler.token_offsets(self.cfg.vocab_size)
-        banned = np.isneginf(off)
-        shift = self.fp.encode(np.where(banned, 0.0, off), scale_bits=2 * self.fp.frac_bits)
-        return np.mod(shift - banned * np.int64(BAN_OFFSET), self.fp.t)
 
     def _append_token(self, token) -> None:
         token = int(np.asarray(token).reshape(-1)[0])

@@ -79,9 +79,7 @@ class Sampler:
     def __call__(self, logits) -> int:
         z = np.asarray(logits, np.float64).reshape(-1)
         if self.cfg.logit_bias:
-            if self._mask is None or self._mask.size != z.size:
-                self._mask = self.cfg.mask(z.size)
-            z = z + self._mask
+            z = z + self._bias(z.size)
         if self.cfg.temperature == 0:
             return int(np.argmax(z))
         z = z / self.cfg.temperature
@@ -98,6 +96,12 @@ class Sampler:
             p = cut / cut.sum()
         return int(self.rng.choice(z.size, p=p))
 
+    def _bias(self, vocab_size: int) -> np.ndarray:
+        """The config's mask vector, built once per vocabulary size (not per token)."""
+        if self._mask is None or self._mask.size != vocab_size:
+            self._mask = self.cfg.mask(vocab_size)
+        return self._mask
+
     def token_offsets(self, vocab_size: int) -> np.ndarray:
         """For token-only output (mpc/argmax.py): what the client adds to its share of the logits
         before the 2PC argmax -- the bias (banned: -inf) and, when sampling, T x i.i.d. Gumbel(0, 1)
@@ -108,7 +112,7 @@ class Sampler:
                              "supports greedy and temperature sampling)")
         off = np.zeros(vocab_size, np.float64)
         if self.cfg.logit_bias:
-            off += self.cfg.mask(vocab_size)
+            off += self._bias(vocab_size)
         if self.cfg.temperature > 0:
             off += self.cfg.temperature * self.rng.gumbel(size=vocab_size)
         return off

@@ -38,6 +38,14 @@ from .compare import drelu
 BAN_OFFSET = 1 << 39  # a banned token's logit share is lowered by this (below any real logit at 2^24)
 
 
+def encode_shift(fp, offsets: np.ndarray) -> np.ndarray:
+    """The client's shift of its logit shares (``Sampler.token_offsets``) as field elements at the
+    logits' scale 2^2f; a banned token (-inf) is pushed BAN_OFFSET below every real logit."""
+    banned = np.isneginf(offsets)
+    shift = fp.encode(np.where(banned, 0.0, offsets), scale_bits=2 * fp.frac_bits)
+    return np.mod(shift - banned * np.int64(BAN_OFFSET), fp.t)
+
+
 def _tree(p, x: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     while x.shape[-1] > 1:
         h = x.shape[-1] // 2

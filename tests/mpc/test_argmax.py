@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cryptogen.mpc import reconstruct, share, simulate
-from cryptogen.mpc.argmax import BAN_OFFSET, argmax_last, argmax_pairs, open_to_client
+from cryptogen.mpc.argmax import argmax_last, argmax_pairs, encode_shift, open_to_client
 from cryptogen.sampling import Sampler, SamplingConfig
 
 from mpc_helpers import FP, T
@@ -68,9 +68,7 @@ def _sample(logits: np.ndarray, cfg: SamplingConfig, n: int) -> np.ndarray:
     """n token-only samples of the same logits: the client shifts its share by token_offsets."""
     sampler = Sampler(cfg)
     enc = FP.encode(np.broadcast_to(logits, (n, logits.size)), scale_bits=SCALE)
-    off = np.stack([sampler.token_offsets(logits.size) for _ in range(n)])
-    banned = np.isneginf(off)
-    shift = np.mod(FP.encode(np.where(banned, 0, off), scale_bits=SCALE) - banned * np.int64(BAN_OFFSET), T)
+    shift = np.stack([encode_shift(FP, sampler.token_offsets(logits.size)) for _ in range(n)])
     xc, xs = share(enc)
     tokens, _ = simulate(lambda p, x: open_to_client(p, argmax_last(p, np.mod(x + shift, T) if p.is_client else x)[1]),
                          (xc,), (xs,))

@@ -9,6 +9,7 @@ choice per request (``n`` = 1), no ``logprobs``/``echo``/``suffix``/penalties/to
 from __future__ import annotations
 
 import math
+import reprlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -89,10 +90,11 @@ def _number(body: dict, key: str, default, lo: float, hi: float, integer: bool =
     v = body.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)) \
-            or not math.isfinite(v) or not lo <= v <= hi:
+    ok = not isinstance(v, bool) and isinstance(v, int if integer else (int, float))
+    # an int is compared as is (math.isfinite would overflow on a huge one); NaN fails every comparison
+    if not ok or not (isinstance(v, int) or math.isfinite(v)) or not lo <= v <= hi:
         kind = "an integer" if integer else "a number"
-        raise bad(f"{key} must be {kind} in [{lo:g}, {hi:g}], got {v!r}", key, "invalid_value")
+        raise bad(f"{key} must be {kind} in [{lo:g}, {hi:g}], got {reprlib.repr(v)}", key, "invalid_value")
     return v
 
 

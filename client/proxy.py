@@ -28,6 +28,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from cryptogen.cli_common import check_choice, check_file, check_int, split_host_port
 from cryptogen.data import EOS
 from cryptogen.mpc.errors import ChannelError
 from cryptogen.net.control import ProtocolError, RemoteError
@@ -56,10 +57,10 @@ class ProxyOptions:
     max_sessions: int = 16  # sessions of this proxy at once (the server has its own limit)
 
     def address(self) -> tuple[str, int]:
-        host, _, port = self.listen.rpartition(":")
-        host = host.strip("[]")
-        if not host or not port.isdigit() or int(port) > 65535:
-            raise ProxyConfigError(f"--listen {self.listen!r} is not HOST:PORT")
+        """(host, port) to listen on, after every option is checked (ProxyConfigError, one line):
+        called first by ``run_proxy``, before the connection file is read or a socket opened."""
+        host, port = split_host_port("--listen", self.listen, "127.0.0.1:8000 (port 0: any free port)",
+                                     err=ProxyConfigError)
         try:
             loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
         except ValueError:
@@ -70,13 +71,20 @@ class ProxyOptions:
         if not loopback and not self.local_api_key:
             raise ProxyConfigError("listening beyond loopback needs a local API key (--local-api-key or "
                                    "CRYPTOGEN_PROXY_API_KEY)")
-        if self.mode not in MODES:
-            raise ProxyConfigError(f"unknown --mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.provider not in PROVIDERS:
-            raise ProxyConfigError(f"unknown --provider {self.provider!r}; choose one of {', '.join(PROVIDERS)}")
+        if self.local_api_key is not None and (not isinstance(self.local_api_key, str) or not self.local_api_key.strip()
+                                               or any(c.isspace() for c in self.local_api_key)):
+            raise ProxyConfigError("--local-api-key is empty or has spaces; use a key without spaces")
+        check_choice("--mode", self.mode, MODES, err=ProxyConfigError)
+        check_choice("--provider", self.provider, PROVIDERS, err=ProxyConfigError)
         if self.provider == "dealer" and not self.dealer:
             raise ProxyConfigError("--provider dealer needs --dealer FILE (the dealer's client connection file)")
-        return host, int(port)
+        if self.dealer is not None:
+            check_file("--dealer", self.dealer, "the dealer's client connection file (dealer-client.json)",
+                       err=ProxyConfigError)
+        check_int("--max-sessions", self.max_sessions, 1, err=ProxyConfigError)
+        if self.ban_unk is not None and not isinstance(self.ban_unk, bool):
+            raise ProxyConfigError(f"ban_unk {self.ban_unk!r} is not allowed; use True, False or None")
+        return host, port
 
 
 def _say(msg: str) -> None:

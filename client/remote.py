@@ -16,10 +16,8 @@ and runs the same stage sequence as the server (``cryptogen.driver.Driver.forwar
 """
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,57 +31,23 @@ from cryptogen.mpc.party import Party
 from cryptogen.net import control
 from cryptogen.net.channel import dial, frame
 from cryptogen.net.control import Forward, RemoteError
-from cryptogen.net.tls import TLSError, fingerprint
 from cryptogen.sampling import Sampler, SamplingConfig
 from cryptogen.driver import REVEALS, Driver, StepTiming
 from cryptogen.plan import make_plan
 from cryptogen.telemetry import Telemetry
 
 from .demand import DemandModel, profile_key
+from .info import ConnectError, Recovery, ServerInfo
+from .runner import ClientRunner
 from .session import ClientSession
 
 PROVIDERS = control.PROVIDERS
 MODES = control.MODES
 
 
-class ConnectError(ValueError):
-    """The server cannot be reached or identified, or the connection details are wrong."""
-
-
-@dataclass(frozen=True)
-class ServerInfo:
-    host: str
-    port: int
-    cert_pem: str
-    fingerprint: str
-    api_key: str
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "ServerInfo":
-        try:
-            d = json.loads(Path(path).read_text())
-        except OSError as e:
-            raise ConnectError(f"cannot read the connection file {path} ({e.strerror})") from None
-        except ValueError:
-            raise ConnectError(f"the connection file {path} is not JSON; use the file `cryptogen serve` wrote") from None
-        if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("address", "cert", "api_key")):
-            raise ConnectError(f"the connection file {path} lacks address, cert or api_key")
-        return cls.make(d["address"], d["cert"], d["api_key"], d.get("fingerprint"))
-
-    @classmethod
-    def make(cls, address: str, cert_pem: str, api_key: str, pin: str | None = None) -> "ServerInfo":
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConnectError(f"server address {address!r} is not HOST:PORT")
-        try:
-            fp = fingerprint(cert_pem)
-        except TLSError as e:
-            raise ConnectError(str(e)) from None
-        if pin is not None and pin != fp:
-            raise ConnectError("the connection file's certificate does not match its fingerprint")
-        if not api_key:
-            raise ConnectError("no API key: pass --api-key or use the connection file")
-        return cls(host.strip("[]"), int(port), cert_pem, fp, api_key)
+MAX_RECOVERIES = 3  # a step redone at most this often (server worker restarts, dropped connections)
+RECOVERY_WAIT = 300.0  # how long the server may take to restart a worker before it answers a failed step
+RESUME_WAIT = 10.0  # how long a dropped connection is retried before the session is given up
 
 
 def connect(file: str | Path | None = None, *, server: str | None = None, server_cert: str | Path | None = None,
@@ -104,75 +68,17 @@ def connect(file: str | Path | None = None, *, server: str | None = None, server
     return Connection(info, metrics_port=metrics_port, dealer=dealer, timeout=timeout)
 
 
-class _ClientRunner:
-    """Runs the client's half of each stage the driver names, with telemetry."""
-
-    def __init__(self, session: ClientSession, parties: dict, telemetry: Telemetry):
-        self.session, self.parties, self.telemetry = session, parties, telemetry
-        self._seen: dict = {}
-
-    def stage(self, name: str, workers: list[int], client: tuple, server: tuple) -> dict:
-        parties = {w: self.parties[w] for w in workers}
-        with self.telemetry.stage(name):
-            getattr(self.session, name)(parties, *client)
-        for w, party in parties.items():
-            self._record(w, party)
-        return dict.fromkeys(workers)
-
-    def barrier(self) -> None:
-        """The client's stages run synchronously: nothing is outstanding."""
-
-    def reset_cache(self) -> None:
-        """The cache is the server's."""
-
-    def _record(self, w: int, party) -> None:
-        phases = party.chan.stats.phases.values()
-        now = {"sent": sum(ph.bytes_sent for ph in phases), "recv": sum(ph.bytes_recv for ph in phases),
-               "rounds": sum(ph.rounds for ph in phases)}
-        cr = party.cr.counters()
-        off = cr.get("offline", {})  # the dealer-free provider's own link
-        now["sent"] += off.get("bytes_sent", 0)
-        now["recv"] += off.get("bytes_recv", 0)
-        now["rounds"] += off.get("rounds", 0)
-        for kind in ("triple", "bits", "matrix"):
-            now[f"p_{kind}"] = cr["produced"].get(kind, 0)
-            now[f"c_{kind}"] = cr["consumed"].get(kind, 0)
-        last = self._seen.get(w, dict.fromkeys(now, 0))
-        d = {k: now[k] - last[k] for k in now}
-        self._seen[w] = now
-        self.telemetry.traffic(bytes_to_server=d["sent"], bytes_to_client=d["recv"], rounds=d["rounds"])
-        for kind in ("triple", "bits", "matrix"):
-            self.telemetry.triples(kind, produced=d[f"p_{kind}"], consumed=d[f"c_{kind}"])
-
-
 class Connection:
     """One authenticated control connection; sessions run one after another on it."""
 
     def __init__(self, info: ServerInfo, metrics_port: int | None = None, dealer=None, timeout: float = 30.0):
-        self.info = info
-        self.chan = dial(info.host, info.port, info.cert_pem, info.fingerprint, max_frame=control.MAX_CONTROL + 4096,
-                         timeout=timeout, what="the CryptoGen server")
-        self.chan.timeout = 3600.0  # a step may take long; the server's own idle timeout bounds the session
-        control.send(self.chan, "hello", api_key=info.api_key, version=control.VERSION)
+        self.info, self.timeout = info, timeout
+        w = self._dial()
         try:
-            w = control.recv(self.chan, "welcome")
-        except RemoteError as e:
+            self._welcome(w)
+        except ConnectError:
             self.chan.close()
-            raise ConnectError(str(e)) from None
-        except ChannelError as e:
-            self.chan.close()
-            raise ConnectError(f"the server closed the connection during the handshake ({e})") from None
-        self.cfg = GPTConfig.from_hf(w["model"])
-        self.he_config = HEConfig.from_dict(w["he"])
-        self.plan = make_plan(self.cfg.n_layer, self.cfg.n_head, self.cfg.d_ff, int(w["workers"]),
-                              int(w["layer_groups"]))
-        self.model_name = str(w.get("name", ""))
-        self.server_has_dealer = bool(w.get("dealer"))
-        self.server_opens_logits = bool(w.get("logits", True))  # False: `serve --token-only`
-        self.tokenizer = None
-        if w.get("tokenizer"):
-            from tokenizers import Tokenizer
-            self.tokenizer = Tokenizer.from_str(w["tokenizer"])
+            raise
         self.dealer_file = dealer
         self.link_cap = control.link_cap(self.cfg, self.he_config)
         self.telemetry = Telemetry("client")
@@ -186,6 +92,50 @@ class Connection:
         self.last_offline_s = 0.0  # correlated randomness made before the last request's first step
         self.last_forecast = False  # whether that request's demand was known (else made on demand, online)
         self.broken: str | None = None  # set when a session failed mid-step: the control stream may be out of step
+        self.kv_bytes = 0  # the server's encrypted KV cache for the last step (all workers; public)
+        self.recoveries: list[Recovery] = []  # steps redone after a server worker restart or a dropped connection
+
+    def _welcome(self, w: dict) -> None:
+        """The server's public facts, each checked: a malformed welcome is a ConnectError naming the field."""
+        field = "model"
+        try:
+            self.cfg = GPTConfig.from_hf(w["model"])
+            field = "he"
+            self.he_config = HEConfig.from_dict(w["he"])
+            field = "workers"
+            workers, groups = w["workers"], w["layer_groups"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in (workers, groups)):
+                raise ValueError(field)
+            self.plan = make_plan(self.cfg.n_layer, self.cfg.n_head, self.cfg.d_ff, workers, groups)
+            field = "tokenizer"
+            self.tokenizer = None
+            if w.get("tokenizer") is not None:
+                from tokenizers import Tokenizer
+                if not isinstance(w["tokenizer"], str):
+                    raise ValueError(field)
+                self.tokenizer = Tokenizer.from_str(w["tokenizer"])
+        except Exception as e:  # noqa: BLE001 - anything the peer's fields make a library raise
+            raise ConnectError(f"the server sent a malformed welcome ({field}: {type(e).__name__}); "
+                               "check that the server and this client are the same version") from None
+        self.model_name = str(w.get("name", ""))[:200]
+        self.server_has_dealer = w.get("dealer") is True
+        self.server_opens_logits = w.get("logits", True) is not False  # False: `serve --token-only`
+
+    def _dial(self) -> dict:
+        """(Re)open the control connection: TLS with the pinned certificate, the API key; the welcome."""
+        info = self.info
+        self.chan = dial(info.host, info.port, info.cert_pem, info.fingerprint, max_frame=control.MAX_CONTROL + 4096,
+                         timeout=self.timeout, what="the CryptoGen server")
+        self.chan.timeout = 3600.0  # a step may take long; the server's own idle timeout bounds the session
+        control.send(self.chan, "hello", api_key=info.api_key, version=control.VERSION)
+        try:
+            return control.recv(self.chan, "welcome")
+        except RemoteError as e:
+            self.chan.close()
+            raise ConnectError(str(e)) from None
+        except ChannelError as e:
+            self.chan.close()
+            raise ConnectError(f"the server closed the connection during the handshake ({e})") from None
 
     @property
     def keys(self) -> ClientKeys:
@@ -218,21 +168,28 @@ class Connection:
     def generate(self, prompt, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                  mode: str = "kv-reuse", provider: str = "he", on_step=None, keep_logits: bool = False,
                  reveal: str = "token"):
-        """Yields the new token ids one by one. ``prompt``: text (the server's tokenizer) or token
-        ids. ``reveal`` "token" (default): the logits stay secret-shared and a 2PC argmax opens only
-        the token (greedy, or temperature sampling with this process's randomness); "logits": the
-        logits are opened to this process only, which samples from them (needed for top-k/top-p and
-        ``keep_logits``). ``on_step(timing)`` is called after each step with its public timing."""
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
+        """An iterator of the new token ids, one by one (every argument is checked here, before any
+        session). ``prompt``: text (the server's tokenizer) or token ids. ``reveal`` "token"
+        (default): the logits stay secret-shared and a 2PC argmax opens only the token (greedy, or
+        temperature sampling with this process's randomness); "logits": the logits are opened to
+        this process only, which samples from them (needed for top-k/top-p and ``keep_logits``).
+        ``on_step(timing)`` is called after each step with its public timing."""
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
+        if not isinstance(sampling, SamplingConfig):
+            raise ValueError("sampling must be a SamplingConfig")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if provider not in PROVIDERS:
+            raise ValueError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+        if reveal not in REVEALS:
+            raise ValueError(f"unknown reveal {reveal!r}; choose one of {', '.join(REVEALS)}")
+        ids = self.encode(prompt) if isinstance(prompt, str) else self._ids(prompt)
         if not ids:
             raise ValueError("the prompt has no tokens")
         if len(ids) + max_new_tokens - 1 > self.cfg.n_positions:
             raise ValueError(f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's context "
                              f"of {self.cfg.n_positions}")
-        if reveal not in REVEALS:
-            raise ValueError(f"unknown reveal {reveal!r}; choose one of {', '.join(REVEALS)}")
         if reveal == "token":
             if sampling.top_k or sampling.top_p < 1:
                 raise ValueError("top-k and top-p need the logits: use reveal 'logits' (--reveal logits); "
@@ -241,6 +198,20 @@ class Connection:
                 raise ValueError("keep_logits needs reveal 'logits': with token-only output no logit is opened")
         elif not self.server_opens_logits:
             raise ValueError("this server opens no logits (it runs with --token-only): use reveal 'token'")
+        return self._generate(ids, max_new_tokens, sampling, mode, provider, on_step, keep_logits, reveal)
+
+    def _ids(self, token_ids) -> list[int]:
+        """Token ids, each an integer in the vocabulary (ValueError otherwise)."""
+        try:
+            ids = list(token_ids)
+        except TypeError:
+            raise ValueError("the prompt must be text or a list of token ids") from None
+        V = self.cfg.vocab_size
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < V for t in ids):
+            raise ValueError(f"token ids must be integers in the vocabulary [0, {V})")
+        return [int(t) for t in ids]
+
+    def _generate(self, ids, max_new_tokens, sampling, mode, provider, on_step, keep_logits, reveal):
         out = "token" if reveal == "token" else "last"
         n = len(ids)
         steps = [Forward(0, n, out)] + [
@@ -256,7 +227,7 @@ class Connection:
 
     def score(self, token_ids, provider: str = "he", on_step=None) -> np.ndarray:
         """Secure logits (this process only) at every position of a given text: (T, vocab)."""
-        ids = [int(t) for t in token_ids]
+        ids = self._ids(token_ids)
         if not self.server_opens_logits:
             raise ValueError("this server opens no logits (it runs with --token-only), so it cannot score text")
         if not 1 <= len(ids) <= self.cfg.n_positions:
@@ -291,6 +262,9 @@ class _Session:
         self.session = ClientSession(conn.cfg, conn.plan, conn.keys, ids, Sampler(sampling))
         self.parties: dict[int, Party] = {}
         self.links: list = []
+        self.steps, self.done_steps = list(steps), 0
+        self.sid = self.secret = None
+        self.cached = 0  # cache positions of the last step the server confirmed (``done``)
 
     def __enter__(self):
         c = self.conn
@@ -298,11 +272,16 @@ class _Session:
         control.send_blob(c.chan, c.keys.public_context_bytes())
         try:
             msg = control.recv(c.chan, "session")
-            self._open_links(msg["links"])
+            self.sid, self.secret = msg.get("sid"), msg.get("resume")
+            if not (isinstance(self.sid, str) and isinstance(self.secret, str) and 0 < len(self.sid) <= 64
+                    and 0 < len(self.secret) <= 256):
+                raise control.ProtocolError("the server sent a malformed session; check that the server and this "
+                                            "client are the same version")
+            self._open_links(msg.get("links"))
         except BaseException:
             self.__exit__(None, None, None)
             raise
-        self.runner = _ClientRunner(self.session, self.parties, c.telemetry)
+        self.runner = ClientRunner(self.session, self.parties, c.telemetry)
         self.driver = Driver(self.runner, c.cfg, c.plan, self.mode)
         c.telemetry.sessions(1)
         self._offline()
@@ -311,6 +290,10 @@ class _Session:
     def _offline(self) -> None:
         """Fill every link's pools with the forecast demand of the whole request (offline phase)."""
         t0 = time.perf_counter()
+        if self.forecast and self.done_steps:  # after a recovery: the steps still to run
+            rest = [(f.start, f.T, f.logits) for f in self.steps[self.done_steps:]]
+            self.forecast = {w: self.demand.predict(w, rest) for w in self.parties}
+            self.known = all(v is not None for v in self.forecast.values())
         self.conn.last_forecast = self.known
         if self.known:
             with ThreadPoolExecutor(max_workers=len(self.parties)) as ex:
@@ -319,10 +302,9 @@ class _Session:
         self.conn.last_offline_s = time.perf_counter() - t0
         self._consumed = {w: dict(p.cr.counters()["consumed"]) for w, p in self.parties.items()}
 
-    def _open_links(self, links: list) -> None:
+    def _open_links(self, links) -> None:
         c = self.conn
-        if len(links) != len(c.plan.workers):
-            raise control.ProtocolError("the server named a different number of worker links")
+        self._check_links(links)
 
         def one(link):
             t = link["tokens"]
@@ -342,6 +324,21 @@ class _Session:
             for w, party in ex.map(one, links):
                 self.parties[w] = party
 
+    def _check_links(self, links) -> None:
+        """Each worker once: an int index, a host, a port, the link tokens this provider needs."""
+        n, names = len(self.conn.plan.workers), ("online", "offline") if self.provider == "he" else ("online",)
+
+        def ok(link) -> bool:
+            t = link.get("tokens") if isinstance(link, dict) else None
+            return (isinstance(t, dict) and isinstance(link.get("worker"), int) and isinstance(link.get("host"), str)
+                    and 0 < len(link["host"]) < 256 and isinstance(link.get("port"), int)
+                    and not isinstance(link["port"], bool) and 0 < link["port"] < 65536
+                    and all(isinstance(t.get(k), str) and 0 < len(t[k]) < 256 for k in names))
+        if not isinstance(links, list) or len(links) != n or not all(ok(x) for x in links) \
+                or sorted(x["worker"] for x in links) != list(range(n)):
+            raise control.ProtocolError("the server sent malformed worker links; check that the server and this "
+                                        "client are the same version")
+
     def _provider(self, tokens: dict, offline, worker: int):
         if self.provider == "he":
             from cryptogen.mpc.provider_he import HEProvider
@@ -352,16 +349,26 @@ class _Session:
         return RemoteDealerProvider(self.conn.dealer_file, link_id(tokens["online"], f"w{worker}"))
 
     def step(self, fwd: Forward, phase: str, on_step=None) -> StepTiming:
+        """One step; after a server worker restart or a dropped connection, the step is redone from
+        the last confirmed position (``retry``), at most ``MAX_RECOVERIES`` times."""
         c = self.conn
         t0 = time.perf_counter()
-        control.send(c.chan, "forward", **fwd.to_msg())
-        try:
-            self.driver.forward(fwd.start, fwd.T, fwd.logits)
-        except (ChannelError, control.ProtocolError, ValueError) as e:
-            reason = self._server_reason(e)
-            c.broken = str(reason)[:200]
-            raise reason from None
-        control.recv(c.chan, "done")
+        mark = self._mark()
+        for _ in range(MAX_RECOVERIES + 1):
+            msg = self._attempt(fwd)
+            if msg["type"] == "done":
+                break
+            r0 = time.perf_counter()
+            self._rollback(mark)
+            self._relink(msg)
+            c.recoveries.append(Recovery(str(msg.get("reason", ""))[:200], fwd.start + fwd.T - 1,
+                                         time.perf_counter() - r0))
+        else:
+            c.broken = "too many recoveries"
+            raise RemoteError("session", f"the step at position {fwd.start + fwd.T - 1} failed {MAX_RECOVERIES + 1} "
+                                         "times on the server; try again later")
+        self.cached, self.done_steps = fwd.start + fwd.T, self.done_steps + 1
+        c.kv_bytes = int(msg.get("kv_bytes", 0)) if isinstance(msg.get("kv_bytes", 0), int) else 0
         timing = StepTiming(fwd.start + fwd.T - 1, phase, time.perf_counter() - t0)
         for w, party in self.parties.items():  # calibrate the demand forecast (public counts)
             now = dict(party.cr.counters()["consumed"])
@@ -376,19 +383,89 @@ class _Session:
             on_step(timing)
         return timing
 
-    def _server_reason(self, err: Exception) -> Exception:
-        """After a link failed: the server's own error message if it sent one, else ours."""
-        chan = self.conn.chan
-        old, chan.timeout = chan.timeout, 10.0
+    def _attempt(self, fwd: Forward) -> dict:
+        """Run the client's half of a step: the server's ``done``, or its ``retry`` after a fault."""
+        c = self.conn
         try:
-            control.recv(chan, "done")
+            control.send(c.chan, "forward", **fwd.to_msg())
+            self.driver.forward(fwd.start, fwd.T, fwd.logits)
+        except (ChannelError, control.ProtocolError, ValueError) as e:
+            self._abort_links()  # the server's halves blocked on this client fail at once
+            return self._verdict(e)
+        try:
+            return control.recv(c.chan, "done", "retry")
+        except ChannelError as e:
+            return self._resume(e)
+
+    def _verdict(self, err: Exception) -> dict:
+        """After a failed step: the server's ``retry`` (a worker was restarted), or its error."""
+        chan = self.conn.chan
+        if chan.peer_gone:
+            return self._resume(err)
+        old, chan.timeout = chan.timeout, RECOVERY_WAIT
+        try:
+            return control.recv(chan, "retry")
         except RemoteError as e:
-            return e
-        except Exception:  # noqa: BLE001 - fall back to the local error
-            pass
+            self.conn.broken = str(e)[:200]
+            raise
+        except ChannelError as e:  # the control connection itself is gone
+            return self._resume(e)
+        except control.ProtocolError:
+            self.conn.broken = str(err)[:200]
+            raise RemoteError("session", f"the secure session failed: {err}") from None
         finally:
             chan.timeout = old
-        return RemoteError("session", f"the secure session failed: {err}")
+
+    def _resume(self, err: Exception) -> dict:
+        """The control connection dropped: a new one continues the session (its id and resume
+        secret) at the last confirmed position, for up to ``RESUME_WAIT`` seconds."""
+        c = self.conn
+        c.chan.abort()
+        self._abort_links()
+        deadline, last = time.monotonic() + RESUME_WAIT, err
+        while time.monotonic() < deadline:
+            try:
+                c._dial()
+                control.send(c.chan, "resume", sid=self.sid, secret=self.secret, cached=self.cached)
+                return control.recv(c.chan, "retry")
+            except (ConnectError, ChannelError, RemoteError, control.ProtocolError) as e:
+                last = e
+                c.chan.abort()
+                time.sleep(0.5)
+        c.broken = "the connection to the server was lost"
+        raise ConnectError(f"the connection to the server was lost and the session could not be resumed ({last}); "
+                           "connect again when the server is back") from None
+
+    def _mark(self) -> tuple:
+        s = self.session
+        return len(s.tokens), len(s.logit_history), s.sampler.rng.bit_generator.state
+
+    def _rollback(self, mark: tuple) -> None:
+        """The client's state as it was before the step (tokens, logits, the sampler's randomness)."""
+        s = self.session
+        del s.tokens[mark[0]:]
+        del s.logit_history[mark[1]:]
+        s.sampler.rng.bit_generator.state = mark[2]
+
+    def _abort_links(self) -> None:
+        for ch in self.links:
+            ch.abort()
+
+    def _relink(self, msg: dict) -> None:
+        """A new epoch: the old links and pools go, the new links are dialled, pools refilled."""
+        self._abort_links()
+        for party in self.parties.values():
+            closer = getattr(party.cr, "close", None)
+            if closer is not None:
+                closer()
+        self.parties.clear()
+        self.links.clear()
+        self.runner._seen.clear()
+        if msg.get("cached") != self.cached:  # the server continues from what this client last confirmed
+            raise control.ProtocolError(f"the server continued the session at position {str(msg.get('cached'))[:20]}, "
+                                        f"not at {self.cached}")
+        self._open_links(msg.get("links"))
+        self._offline()
 
     def __exit__(self, *exc):
         try:

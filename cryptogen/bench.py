@@ -72,13 +72,13 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def _ints(text: str, what: str) -> list[int]:
+def _ints(text: str, what: str, example: str) -> list[int]:
     try:
         vals = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise BenchError(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise BenchError(f"{what} must be comma-separated integers, got {text!r}; use e.g. {example}") from None
     if not vals or min(vals) < 1:
-        raise BenchError(f"{what} must be positive integers, got {text!r}")
+        raise BenchError(f"{what} must be positive integers, got {text!r}; use e.g. {example}")
     return sorted(set(vals))
 
 
@@ -108,27 +108,38 @@ def load_model(opts: BenchOptions, cfg):
 
 def validate(opts: BenchOptions):
     """(cfg, model label, contexts, worker counts, sweep context); raises BenchError before any work."""
+    from .cli_common import check_choice, check_float, check_int, check_output_file, check_ray_address
     from .plan import make_plan
-    for bad, msg in ((opts.tokens < 1, f"--tokens must be >= 1, got {opts.tokens}"),
-                     (opts.sweep_backend not in BACKENDS + ("none",), "--sweep-backend must be ray, inprocess or none"),
-                     (opts.max_minutes <= 0, f"--max-minutes must be positive, got {opts.max_minutes}")):
-        if bad:
-            raise BenchError(msg)
+    check_int("--tokens", opts.tokens, 1, err=BenchError)
+    check_choice("--sweep-backend", opts.sweep_backend, BACKENDS + ("none",), err=BenchError)
+    check_float("--max-minutes", opts.max_minutes, 0.0, lo_open=True, err=BenchError)
+    check_int("--recompute-max-context", opts.recompute_max_context, 0, err=BenchError)
+    check_int("--seed", opts.seed, 0, 2 ** 64 - 1, err=BenchError)  # numpy and torch both take it
+    if opts.gpt2_base_layers is not None:
+        check_int("--gpt2-base-layers", opts.gpt2_base_layers, 1, err=BenchError)
+    if opts.sweep_context is not None:
+        check_int("--sweep-context", opts.sweep_context, 1, err=BenchError)
+    if opts.address is not None:
+        check_ray_address("--address", opts.address, err=BenchError)
+    for flag, v in (("--contexts", opts.contexts), ("--workers", opts.workers)):
+        if v is not None and not isinstance(v, str):
+            raise BenchError(f"{flag} {v!r} is not allowed; use comma-separated integers, e.g. 1,2")
+    check_output_file("--out", opts.out, err=BenchError)  # nothing is created before the measurements end
     cfg, label = model_config(opts)
     fit = cfg.n_positions - opts.tokens  # positions 0 .. C + tokens - 1 must exist
     if opts.contexts is None:
         contexts = sorted({min(c, fit) for c in DEFAULT_CONTEXTS if fit >= 1})
-        if max(DEFAULT_CONTEXTS) > fit:
-            log(f"default contexts capped at {fit} (= context {cfg.n_positions} - {opts.tokens} decode tokens)")
     else:
-        contexts = _ints(opts.contexts, "--contexts")
+        contexts = _ints(opts.contexts, "--contexts", "64,128")
     sweep_ctx = opts.sweep_context or max([c for c in contexts if c <= 128] or contexts[:1] or [1])
     if not contexts or max(contexts + [sweep_ctx]) > fit:
         raise BenchError(f"context {max(contexts + [sweep_ctx])} + {opts.tokens} decode token(s) exceed the model's "
                          f"context of {cfg.n_positions}; use contexts up to {fit} or fewer --tokens")
-    workers = _ints(opts.workers, "--workers")
+    workers = _ints(opts.workers, "--workers", "1,2")
     for w in workers:
         make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, w)  # PlanError (one line) if impossible
+    if opts.contexts is None and max(DEFAULT_CONTEXTS) > fit:  # a note once everything is known to be fine
+        log(f"default contexts capped at {fit} (= context {cfg.n_positions} - {opts.tokens} decode tokens)")
     return cfg, label, contexts, workers, sweep_ctx
 
 

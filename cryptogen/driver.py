@@ -74,6 +74,8 @@ class Driver:
     def prefill(self, n_prompt: int, chunk: int | None = None) -> StepTiming:
         """The prompt in one pass (prefill encodings, causal softmax), or in passes of ``chunk``
         tokens that each attend to the cache the earlier ones filled; fills the cache."""
+        if not isinstance(n_prompt, int) or n_prompt < 1:
+            raise DriverError(f"the prompt must have at least 1 token, got {n_prompt!r}")
         if chunk is not None and chunk < 1:
             raise DriverError(f"the prefill chunk must be at least 1 token, got {chunk}")
         t0 = time.perf_counter()
@@ -107,6 +109,8 @@ class Driver:
 
     def score(self, n_tokens: int, on_step=None) -> list[StepTiming]:
         """Logits at every position of a given text (secure perplexity), in one prefill pass."""
+        if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or not 1 <= n_tokens <= self.cfg.n_positions:
+            raise DriverError(f"scoring needs 1..{self.cfg.n_positions} tokens (the model's context), got {n_tokens!r}")
         t0 = time.perf_counter()
         self.forward(0, n_tokens, logits="all")
         self.r.barrier()
@@ -119,6 +123,8 @@ class Driver:
         """Prefill, then decode steps; the client samples each token inside the ``head`` stage."""
         if n_prompt < 1:
             raise DriverError("the prompt is empty")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise DriverError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
         if n_prompt + max_new_tokens - 1 > self.cfg.n_positions:
             raise DriverError(f"{n_prompt} prompt tokens + {max_new_tokens} new tokens exceed the context "
                               f"of {self.cfg.n_positions}")

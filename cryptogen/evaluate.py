@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +29,16 @@ class PerplexityResult:
         return math.exp(self.nll / self.words)
 
 
+def _check_count(name: str, value, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
+        raise ValueError(f"{name} {value!r} is not allowed; use an integer >= {lo}")
+
+
 def eval_windows(ids: np.ndarray, window: int, max_tokens: int | None = None) -> list[np.ndarray]:
     """Non-overlapping windows of ``window`` tokens (the first token of each is context only)."""
+    _check_count("window", window, 2)
+    if max_tokens is not None:
+        _check_count("max_tokens", max_tokens, 1)
     if max_tokens:
         ids = ids[: max_tokens + 1]
     return [ids[i:i + window] for i in range(0, len(ids) - 1, window - 1) if len(ids[i:i + window]) > 1]
@@ -38,6 +47,8 @@ def eval_windows(ids: np.ndarray, window: int, max_tokens: int | None = None) ->
 @torch.no_grad()
 def perplexity(model: GPT, tokenizer, dataset: str, split: str = "test", data_dir=None,
                max_tokens: int | None = None, progress: bool = True) -> PerplexityResult:
+    if max_tokens is not None:  # checked before the text is read and encoded
+        _check_count("max_tokens", max_tokens, 1)
     text = load_text(dataset, split, data_dir)
     ids = np.concatenate([np.asarray(e.ids, np.int64) for e in tokenizer.encode_batch(text.splitlines(keepends=True))])
     windows = eval_windows(ids, model.config.n_positions, max_tokens)
@@ -52,6 +63,9 @@ def perplexity(model: GPT, tokenizer, dataset: str, split: str = "test", data_di
 
 @torch.no_grad()
 def window_nll(model: GPT, window: np.ndarray) -> tuple[float, int]:
+    if not 2 <= len(window) <= model.config.n_positions + 1:
+        raise ValueError(f"a window of {len(window)} tokens cannot be scored; use 2..{model.config.n_positions + 1} "
+                         "tokens (the model's context + 1)")
     x = torch.as_tensor(window[None, :-1])
     y = torch.as_tensor(window[None, 1:])
     logits, _ = model(x)  # (1, T, V)
@@ -63,6 +77,8 @@ def window_nll(model: GPT, window: np.ndarray) -> tuple[float, int]:
 def lambada_accuracy(model: GPT, tokenizer, data_dir=None, limit: int | None = None,
                      progress: bool = True) -> tuple[float, int]:
     """Fraction of test passages whose last word is predicted exactly (greedy, every BPE token)."""
+    if limit is not None:
+        _check_count("limit", limit, 1)
     examples = lambada_examples("test", data_dir, limit)
     ctx_len = model.config.n_positions
     hits = 0

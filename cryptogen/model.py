@@ -197,6 +197,16 @@ class GPT(nn.Module):
     def generate(self, ids: list[int], max_new_tokens: int, choose):
         """Yield ``max_new_tokens`` tokens after ``ids``: prefill, then cached decode steps;
         ``choose(logits (V,) numpy) -> int`` picks each token (greedy, sampling)."""
+        if not ids:
+            raise ValueError("the prompt has no tokens")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
+        if len(ids) + max_new_tokens - 1 > self.config.n_positions:
+            raise ValueError(f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's context "
+                             f"of {self.config.n_positions}")
+        return self._generate(ids, max_new_tokens, choose)
+
+    def _generate(self, ids: list[int], max_new_tokens: int, choose):
         logits, cache = self.prefill(torch.tensor([ids]))
         for i in range(max_new_tokens):
             token = choose(logits[0].numpy())
@@ -209,13 +219,26 @@ class GPT(nn.Module):
 
     # --- Hugging Face checkpoints -------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
-        """Write config.json + model.safetensors atomically (temp files, then rename)."""
+        """Write config.json + model.safetensors atomically: both are written in full to temp files in
+        ``folder`` and fsynced, and only then renamed over the old ones (os.replace), the folder fsynced
+        last. A failure while writing either (disk full, an exception) leaves the previous checkpoint
+        byte-identical, both files, and no temp file behind."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(folder / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
-        _atomic_write(folder / "config.json",
-                      lambda p: Path(p).write_text(json.dumps(self.config.to_hf(), indent=2) + "\n"))
+        staged = []
+        try:
+            staged.append(_stage(folder / "model.safetensors",
+                                 lambda p: save_file(state, p, metadata={"format": "pt"})))
+            staged.append(_stage(folder / "config.json",
+                                 lambda p: Path(p).write_text(json.dumps(self.config.to_hf(), indent=2) + "\n")))
+            for tmp, path in staged:
+                os.replace(tmp, path)
+        except BaseException:
+            for tmp, _ in staged:
+                Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync(folder, directory=True)  # the renames themselves survive a crash
 
     @staticmethod
     def read_config(folder: str | os.PathLike) -> GPTConfig:
@@ -264,13 +287,29 @@ class GPT(nn.Module):
         self.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
 
 
-def _atomic_write(path: Path, write) -> None:
+def _stage(path: Path, write) -> tuple[str, Path]:
+    """``write(tmp)`` to a temp file beside ``path`` (same folder: same file system, so os.replace is
+    atomic), fsynced; returns (tmp, path). On failure the temp file is removed and ``path`` untouched."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp, path
+
+
+def _fsync(path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:  # a platform that cannot open a folder (Windows): nothing to sync
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

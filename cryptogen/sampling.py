@@ -11,6 +11,8 @@ communication), so a banned token can never be chosen there either.
 from __future__ import annotations
 
 import math
+import numbers
+import reprlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,22 +31,24 @@ class SamplingConfig:
     top_p: float = 1.0  # nucleus: the smallest set of tokens whose probability reaches top_p
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top-k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
-        items = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
-        bias: dict[int, float] = {}
-        for tid, b in items:
-            if isinstance(tid, bool) or int(tid) != tid or tid < 0:
-                raise ValueError(f"logit_bias: token ids must be non-negative integers, got {tid!r}")
-            b = float(b)
-            if math.isnan(b) or b > 100:
-                raise ValueError(f"logit_bias: biases must be in [-100, 100], got {b} for token {int(tid)}")
-            bias[int(tid)] = max(b, BAN)
-        object.__setattr__(self, "logit_bias", tuple(sorted(bias.items())))
+        """Every field checked (ValueError, one line) before any logit is computed: NaN, infinity,
+        bools, floats where integers belong and out-of-range values are refused."""
+        t = _real(self.temperature)
+        if t is None or not (math.isfinite(t) and t >= 0):
+            raise ValueError(f"temperature {_short(self.temperature)} is not allowed; use a finite number >= 0 "
+                             "(0: greedy)")
+        if not _integer(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top-k {_short(self.top_k)} is not allowed; use an integer >= 0 (0: no top-k cut)")
+        p = _real(self.top_p)
+        if p is None or not 0 < p <= 1:  # NaN fails both comparisons
+            raise ValueError(f"top-p {_short(self.top_p)} is not allowed; use a number in (0, 1] (1: no nucleus cut)")
+        if self.seed is not None and (not _integer(self.seed) or self.seed < 0):
+            raise ValueError(f"seed {_short(self.seed)} is not allowed; use an integer >= 0, or none for a random seed")
+        object.__setattr__(self, "temperature", t)
+        object.__setattr__(self, "top_k", int(self.top_k))
+        object.__setattr__(self, "top_p", p)
+        object.__setattr__(self, "seed", None if self.seed is None else int(self.seed))
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
 
     @property
     def banned(self) -> tuple[int, ...]:
@@ -68,6 +72,46 @@ class SamplingConfig:
         if np.isneginf(m).all():
             raise ValueError("logit_bias bans every token of the vocabulary")
         return m
+
+
+def _short(v) -> str:
+    return reprlib.repr(v)  # a huge number stays short
+
+
+def _integer(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _real(v) -> float | None:
+    """``v`` as a float if it is a real number (not a bool, not a string), else None."""
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        return None
+    try:
+        return float(v)
+    except OverflowError:  # an integer too large for a float
+        return math.inf if v > 0 else -math.inf
+
+
+def _bias_pairs(logit_bias) -> tuple:
+    """(token id, bias) pairs sorted by id, from a dict or pairs; biases clipped at BAN."""
+    try:
+        items = list(logit_bias.items() if isinstance(logit_bias, dict) else logit_bias)
+    except TypeError:
+        raise ValueError(f"logit_bias must map token ids to biases in [-100, 100], got {_short(logit_bias)}") from None
+    bias: dict[int, float] = {}
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"logit_bias must map token ids to biases in [-100, 100], got the item {_short(item)}")
+        tid, b = item
+        t = _real(tid)  # 3.0 is token 3
+        if t is None or not (_integer(tid) or (math.isfinite(t) and t == int(t))) or t < 0:
+            raise ValueError(f"logit_bias: token ids must be non-negative integers, got {_short(tid)}")
+        t = int(tid)
+        bv = _real(b)
+        if bv is None or math.isnan(bv) or bv > 100:
+            raise ValueError(f"logit_bias: biases must be in [-100, 100], got {_short(b)} for token {_short(t)}")
+        bias[t] = max(bv, BAN)
+    return tuple(sorted(bias.items()))
 
 
 class Sampler:

@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from .cli_common import TokenStream, UsageError, encode_prompt
+from .cli_common import (TokenStream, UsageError, check_can_listen, check_eval_args, check_generate_args,
+                         encode_prompt)
 
 
 def _say(msg: str) -> None:
@@ -24,6 +25,33 @@ def _say(msg: str) -> None:
 def _is_remote(*connection_options) -> bool:
     """Any of --connect / --server / --server-cert / --api-key: a running server, not a local one."""
     return any(connection_options)
+
+
+def _local_config(model):
+    """(folder, config) of a local model, read without loading a weight."""
+    from . import registry
+    from .model import GPT
+
+    folder = registry.checkpoint_folder(model)
+    return folder, GPT.read_config(folder)
+
+
+def _check_local_prompt(model, prompt, max_new_tokens) -> None:
+    """For a local server: the prompt fits the model's context, found before the server starts."""
+    from .tokenizer import load_tokenizer
+
+    folder, cfg = _local_config(model)
+    encode_prompt(load_tokenizer(folder), prompt, cfg.n_positions, max_new_tokens)
+
+
+def _check_server_offers(conn, provider, logits: bool) -> None:
+    """What the connected server offers, checked before the session (and the client's keys)."""
+    if logits and not conn.server_opens_logits:
+        raise UsageError("this server opens no logits (it runs with --token-only); use --reveal token, "
+                         "or a server without --token-only")
+    if provider == "dealer" and not conn.server_has_dealer:
+        raise UsageError("this server has no dealer (its `cryptogen serve` ran without --dealer); "
+                         "use --provider he")
 
 
 @contextlib.contextmanager
@@ -79,20 +107,23 @@ def progress_printer(max_new_tokens: int, mode: str):
 def generate_secure(prompt, model, max_new_tokens, sampling, workers, mode, address, provider, metrics_port,
                     connect_file=None, server=None, server_cert=None, api_key=None, dealer=None, ban_unk=None,
                     reveal="token"):
-    from .client.remote import MODES, PROVIDERS
-    from .sampling import SamplingConfig, ban_note, unk_bans
+    """``cryptogen generate --secure``. ``sampling``: a SamplingConfig or (temperature, top_k, seed).
+    Every argument is checked (UsageError, a ValueError) before a server is started or a key made;
+    with a local server, the prompt is also encoded and checked against the context first."""
+    from .sampling import ban_note, unk_bans
 
-    if mode not in MODES:
-        raise UsageError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
-    if provider not in PROVIDERS:
-        raise UsageError(f"unknown --provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
-    if provider == "dealer" and not dealer:
-        raise UsageError("--provider dealer needs --dealer FILE (the dealer's client connection file)")
-    sampling = SamplingConfig(*sampling)
+    sampling = check_generate_args(prompt, max_new_tokens, sampling, reveal=reveal, secure=True, workers=workers,
+                                   mode=mode, provider=provider, dealer=dealer, metrics_port=metrics_port,
+                                   address=address, connect_file=connect_file, server=server, server_cert=server_cert)
+    if not _is_remote(connect_file, server, server_cert, api_key):
+        _check_local_prompt(model, prompt, max_new_tokens)
+    if metrics_port:
+        check_can_listen("--metrics-port", "127.0.0.1", metrics_port)
     with open_connection(connect_file, server, server_cert, api_key, model, workers, address, metrics_port,
                          dealer) as conn:
         if conn.tokenizer is None:
             raise UsageError("the server sent no tokenizer, so a text prompt cannot be encoded")
+        _check_server_offers(conn, provider, logits=reveal == "logits")
         ids = encode_prompt(conn.tokenizer, prompt, conn.cfg.n_positions, max_new_tokens)
         bans = unk_bans(conn.tokenizer, conn.model_name, ban_unk)  # the same mask as plaintext generation
         sampling = sampling.with_bans(bans)
@@ -130,18 +161,23 @@ def secure_eval(model_name, data, split, data_dir, windows: int, window: int, wo
     from . import registry
     from .data import data_path, load_text
 
+    check_eval_args(windows=windows, window=window, workers=workers, address=address, provider=provider,
+                    dealer=dealer, connect_file=connect_file, server=server, server_cert=server_cert)
     remote = _is_remote(connect_file, server, server_cert, api_key)
     ds = data or (model_name if model_name in registry.SHIPPED else "wikitext2")
     data_path(ds, split, data_dir)
-    folder = None if remote else registry.checkpoint_folder(model_name)
+    folder = None
+    if not remote:  # the window against the model's context before the local server starts
+        folder, cfg = _local_config(model_name)
+        _check_window(window, cfg.n_positions)
     nll_secure = nll_plain = 0.0
     count = 0
     with open_connection(connect_file, server, server_cert, api_key, str(folder) if folder else model_name, workers,
                          address, dealer=dealer) as conn:
         if conn.tokenizer is None:
             raise UsageError("the server sent no tokenizer, so the test text cannot be encoded")
-        if window > conn.cfg.n_positions:
-            raise UsageError(f"--window {window} exceeds the model's context of {conn.cfg.n_positions}")
+        _check_window(window, conn.cfg.n_positions)
+        _check_server_offers(conn, provider, logits=True)
         model = None
         if folder is not None:
             from .model import GPT
@@ -149,6 +185,9 @@ def secure_eval(model_name, data, split, data_dir, windows: int, window: int, wo
         text = load_text(ds, split, data_dir)
         ids = np.asarray(conn.tokenizer.encode(text[: 400 * window * windows]).ids, np.int64)
         chunks = [ids[i * window:(i + 1) * window] for i in range(windows) if len(ids) >= (i + 1) * window]
+        if not chunks:
+            raise UsageError(f"{ds}/{split} has only {len(ids)} tokens, fewer than one --window of {window}; "
+                             "use a smaller --window")
         for w, chunk in enumerate(chunks):
             t0 = time.perf_counter()
             print(f"\r\x1b[2K[window {w + 1}/{len(chunks)}: {window} tokens in one secure pass]", end="",
@@ -167,6 +206,12 @@ def secure_eval(model_name, data, split, data_dir, windows: int, window: int, wo
     msg = (f"{name} on {ds}/{split}, {len(chunks)} x {window} tokens ({count} predicted): "
            f"secure perplexity {np.exp(nll_secure / count):.3f}")
     print(msg + (f", plaintext {np.exp(nll_plain / count):.3f}" if model is not None else ""))
+
+
+def _check_window(window: int, n_positions: int) -> None:
+    if window > n_positions:
+        raise UsageError(f"--window {window} exceeds the model's context of {n_positions}; use --window "
+                         f"{n_positions} or less")
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:

@@ -70,6 +70,15 @@ def kv_layout(cfg: GPTConfig, n: int) -> KVLayout:
     return KVLayout(cfg.d_head, n)
 
 
+def kv_cache_bytes(cfg: GPTConfig, he_config, positions: int) -> int:
+    """Bytes of one session's encrypted KV cache at ``positions`` tokens, all workers (an upper
+    bound: fresh-level ciphertexts, 2 polynomials x data primes x n words of 8 bytes each, one for K
+    and one for V per (layer, head) per ``tpc`` tokens)."""
+    per_ct = 2 * (len(he_config.qi_sizes) - 1) * he_config.n * 8 + 256
+    per_head = 2 * -(-positions // kv_layout(cfg, he_config.n).tpc)
+    return cfg.n_layer * cfg.n_head * per_head * per_ct
+
+
 def rotation_steps(cfg: GPTConfig, shard_plan, n: int) -> set[int]:
     """Every Galois step any worker's kernels use (the client generates exactly these)."""
     steps = set(kv_layout(cfg, n).rotation_steps())

@@ -12,7 +12,7 @@ import threading
 from cryptogen import secure_plan as sp
 from cryptogen.he.keys import ClientKeys
 from cryptogen.he.params import HEConfig
-from cryptogen.mpc.channel import channel_pair
+from cryptogen.mpc.channel import abort_on_error, channel_pair
 from cryptogen.mpc.party import Party
 from cryptogen.mpc.provider import DealerProvider
 
@@ -20,12 +20,16 @@ from ..client.session import ClientSession
 from ..workers.shard import ServerShard
 
 
-def _run_threads(jobs: dict) -> dict:
+def _run_threads(jobs: dict, links: dict | None = None) -> dict:
+    """Run ``jobs`` (key -> fn) as threads; a job that raises aborts its ``links[key]`` channels so
+    its peers fail at once instead of waiting out their timeout."""
     out, errs = {}, {}
+    links = links or {}
 
     def run(key, fn):
         try:
-            out[key] = fn()
+            with abort_on_error(*links.get(key, ())):
+                out[key] = fn()
         except BaseException as e:  # noqa: BLE001 - re-raised below
             errs[key] = e
 
@@ -73,7 +77,8 @@ class InProcessRunner:
         jobs = {"client": lambda: getattr(self.client, name)(parties, *client)}
         for w in workers:
             jobs[w] = (lambda w=w: getattr(self.shards[w], name)(self.server_parties[w], self.sid, *server))
-        out = _run_threads(jobs)
+        links = {"client": [p.chan for p in parties.values()], **{w: [self.server_parties[w].chan] for w in workers}}
+        out = _run_threads(jobs, links)
         return {w: out[w] for w in workers}
 
     def barrier(self) -> None:

@@ -18,6 +18,8 @@ from cryptogen.cluster.connect import worker_placement
 
 from ..workers.actor import WorkerActor
 
+MAX_RESTARTS = -1  # a long-lived server: Ray restarts a worker whose process died, every time
+
 
 class WorkerDied(RuntimeError):
     """A worker actor died during generation."""
@@ -31,7 +33,10 @@ class ServerPool:
     """The server's worker actors (one per plan worker): weights loaded and encoded once, serving
     every session; each listens for data links on one TLS port."""
 
-    def __init__(self, model, plan, he_config, tls: tuple[str, str], gateway_host: str, link_cap: int):
+    def __init__(self, model, plan, he_config, tls: tuple[str, str], gateway_host: str, link_cap: int,
+                 max_restarts: int = MAX_RESTARTS):
+        """``max_restarts``: how often Ray restarts each worker actor after its process died (it
+        reloads and re-encodes its weights; the gateway restores its sessions' caches)."""
         self.plan, self.he_config = plan, he_config
         self.pg = worker_placement(len(plan.workers))
         # a checkpoint folder (str) is read by each worker on its own node: the weights never pass
@@ -40,10 +45,30 @@ class ServerPool:
         here = ray.get_runtime_context().get_node_id()
         self.workers = [
             WorkerActor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self.pg, placement_group_bundle_index=i), num_cpus=1)
+                placement_group=self.pg, placement_group_bundle_index=i), num_cpus=1,
+                max_restarts=max_restarts, max_task_retries=0)
             .remote(i, model_ref, plan, he_config, tls, gateway_host, here, link_cap)
             for i in range(len(plan.workers))]
         self.addresses = ray.get([w.address.remote() for w in self.workers])
+        self.identities = ray.get([w.identity.remote() for w in self.workers])  # (incarnation, pid)
+
+    def refresh(self) -> list[tuple[str, int]]:
+        """Every worker's (incarnation, pid) now (waits for a restarting actor to come back;
+        ``RayActorError`` if it is out of restarts). A restarted worker listens on a new port: the
+        link addresses are read again when an incarnation changed."""
+        now = ray.get([w.identity.remote() for w in self.workers])
+        if now != self.identities:
+            self.addresses = ray.get([w.address.remote() for w in self.workers])
+            self.identities = now
+        return now
+
+    def checkpoint(self, sid: str, after: dict) -> list:
+        """Per worker (meta ref, cache ref), owned by this process: they survive the worker's process."""
+        return [w.checkpoint.options(num_returns=2).remote(sid, after=after.get(i))
+                for i, w in enumerate(self.workers)]
+
+    def restore(self, sid: str, ckpt: list | None) -> None:
+        ray.get([w.restore.remote(sid, *(ckpt[i] if ckpt else (None, None))) for i, w in enumerate(self.workers)])
 
     def open_session(self, sid: str, public_context: bytes, tokens: list[dict]) -> None:
         ctx_ref = ray.put(public_context)  # once, shared by all workers
@@ -80,17 +105,37 @@ class RayRunner:
     def __init__(self, pool: ServerPool, sid: str):
         self.pool, self.sid = pool, sid
         self._last_worker: dict[int, object] = {}
+        self._step_refs: list = []  # every call since the last completed barrier
 
     def stage(self, name: str, workers: list[int], client: tuple, server: tuple) -> dict:
         refs = {}
         for w in workers:
             refs[w] = self.pool.workers[w].stage.remote(self.sid, name, *server, after=self._last_worker.get(w))
             self._last_worker[w] = refs[w]
+        self._step_refs.extend(refs.values())
         return refs
 
     def reset_cache(self) -> None:
         for w, actor in enumerate(self.pool.workers):
             self._last_worker[w] = actor.reset_cache.remote(self.sid, after=self._last_worker.get(w))
+            self._step_refs.append(self._last_worker[w])
+
+    def settle(self, timeout: float = 120.0) -> None:
+        """After a failure: wait until every call of this step has ended, and collect their errors
+        (expected now: the gateway decides; Ray would log them as unhandled)."""
+        refs, self._step_refs = self._step_refs, []
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:  # noqa: BLE001 - the step's failure is handled by the caller
+                pass
+        self._last_worker.clear()
+
+    def checkpoint(self) -> list:
+        """Per worker (meta ref, cache ref) of the cache after the calls so far (ordered after them)."""
+        return self.pool.checkpoint(self.sid, self._last_worker)
 
     def barrier(self, alive=None) -> None:
         """Wait for the step; ``alive()`` False (the client went away) ends the wait at once."""
@@ -105,6 +150,7 @@ class RayRunner:
                 ray.get(done[0])
             except ray.exceptions.RayActorError as e:
                 raise WorkerDied(self._who(done[0], e)) from None
+        self._step_refs = []
 
     def _who(self, ref, err) -> str:
         for w, r in self._last_worker.items():

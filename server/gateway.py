@@ -10,9 +10,14 @@ Per connection (one thread; see ``cryptogen.net.control`` for the messages):
   2. ``open``: at most ``max_sessions`` at once (else "busy, retry after N s"); the client's public
      context goes to every worker, which checks it against the server's own HE parameters; each
      worker link gets fresh 256-bit tokens, handed to the client over this connection only.
-  3. ``forward`` steps: validated (positions in range, continuing the cache), run, answered.
-  4. The session ends on ``close``, on a disconnect, on the idle timeout or on an error: every
-     worker frees its links, pools and cache (``ServerPool.close``), at once.
+  3. ``forward`` steps: validated (positions in range, continuing the cache, within the KV-cache
+     budget), run, checkpointed (every worker's encrypted cache, kept by this process), answered.
+     A worker whose process died is restarted by Ray: the step is redone from the checkpoint
+     (``retry``; server/session.py).
+  4. The session ends on ``end``, on the idle timeout or on an error: every worker frees its links,
+     pools and cache (``ServerPool.close``), at once. A client that disconnects is parked for
+     ``resume_grace`` seconds (its workers' state freed at once, its checkpoints kept) and may
+     ``resume`` on a new connection with its session's secret.
 """
 from __future__ import annotations
 
@@ -27,16 +32,18 @@ from cryptogen import secure_plan as sp
 from cryptogen.mpc.errors import ChannelError, MPCError
 from cryptogen.net import control
 from cryptogen.net.channel import IdleTimeout, TLSChannel, run
-from cryptogen.net.tls import new_secret, same_secret, server_context
+from cryptogen.net.tls import same_secret, server_context
 from cryptogen.driver import Driver
 from cryptogen.scheduler.ray_runner import ClientGone, RayRunner, ServerPool, WorkerDied
 
+from .session import ServerSession
 from .stats import GatewayStats
 
 HELLO_TIMEOUT = 10.0
 HELLO_CAP = 64 << 10  # before the API key is checked, a connection may send this much
 MAX_UNAUTHENTICATED = 64
 BUSY_RETRY_S = 30
+MAX_RETRIES = 3  # worker restarts survived by one step
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class GatewayConfig:
     idle_timeout: float = 600.0
     link_timeout: float = 60.0
     token_only: bool = False  # refuse steps that open logits (protects the LM head; no eval)
+    resume_grace: float = 20.0  # a dropped client may resume its session for this long (0: never)
+    kv_budget: int = 4 << 30  # bytes of encrypted KV cache one session may hold, all workers
 
 
 class Gateway:
@@ -61,6 +70,7 @@ class Gateway:
         self._threads: set[threading.Thread] = set()
         self._unauthenticated = 0
         self._live: dict[str, TLSChannel] = {}
+        self._parked: dict[str, ServerSession] = {}  # sessions whose client went away, resumable
         self._lock = threading.Lock()
         self.server = None
 
@@ -93,8 +103,13 @@ class Gateway:
             io_loop().call_soon_threadsafe(self.server.close)
         with self._lock:
             live = list(self._live.values())
-        for chan in live:
+            parked, self._parked = list(self._parked.values()), {}
+        for chan in live:  # said first, so a client does not try to resume on a server going away
+            control.send_error(chan, "shutdown", "the server is shutting down and this session is lost; "
+                                                 "generate again when it is back")
             chan.abort()
+        for sess in parked:
+            self._free(sess)
 
     # ---- one connection -------------------------------------------------------------------------
     def _serve(self, chan: TLSChannel) -> None:
@@ -121,11 +136,13 @@ class Gateway:
                          layer_groups=self.layer_groups, tokenizer=self.tokenizer_json,
                          name=self.model_name, dealer=self.dealer is not None, logits=not self.options.token_only)
             while True:
-                msg = control.recv(chan, "open", "end", "close")
+                msg = control.recv(chan, "open", "resume", "end", "close")
                 if msg["type"] == "close":
                     return
                 if msg["type"] == "open":  # a stray "end" after a session the server ended is ignored
                     self._session(chan, msg)
+                elif msg["type"] == "resume":
+                    self._resume(chan, msg)
         except IdleTimeout:
             if authenticated:
                 self.stats.timeout()
@@ -151,40 +168,99 @@ class Gateway:
             control.send_error(chan, "busy", f"the server is busy ({self.options.max_sessions} sessions open); "
                                              f"retry after {BUSY_RETRY_S} s", retry_after=BUSY_RETRY_S)
             return
-        sid = new_secret()[:32]
-        n = len(self.pool.workers)
-        tokens = [{"online": new_secret(), **({"offline": new_secret()} if provider == "he" else {})}
-                  for _ in range(n)]
-        with self._lock:
-            self._live[sid] = chan
-        failure = None  # told to the client only once the session is freed everywhere
+        sess = ServerSession.new(public_context, mode, provider)
         try:
-            try:
-                self.pool.open_session(sid, public_context, tokens)
-            except ray.exceptions.RayTaskError as e:
-                raise control.ProtocolError(_cause(e)) from None
-            links = [dict(worker=i, host=h, port=p, tokens=tokens[i]) for i, (h, p) in enumerate(self.pool.addresses)]
-            control.send(chan, "session", sid=sid, links=links, mode=mode, provider=provider)
-            providers = [self._provider(provider, tokens[i], i) for i in range(n)]
-            self._wait_links(chan, self.pool.connect(sid, providers))
-            self._steps(chan, sid, mode)
+            links = sess.open_epoch(self.pool)
+        except ray.exceptions.RayTaskError as e:
+            self._free(sess)
+            raise control.ProtocolError(_cause(e)) from None
+        except BaseException:
+            self._free(sess)
+            raise
+        control.send(chan, "session", sid=sess.sid, resume=sess.secret, links=links, mode=mode, provider=provider)
+        self._run(chan, sess)
+
+    def _resume(self, chan: TLSChannel, msg: dict) -> None:
+        """A client whose connection dropped continues its parked session (``resume`` {sid, secret,
+        cached}); the reply is ``retry`` {cached, links}, then its steps go on."""
+        sid, secret = str(msg.get("sid", ""))[:64], str(msg.get("secret", ""))
+        cached = control.need_int(msg, "cached", 0, self.cfg.n_positions)
+        with self._lock:
+            sess = self._parked.get(sid)
+            if sess is not None and same_secret(secret, sess.secret):
+                del self._parked[sid]
+            else:
+                sess = None
+        if sess is None:
+            raise control.ProtocolError("the server holds no such session to resume (it expired, ended, or the "
+                                        "server restarted); start a new generation")
+        if sess.expiry is not None:
+            sess.expiry.cancel()
+        ckpt = sess.checkpoint_at(cached)
+        if ckpt is None:
+            self._free(sess)
+            raise control.ProtocolError(f"the session cannot resume at position {cached}; start a new generation")
+        sess.checkpoints = [ckpt]
+        try:
+            links = sess.open_epoch(self.pool, restore=ckpt)
+        except BaseException:
+            self._free(sess)
+            raise
+        self.stats.recovered("resume")
+        control.send(chan, "retry", cached=sess.cached, links=links, reason="the session resumed")
+        self._run(chan, sess)
+
+    def _run(self, chan: TLSChannel, sess: ServerSession) -> None:
+        """Links, steps; then the session is freed, or parked when its client went away."""
+        with self._lock:
+            self._live[sess.sid] = chan
+        failure, park = None, False  # told to the client only once the session is freed everywhere
+        try:
+            self._wait_links(chan, self.pool.connect(sess.wsid, self._providers(sess)))
+            self._steps(chan, sess)
         except ClientGone:
-            pass  # freed below
+            park = True
         except (WorkerDied, ray.exceptions.RayTaskError, MPCError) as e:
-            if not (isinstance(e, ChannelError) and chan.peer_gone):  # else the client left: freed below
+            if isinstance(e, ChannelError) and chan.peer_gone:
+                park = True  # the client left
+            else:
                 failure = _cause(e)
         except ray.exceptions.RayActorError:
-            failure = "a server worker died"
+            failure = "a server worker died and could not be restarted"
         finally:
             with self._lock:
-                self._live.pop(sid, None)
+                self._live.pop(sess.sid, None)
             try:
-                self.pool.close(sid)
+                self.pool.close(sess.wsid)
             finally:
-                self.stats.closing()
+                if park and self.options.resume_grace > 0:
+                    self._park(sess)
+                else:
+                    self._free(sess)
         if failure is not None:
             self.stats.failure()
             control.send_error(chan, "session", f"the session failed on the server: {failure}")
+
+    def _park(self, sess: ServerSession) -> None:
+        """Keep a session whose client went away for ``resume_grace`` seconds (its checkpoints only)."""
+        with self._lock:
+            self._parked[sess.sid] = sess
+        sess.expiry = threading.Timer(self.options.resume_grace, self._expire, args=(sess.sid,))
+        sess.expiry.daemon = True
+        sess.expiry.start()
+
+    def _expire(self, sid: str) -> None:
+        with self._lock:
+            sess = self._parked.pop(sid, None)
+        if sess is not None:
+            self._free(sess)
+
+    def _free(self, sess: ServerSession) -> None:
+        sess.drop()
+        self.stats.closing()
+
+    def _providers(self, sess: ServerSession) -> list:
+        return [self._provider(sess.provider, sess.tokens[i], i) for i in range(len(self.pool.workers))]
 
     def _provider(self, name: str, tokens: dict, worker: int):
         """"he" (built on the worker over its offline link), or the dealer's server-party provider for
@@ -205,31 +281,68 @@ class Gateway:
             if pending and time.monotonic() > deadline:
                 raise ChannelError("the client did not open its data links in time")
 
-    def _steps(self, chan: TLSChannel, sid: str, mode: str) -> None:
-        runner = RayRunner(self.pool, sid)
-        driver = Driver(runner, self.cfg, self.plan, mode)
-        cached = 0
+    def _steps(self, chan: TLSChannel, sess: ServerSession) -> None:
+        runner = RayRunner(self.pool, sess.wsid)
+        driver = Driver(runner, self.cfg, self.plan, sess.mode)
         while True:
             msg = control.recv(chan, "forward", "end")
             if msg["type"] == "end":
                 return
             step = control.Forward.from_msg(msg, self.cfg.n_positions)
-            if self.options.token_only and step.logits in ("last", "all"):
-                raise control.ProtocolError("this server opens no logits (cryptogen serve --token-only): generate "
-                                            "with --reveal token; scoring (eval) needs a server that allows logits")
-            if step.reset:
-                if mode != "recompute" or step.start != 0:
-                    raise control.ProtocolError("a cache reset is only for recompute mode, from position 0")
-                runner.reset_cache()
-                cached = 0
-            elif step.start != cached:
-                raise control.ProtocolError(f"the step starts at position {step.start} but the session's cache "
-                                            f"holds {cached} positions")
+            self._check_step(sess, step)
+            sess.acknowledge()
             t0 = time.perf_counter()
-            driver.forward(step.start, step.T, step.logits)
-            runner.barrier(alive=lambda: not chan.peer_gone)  # a client gone mid-step frees the session now
-            cached = step.start + step.T
-            control.send(chan, "done", seconds=time.perf_counter() - t0, cached=cached)
+            try:
+                if step.reset:
+                    runner.reset_cache()
+                driver.forward(step.start, step.T, step.logits)
+                runner.barrier(alive=lambda: not chan.peer_gone)  # a client gone mid-step: parked now
+                # the cache after the step, kept by this process (the client's next step waits for "done")
+                ckpt = sess.commit(step.start + step.T, runner.checkpoint() if sess.mode == "kv-reuse" else None)
+            except ClientGone:
+                sess.close_epoch(self.pool, runner)
+                raise
+            except (WorkerDied, ray.exceptions.RayError, MPCError) as e:
+                if chan.peer_gone:
+                    sess.close_epoch(self.pool, runner)
+                    raise ClientGone("the client disconnected during a step") from None
+                runner = self._recover(chan, sess, runner, e)
+                driver = Driver(runner, self.cfg, self.plan, sess.mode)
+                continue  # the client sends the same step again
+            self.stats.kv_bytes(ckpt.kv_bytes)
+            control.send(chan, "done", seconds=time.perf_counter() - t0, cached=sess.cached, kv_bytes=ckpt.kv_bytes)
+
+    def _check_step(self, sess: ServerSession, step: control.Forward) -> None:
+        if self.options.token_only and step.logits in ("last", "all"):
+            raise control.ProtocolError("this server opens no logits (cryptogen serve --token-only): generate "
+                                        "with --reveal token; scoring (eval) needs a server that allows logits")
+        if step.reset:
+            if sess.mode != "recompute" or step.start != 0:
+                raise control.ProtocolError("a cache reset is only for recompute mode, from position 0")
+        elif step.start != sess.cached:
+            raise control.ProtocolError(f"the step starts at position {step.start} but the session's cache "
+                                        f"holds {sess.cached} positions")
+        need = sp.kv_cache_bytes(self.cfg, self.he_config, step.start + step.T)
+        if need > self.options.kv_budget:
+            raise control.ProtocolError(
+                f"the session's KV cache would need {need / 2**20:.0f} MiB at {step.start + step.T} positions, over "
+                f"this server's budget of {self.options.kv_budget / 2**20:.0f} MiB per session; use a shorter context")
+
+    def _recover(self, chan: TLSChannel, sess: ServerSession, runner: RayRunner, err: BaseException) -> RayRunner:
+        """A step failed: free the epoch; if a worker was restarted, a new epoch from the last
+        checkpoint and ``retry`` to the client (else the error stands)."""
+        sess.close_epoch(self.pool, runner)
+        restarted = sess.restarted(self.pool)  # waits for a restarting worker to come back
+        if not restarted or sess.retries >= MAX_RETRIES:
+            raise err
+        sess.retries += 1
+        links = sess.open_epoch(self.pool, restore=sess.latest())
+        who = ", ".join(map(str, restarted))
+        self.stats.recovered("worker")
+        control.send(chan, "retry", cached=sess.cached, links=links,
+                     reason=f"server worker {who} was restarted; the step is redone")
+        self._wait_links(chan, self.pool.connect(sess.wsid, self._providers(sess)))
+        return RayRunner(self.pool, sess.wsid)
 
 
 def _cause(err: BaseException) -> str:

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptogen.cli_common import (check_can_listen, check_file, check_float, check_int, check_output_file, check_port,
+                                  check_ray_address, check_writable_dir, split_host_port)
 from cryptogen.net.tls import ensure_certificate, fingerprint, new_secret
 
 from .gateway import Gateway, GatewayConfig
@@ -43,6 +45,8 @@ class ServeOptions:
     dealer: str | None = None
     num_cpus: int | None = None  # embedded Ray only
     token_only: bool = False  # clients learn generated tokens only, never logits
+    resume_grace: float = 20.0  # seconds a dropped client may resume its session (0: never)
+    kv_budget_mb: float = 4096.0  # encrypted KV cache one session may hold, all workers (MiB)
 
 
 def default_state_dir() -> Path:
@@ -51,10 +55,8 @@ def default_state_dir() -> Path:
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ServeError(f"--listen {listen!r} is not HOST:PORT (e.g. 127.0.0.1:7860, or 0.0.0.0:7860 for every address)")
-    return host.strip("[]"), int(port)
+    return split_host_port("--listen", listen, "127.0.0.1:7860, or 0.0.0.0:7860 for every address (port 0: any "
+                           "free port)", err=ServeError)
 
 
 def _api_key(state: Path) -> str:
@@ -87,27 +89,55 @@ def _log(msg: str) -> None:
 
 
 def check(opts: ServeOptions) -> tuple[Path, str, int]:
-    """Everything that can be checked before Ray starts: (model folder, host, port)."""
+    """Everything that can be checked before Ray starts: (model folder, host, port). Every option
+    gives a one-line ServeError (a ValueError) naming its flag."""
     from cryptogen import registry
     from cryptogen.model import GPT
 
     host, port = parse_listen(opts.listen)
-    if opts.workers < 1 or opts.max_sessions < 1 or opts.layer_groups < 1:
-        raise ServeError("--workers, --max-sessions and --layer-groups must be at least 1")
-    if opts.idle_timeout <= 0:
-        raise ServeError("--idle-timeout must be positive (seconds)")
+    for flag, v in (("--workers", opts.workers), ("--max-sessions", opts.max_sessions),
+                    ("--layer-groups", opts.layer_groups)):
+        check_int(flag, v, 1, err=ServeError)
+    check_float("--idle-timeout", opts.idle_timeout, 0.0, lo_open=True, note="seconds", err=ServeError)
+    check_float("--resume-grace", opts.resume_grace, 0.0, 86400.0, note="seconds; 0: a dropped client cannot resume",
+                err=ServeError)
+    check_float("--kv-budget-mb", opts.kv_budget_mb, 0.0, lo_open=True, note="MiB per session", err=ServeError)
+    if opts.num_cpus is not None:
+        check_int("--num-cpus", opts.num_cpus, 1, err=ServeError)
+    if opts.metrics_port is not None:
+        check_port("--metrics-port", opts.metrics_port, err=ServeError)
+    if opts.address is not None:
+        check_ray_address("--address", opts.address, err=ServeError)
+    if not isinstance(opts.token_only, bool):
+        raise ServeError(f"token_only {opts.token_only!r} is not allowed; use True or False")
+    if not isinstance(opts.model, str) or not opts.model:
+        raise ServeError(f"--model {opts.model!r} is not allowed; use a shipped model name or a checkpoint folder")
     folder = registry.resolve_model(opts.model).resolve()
     for f in ("config.json", "model.safetensors"):
         if not (folder / f).is_file():
-            raise ServeError(f"model folder {folder} has no {f}")
+            raise ServeError(f"model folder {folder} has no {f}; pass a folder with config.json and "
+                             "model.safetensors (and tokenizer.json)")
     cfg = GPT.read_config(folder)
     from cryptogen.plan import make_plan
     make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, opts.workers, opts.layer_groups)  # PlanError early
     conn = Path(opts.connection_file)
     if not conn.parent.resolve().is_dir():
-        raise ServeError(f"the folder of --connection-file {conn} does not exist")
-    if opts.dealer is not None and not Path(opts.dealer).is_file():
-        raise ServeError(f"--dealer {opts.dealer}: no such file (the dealer's server-party connection file)")
+        raise ServeError(f"the folder of --connection-file {conn} does not exist; create it or pass another path")
+    check_output_file("--connection-file", conn, err=ServeError)
+    if bool(opts.cert) != bool(opts.key):
+        raise ServeError("give both --cert and --key, or neither (a self-signed pair is then kept in the state folder)")
+    if opts.cert:
+        check_file("--cert", opts.cert, "the TLS certificate (PEM)", err=ServeError)
+        check_file("--key", opts.key, "its private key (PEM)", err=ServeError)
+    state = Path(opts.state_dir) if opts.state_dir else default_state_dir()
+    made = [state / "api_key"] + ([] if opts.cert else [state / "server.crt", state / "server.key"])
+    if not all(f.is_file() for f in made):  # something is written there at start
+        check_writable_dir("--state-dir", state, err=ServeError)
+    if opts.dealer is not None:
+        check_file("--dealer", opts.dealer, "the dealer's server connection file (dealer-server.json)", err=ServeError)
+    check_can_listen("--listen", host, port, err=ServeError)  # a taken port or a foreign address, before Ray
+    if opts.metrics_port:
+        check_can_listen("--metrics-port", "127.0.0.1", opts.metrics_port, err=ServeError)
     return folder, host, port
 
 
@@ -126,8 +156,12 @@ def start(opts: ServeOptions):
     tokenizer_json = tok.read_text() if tok.is_file() else None
     state = Path(opts.state_dir) if opts.state_dir else default_state_dir()
     hosts = ["localhost", "127.0.0.1"] + ([host] if host not in ("", "0.0.0.0", "::") else [])
-    tls = ensure_certificate(state, opts.cert, opts.key, hosts)
-    api_key = _api_key(state)
+    try:
+        tls = ensure_certificate(state, opts.cert, opts.key, hosts)
+        api_key = _api_key(state)
+    except OSError as e:  # the state folder could not be written after all (check() tried it)
+        raise ServeError(f"cannot write the certificate or API key in {state} ({e.strerror or e}); "
+                         "pass a writable --state-dir") from None
     dealer = None
     if opts.dealer:
         from cryptogen.mpc.errors import ProviderError
@@ -149,6 +183,7 @@ def start(opts: ServeOptions):
     _log(f"workers ready in {time.perf_counter() - t0:.0f} s")
     gw = Gateway(pool, cfg, plan, opts.layer_groups, he_config, tokenizer_json, api_key, tls,
                  GatewayConfig(max_sessions=opts.max_sessions, idle_timeout=opts.idle_timeout,
+                               resume_grace=float(opts.resume_grace), kv_budget=int(opts.kv_budget_mb * 2**20),
                                token_only=opts.token_only), dealer,
                  model_name=folder.name)
     bound_host, bound_port = gw.listen(host, port)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 REFUSALS = ("auth", "busy", "bad_request")
+RECOVERIES = ("worker", "resume")  # a step redone after a worker restart; a client's session resumed
 
 
 @dataclass
@@ -21,6 +22,8 @@ class GatewayStats:
     timed_out: int = 0
     failed: int = 0
     refused: dict = field(default_factory=lambda: dict.fromkeys(REFUSALS, 0))
+    recoveries: dict = field(default_factory=lambda: dict.fromkeys(RECOVERIES, 0))
+    kv_max: int = 0  # the largest encrypted KV cache one session held (bytes, all workers)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def opening(self, limit: int) -> bool:
@@ -50,10 +53,19 @@ class GatewayStats:
         with self._lock:
             self.failed += 1
 
+    def recovered(self, kind: str) -> None:
+        with self._lock:
+            self.recoveries[kind] += 1
+
+    def kv_bytes(self, nbytes: int) -> None:
+        with self._lock:
+            self.kv_max = max(self.kv_max, int(nbytes))
+
     def as_dict(self) -> dict:
         with self._lock:
             return dict(open=self.open, opened=self.opened, closed=self.closed, timed_out=self.timed_out,
-                        failed=self.failed, refused=dict(self.refused))
+                        failed=self.failed, refused=dict(self.refused), recoveries=dict(self.recoveries),
+                        kv_max=self.kv_max)
 
 
 class GatewayCollector:
@@ -77,6 +89,16 @@ class GatewayCollector:
         yield self._counter("cryptogen_server_sessions_timed_out", "Sessions ended by the idle timeout.",
                             s["timed_out"])
         yield self._counter("cryptogen_server_sessions_failed", "Sessions ended by an error.", s["failed"])
+        r = CounterMetricFamily("cryptogen_server_recoveries", "Sessions carried over a fault: a step redone after "
+                                "a worker restart (worker), a dropped client's session resumed (resume).",
+                                labels=["kind"])
+        for kind in RECOVERIES:
+            r.add_metric([kind], s["recoveries"][kind])
+        yield r
+        g = GaugeMetricFamily("cryptogen_server_session_kv_bytes_max",
+                              "The largest encrypted KV cache one session has held, all workers (bytes).")
+        g.add_metric([], s["kv_max"])
+        yield g
 
     @staticmethod
     def _counter(name: str, doc: str, value: int) -> CounterMetricFamily:

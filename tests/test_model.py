@@ -93,16 +93,76 @@ def test_malformed_and_missing_checkpoints(tmp_path):
         GPT.from_pretrained(tmp_path)
 
 
-def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
-    model = GPT(GPTConfig(vocab_size=64, n_positions=8, n_embd=16, n_layer=1, n_head=2))
-    model.save_pretrained(tmp_path)
-    before = (tmp_path / "model.safetensors").read_bytes()
+@pytest.mark.parametrize("fails", ["weights", "config"])
+def test_save_is_atomic_on_failure(tmp_path, monkeypatch, fails):
+    """A save that fails AFTER writing part of a file leaves the previous checkpoint byte-identical
+    (both files) and no temp file; a save that succeeds fsyncs each file before renaming it over its
+    destination from the same folder, and fsyncs the folder after the renames.
+
+    The failing writer writes half of its real bytes to the path it was given, then raises ENOSPC:
+    the weights writer (``save_file``) or the config writer (``Path.write_text``), for a model of
+    other shapes. Mutations caught: weights saved straight onto model.safetensors (both cases:
+    half/new bytes land on the checkpoint; the old mock raised before writing and let this pass);
+    the temp file not removed on failure (both); the weights renamed into place before config.json
+    is written, as the old code did (the "config" case: new weights beside the old config);
+    no fsync of the temp file before os.replace, or of the folder after (the first save's checks);
+    the temp file made outside the destination folder (same-folder check)."""
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save as serialize
+
     import cryptogen.model as m
 
-    def boom(*a, **k):
-        raise OSError("disk full")
-    monkeypatch.setattr(m, "save_file", boom)
-    with pytest.raises(OSError):
-        GPT(GPTConfig(vocab_size=64, n_positions=8, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").read_bytes() == before
-    assert not list(tmp_path.glob("*.tmp"))
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    old = GPT(GPTConfig(vocab_size=64, n_positions=8, n_embd=16, n_layer=1, n_head=2))
+    old.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    folder = os.path.realpath(tmp_path)
+    for name in ("model.safetensors", "config.json"):
+        dst = os.path.join(folder, name)
+        moves = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == dst]
+        assert len(moves) == 1, f"{name} was not renamed into place exactly once: {events}"
+        src = events[moves[0]][1]
+        assert src != dst and os.path.dirname(src) == folder, f"{name} staged outside its folder: {src}"
+        assert ("fsync", src) in events[:moves[0]], f"{name}: temp file not fsynced before os.replace"
+    last_move = max(i for i, e in enumerate(events) if e[0] == "replace")
+    assert ("fsync", folder) in events[last_move:], "folder not fsynced after the renames"
+
+    names = ("model.safetensors", "config.json")
+    before = {n: (tmp_path / n).read_bytes() for n in names}
+    written = {}
+    if fails == "weights":
+        def half_then_fail(state, path, metadata=None):
+            data = serialize(state, metadata=metadata)
+            with open(path, "wb") as f:
+                written[str(path)] = f.write(data[:len(data) // 2])
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(m, "save_file", half_then_fail)
+    else:
+        real_write_text = Path.write_text
+
+        def half_then_fail(self, data, *a, **k):
+            written[str(self)] = real_write_text(self, data[:len(data) // 2], *a, **k)
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(Path, "write_text", half_then_fail)
+    new = GPT(GPTConfig(vocab_size=64, n_positions=8, n_embd=32, n_layer=2, n_head=2))
+    with pytest.raises(OSError, match="No space left"):
+        new.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert len(written) == 1 and list(written.values())[0] > 0  # it failed after writing bytes
+    for n in names:
+        assert (tmp_path / n).read_bytes() == before[n], f"{n} changed by a failed save"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names), "temp files left behind"
+    assert GPT.from_pretrained(tmp_path).config == old.config

@@ -7,11 +7,13 @@ the client (``links.py``), never through Ray. The actor never holds a secret key
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import ray
 
 from cryptogen import secure_plan as sp
+from cryptogen.he.engine import add_exports, exports_of, restore_exports
 from cryptogen.model import GPT
 from cryptogen.mpc.party import Party
 from cryptogen.telemetry import Telemetry
@@ -58,7 +60,13 @@ class WorkerActor:
         self.parties: dict[str, Party] = {}
         self.link_chans: dict[str, list] = {}  # every data link a session opened (online, offline)
         self.tokens: dict[str, dict] = {}
+        self._double: dict[str, int] = {}  # restored sessions: exports since restore count twice (see restore)
         self._lock = threading.Lock()
+        self.incarnation = os.urandom(8).hex()  # new after every restart (the gateway notices a restart by it)
+
+    def identity(self) -> tuple[str, int]:
+        """(incarnation, pid): the pid only for fault-injection tests and the soak script."""
+        return self.incarnation, os.getpid()
 
     def address(self) -> tuple[str, int]:
         return self.advertise, self.links.port
@@ -116,8 +124,12 @@ class WorkerActor:
         if party is None:
             raise SessionError("unknown or closed session")
         before = self.shard.stats.snapshot()
-        with self.telemetry.stage(name):
-            out = getattr(self.shard, name)(party, sid, *args)
+        try:
+            with self.telemetry.stage(name):
+                out = getattr(self.shard, name)(party, sid, *args)
+        except BaseException:
+            self._abort_links(sid)  # the client's half blocked on this worker fails at once
+            raise
         d = self.shard.stats.diff(before)
         self.telemetry.he_ops(_KERNEL[name], ct_pt=d.ct_pt_mul, ct_ct=d.ct_ct_mul, rotations=d.rotations)
         if d.refreshes:
@@ -129,6 +141,34 @@ class WorkerActor:
         self.telemetry.kv_cache(self.index, kv["ciphertexts"], kv["bytes"])
         return self.telemetry.snapshot()
 
+    def checkpoint(self, sid: str, after=None) -> tuple[dict, dict]:
+        """After a completed step: (public facts, the session's encrypted KV cache as bytes). Called
+        with ``num_returns=2`` by the gateway, which owns both objects: they outlive this process, so
+        a restarted worker restores from them (``restore``). Only ciphertexts under the client's key
+        and public counts; they stay inside the server's cluster."""
+        blobs, exports = self.shard.checkpoint(sid)
+        with self._lock:
+            since = self._double.pop(sid, None)
+        if since is not None:  # the lost attempt of the redone step exported no more than the redo
+            add_exports(self.shard.key_id(sid), exports - since)
+            exports += exports - since
+        meta = {"exports": exports, "bytes": sum(len(b) for b in blobs.values()), "caches": len(blobs)}
+        return meta, blobs
+
+    def restore(self, sid: str, meta: dict | None, blobs: dict | None) -> bool:
+        """Put a checkpoint's cache into a (re)opened session (None: the empty cache of a session that
+        failed in its first step). A restarted process lost its count of the key's exports: it
+        resumes from the checkpoint's count, and the exports of the step being redone are counted
+        twice at the next checkpoint (the lost attempt made at most as many)."""
+        self.shard.restore(sid, blobs or {})
+        kid = self.shard.key_id(sid)
+        floor = int(meta["exports"]) if meta else 0
+        if exports_of(kid) < floor or (meta is None and exports_of(kid) == 0):
+            restore_exports(kid, floor)
+            with self._lock:
+                self._double[sid] = floor
+        return True
+
     def reset_cache(self, sid: str, after=None) -> bool:
         self.shard.reset_cache(sid)
         return True
@@ -139,6 +179,7 @@ class WorkerActor:
         with self._lock:
             tokens = self.tokens.pop(sid, {})
             party = self.parties.pop(sid, None)
+            self._double.pop(sid, None)
         self.links.forget(tokens.values())
         if party is not None:
             closer = getattr(party.cr, "close", None)
@@ -146,6 +187,10 @@ class WorkerActor:
                 closer()
         self._abort_links(sid)
         self.shard.close_session(sid)
+
+    def exports(self, key_id: bytes) -> int:
+        """Ciphertexts this process counts as exported under a key (public; for the restart test)."""
+        return exports_of(key_id)
 
     def open_sessions(self) -> int:
         return len(self.shard.sessions)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from cryptogen import secure_plan as sp
-from cryptogen.he.engine import ServerEngine
+from cryptogen.he.engine import ServerEngine, exports_of
 from cryptogen.he.keys import PublicContext
 from cryptogen.he.params import HEConfig
 from cryptogen.he.kvcache import EncryptedKVCache
@@ -103,6 +103,25 @@ class ServerShard:
 
     def close_session(self, sid: str) -> None:
         self.sessions.pop(sid, None)
+
+    # ---- per-step checkpoints (workers/actor.py; the gateway keeps them, RELIABILITY.md) --------
+    def checkpoint(self, sid: str) -> tuple[dict, int]:
+        """The session's encrypted KV cache as bytes per (layer, head), and this key's export count."""
+        session = self._session(sid)
+        blobs = {f"{layer}/{head}": c.to_bytes() for (layer, head), c in session["caches"].items()}
+        return blobs, exports_of(session["engine"].ctx.key_id)
+
+    def key_id(self, sid: str) -> bytes:
+        return self._engine(sid).ctx.key_id
+
+    def restore(self, sid: str, blobs: dict) -> None:
+        """Replace the session's cache by a checkpoint's (each checked against the session's key)."""
+        session = self._session(sid)
+        caches = {}
+        for key, data in blobs.items():
+            layer, head = (int(v) for v in key.split("/"))
+            caches[(layer, head)] = EncryptedKVCache.from_bytes(session["engine"], data)
+        session["caches"] = caches
 
     def reset_cache(self, sid: str) -> None:
         self._session(sid)["caches"].clear()

@@ -58,6 +58,20 @@ def exports_of(key_id: bytes) -> int:
         return _EXPORTS.get(key_id, 0)
 
 
+def restore_exports(key_id: bytes, at_least: int) -> int:
+    """After a worker restart: this process counts the key's exports from at least ``at_least``
+    (a checkpoint's count), so a restart never resets the flooding budget. Returns the count."""
+    with _EXPORTS_LOCK:
+        _EXPORTS[key_id] = max(_EXPORTS.get(key_id, 0), int(at_least))
+        return _EXPORTS[key_id]
+
+
+def add_exports(key_id: bytes, extra: int) -> None:
+    """Count ``extra`` exports made elsewhere (the lost attempt of a step redone after a restart)."""
+    with _EXPORTS_LOCK:
+        _EXPORTS[key_id] = _EXPORTS.get(key_id, 0) + max(0, int(extra))
+
+
 _M32 = np.uint64(0xFFFFFFFF)
 
 

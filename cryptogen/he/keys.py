@@ -12,7 +12,12 @@ Steps:
      it can encrypt (public key), evaluate, and (de)serialize ciphertexts, never decrypt.
      N, t, the coefficient-modulus primes and the security level are read from the loaded SEAL
      context itself (not from the envelope's metadata) and must equal the server's HEConfig
-     (``check_context_params``); sec < 128 (incl. Pyfhel's sec=0 = "no check") is refused.
+     (``check_context_params``); sec < 128 (incl. Pyfhel's sec=0 = "no check") is refused. The
+     metadata is compared as data (never built into an HEConfig), the claimed rotation steps must
+     have Galois keys in the blob, and each key blob is one SEAL object of its stated length.
+  4. Either party: ``ct_from_bytes`` -- a peer's ciphertext must be 2 polynomials, not in NTT form,
+     of degree N at the top level (else SerializationError; SEAL would load some of these and
+     fail later inside an operation with a library error).
 Who learns what: the server learns public keys only. Cost: key generation ~0.1 s plus
 ~2.6 MB per Galois key at n=8192 (uncompressed: this Pyfhel build has no zstd/zlib).
 """
@@ -24,7 +29,7 @@ import numpy as np
 from Pyfhel import Pyfhel, PyCtxt
 
 from . import serialize
-from .errors import ConfigError, SecretKeyError, SerializationError, ShapeError
+from .errors import ConfigError, HEError, SecretKeyError, SerializationError, ShapeError
 from .params import SEAL_MAX_BITS, HEConfig
 
 
@@ -94,7 +99,16 @@ class _HEBase:
         return serialize.pack("ciphertext", self.config.fingerprint, self.key_id, {}, ct.to_bytes("none"))
 
     def ct_from_bytes(self, data: bytes) -> PyCtxt:
+        """A peer's ciphertext: a fresh-form BFV ciphertext of 2 polynomials at the top level, in
+        this key set (SEAL checks the coefficients; the layout is checked here first: SEAL would
+        load an NTT-form or lower-level ciphertext that later fails inside an operation)."""
         _, payload, _, _ = serialize.unpack(data, "ciphertext", self.config.fingerprint, self.key_id)
+        head = serialize.seal_ciphertext_header(payload)
+        if head["ntt"] or head["n"] != self.config.n or head["k"] != len(self.config.qi_sizes) - 1:
+            raise SerializationError("ciphertext: not a BFV ciphertext of these parameters at the top level "
+                                     "(NTT form, degree or prime count differ)")
+        if head["size"] != 2:
+            raise SerializationError(f"ciphertext: {head['size']} polynomials, expected 2")
         try:
             return PyCtxt(pyfhel=self.he, bytestring=payload)
         except Exception as exc:  # SEAL rejects malformed ciphertexts
@@ -125,21 +139,45 @@ class PublicContext(_HEBase):
         the SEAL context itself and must match ``expected`` (the server's own HEConfig)."""
         meta, payload, fp, kid = serialize.unpack(
             data, "public_context", expected.fingerprint if expected else None)
-        try:
-            config = HEConfig.from_dict(meta["config"])
-        except (KeyError, TypeError) as exc:
-            raise SerializationError("public context metadata lacks a valid config") from exc
+        raw = meta.get("config") if isinstance(meta, dict) else None
+        if not isinstance(raw, dict):
+            raise SerializationError("public context metadata lacks a valid config")
+        if expected is not None:  # compared as data: a peer's values never build an HEConfig here
+            want = expected.to_dict()  # e.g. flood_sigma is the server's policy, not the client's
+            diff = [k for k in want if raw.get(k) != want[k] or type(raw.get(k)) is not type(want[k])]
+            extra = len(set(raw) - set(want))
+            if diff or extra:
+                shown = ", ".join(diff + ([f"{extra} unknown fields"] if extra else []))
+                raise SerializationError(f"public context parameters differ from the server's in {shown}")
+            config = expected
+        else:
+            try:
+                config = HEConfig.from_dict(raw)
+            except HEError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any malformed field
+                raise SerializationError("public context metadata lacks a valid config") from exc
         if config.fingerprint != fp:
             raise SerializationError("public context metadata does not match its fingerprint")
-        if expected is not None and config != expected:  # e.g. flood_sigma is the server's policy, not the client's
-            diff = sorted(k for k, v in expected.to_dict().items() if config.to_dict()[k] != v)
-            raise SerializationError(f"public context parameters differ from the server's in {', '.join(diff)}")
-        config = expected or config
-        ctx_b, pk_b, rk_b, gk_b = serialize.split_blobs(payload)
+        steps = meta.get("rotation_steps", [])
+        if (not isinstance(steps, list) or len(steps) > config.row
+                or not all(type(s) is int and abs(s) < config.row for s in steps)):
+            raise SerializationError("public context metadata: rotation_steps must be a list of steps below n/2")
+        blobs = serialize.split_blobs(payload)
+        if len(blobs) != 4:
+            raise SerializationError(f"public context holds {len(blobs)} parts, expected 4 (context, public key, "
+                                     "relinearisation key, Galois keys)")
+        ctx_b, pk_b, rk_b, gk_b = blobs
         if _key_id(pk_b) != kid:
             raise SerializationError("public key does not match the envelope key id")
         actual = serialize.seal_context_params(ctx_b)
         check_context_params(actual, config)  # before SEAL loads anything sized by these parameters
+        serialize.seal_blob(pk_b, "public context: public key")
+        serialize.seal_blob(rk_b, "public context: relinearisation key")
+        present = serialize.seal_galois_elements(gk_b) if gk_b else set()
+        lacking = [s for s in steps if serialize.galois_elt(s, config.n) not in present]
+        if lacking:
+            raise SerializationError(f"public context claims {len(lacking)} rotation steps it has no Galois keys for")
         he = Pyfhel()
         try:
             he.from_bytes_context(ctx_b)
@@ -153,7 +191,7 @@ class PublicContext(_HEBase):
                   int(he.total_coeff_modulus_bit_count))
         if loaded != (actual["sec"], actual["n"], actual["t"], sum(q.bit_length() for q in actual["qi"][:-1])):
             raise SerializationError("public context: the loaded SEAL context disagrees with its parameter block")
-        return cls(config, he, kid, tuple(meta.get("rotation_steps", ())), actual["qi"])
+        return cls(config, he, kid, tuple(steps), actual["qi"])
 
     @classmethod
     def for_encoding(cls, config: HEConfig) -> "PublicContext":

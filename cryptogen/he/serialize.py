@@ -9,7 +9,9 @@ Steps on load: 1. length and magic, 2. checksum (truncation/corruption), 3. kind
 4. parameter fingerprint, 5. key id. Each failure raises its own exception type
 (:mod:`cryptogen.he.errors`); messages carry kinds, lengths and fingerprints only.
 ``seal_context_params`` reads what a Pyfhel/SEAL context blob really holds (security level,
-N, every coefficient-modulus prime, t) so the server checks those, not the envelope's metadata.
+N, every coefficient-modulus prime, t) so the server checks those, not the envelope's metadata;
+``seal_ciphertext_header`` a peer's ciphertext layout (NTT form, polynomials, degree, level) and
+``seal_galois_elements`` which rotations a Galois-key blob really has keys for, before SEAL loads them.
 Who learns what: an envelope reveals its kind, parameters and key id (all public).
 Cost: one sha256 over the bytes.
 """
@@ -102,12 +104,23 @@ _SEAL_MAGIC = 0xA15E
 _SEAL_HEAD = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compression, reserved, size
 
 
-def _seal_object(data: bytes, off: int) -> tuple[int, int]:
+def _seal_object(data: bytes, off: int, what: str = "public context: SEAL parameters") -> tuple[int, int]:
     """Check one SEAL serialization header at ``off``; returns (body offset, end offset)."""
     magic, hsize, _major, _minor, compr, _res, size = _SEAL_HEAD.unpack_from(data, off)
-    if magic != _SEAL_MAGIC or hsize != _SEAL_HEAD.size or compr != 0 or off + size > len(data):
-        raise SerializationError("public context: SEAL parameters unreadable (bad header or compressed)")
+    if (magic != _SEAL_MAGIC or hsize != _SEAL_HEAD.size or compr != 0 or size < _SEAL_HEAD.size
+            or off + size > len(data)):
+        raise SerializationError(f"{what} unreadable (bad header or compressed)")
     return off + hsize, off + size
+
+
+def seal_blob(data: bytes, what: str) -> None:
+    """A peer's SEAL object (key, ciphertext): one uncompressed object, exactly as long as its header says."""
+    try:
+        _body, end = _seal_object(data, 0, what)
+    except struct.error as exc:
+        raise SerializationError(f"{what} truncated") from exc
+    if end != len(data):
+        raise SerializationError(f"{what} has trailing bytes")
 
 
 def seal_context_params(ctx_bytes: bytes) -> dict:
@@ -134,3 +147,61 @@ def seal_context_params(ctx_bytes: bytes) -> dict:
     if off != end or end != len(ctx_bytes):
         raise SerializationError("public context: SEAL parameters have trailing bytes")
     return {"sec": int(sec), "scheme": int(scheme), "n": int(n), "qi": tuple(qi[:-1]), "t": qi[-1]}
+
+
+# ---- SEAL ciphertext and Galois-key bytes ----------------------------------------------------
+# A SEAL ciphertext blob: SEAL header (16) | parms_id (32) | is_ntt_form u8 | size u64 | degree u64
+# | coeff_modulus_size u64 | scale f64 | correction factor u64 | data: SEAL header (16) | count u64 | words
+_CT_FIELDS = struct.Struct("<32sBQQQ")
+
+
+def seal_ciphertext_header(payload: bytes) -> dict:
+    """The layout fields of a SEAL ciphertext blob, read before SEAL sees it (a peer's bytes):
+    ``ntt`` (form flag), ``size`` (polynomials), ``n`` (degree), ``k`` (primes, i.e. its level)."""
+    seal_blob(payload, "ciphertext: SEAL object")
+    try:
+        _parms, ntt, size, n, k = _CT_FIELDS.unpack_from(payload, _SEAL_HEAD.size)
+    except struct.error as exc:
+        raise SerializationError("ciphertext: SEAL header truncated") from exc
+    return {"ntt": int(ntt), "size": int(size), "n": int(n), "k": int(k)}
+
+
+def galois_elt(step: int, n: int) -> int:
+    """SEAL's Galois element of a BFV row rotation by ``step`` (0: the row swap), ring degree ``n``."""
+    m = 2 * n
+    if step == 0:
+        return m - 1
+    pos = abs(int(step))
+    if pos >= n // 2:
+        raise SerializationError(f"rotation step {step} is not below n/2")
+    if step < 0:
+        pos = n // 2 - pos
+    return pow(3, pos, m)
+
+
+def seal_galois_elements(gk_bytes: bytes) -> set[int]:
+    """The Galois elements a SEAL ``GaloisKeys`` blob really holds keys for (SEAL keeps one slot per
+    odd element 2i+1; an empty slot holds no key), so a context cannot claim rotations it lacks."""
+    seal_blob(gk_bytes, "public context: Galois keys")
+    end = len(gk_bytes)
+    try:
+        off = _SEAL_HEAD.size + 32  # parms_id
+        (slots,) = struct.unpack_from("<Q", gk_bytes, off)
+        off += 8
+        if slots > 1 << 16:
+            raise SerializationError("public context: Galois keys unreadable (slot count)")
+        present = set()
+        for i in range(slots):
+            (count,) = struct.unpack_from("<Q", gk_bytes, off)
+            off += 8
+            if count > 64:
+                raise SerializationError("public context: Galois keys unreadable (key size)")
+            if count:
+                present.add(2 * i + 1)
+            for _ in range(count):
+                _b, off = _seal_object(gk_bytes, off, "public context: Galois keys")
+    except struct.error as exc:
+        raise SerializationError("public context: Galois keys truncated") from exc
+    if off != end:
+        raise SerializationError("public context: Galois keys have trailing bytes")
+    return present

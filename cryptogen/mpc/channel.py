@@ -6,9 +6,14 @@ randomness generation). One *round* is one flight of messages: a party's send af
 it has received (or its very first send) starts a new round, so a simultaneous
 exchange (both send, then both receive) costs one round for each party.
 
-Implementations only provide ``_send_raw`` / ``_recv_raw`` / ``close``. The in-memory
+Implementations only provide ``_send_raw`` / ``_recv_raw`` / ``close`` / ``abort``. The in-memory
 pair below connects two threads of one process; the TLS link between the user's client and a
 server worker (``cryptogen.net.channel.TLSChannel``) implements the same methods.
+
+A failure on either side of a link aborts the peer at once: whoever runs a party's code wraps it
+in :func:`abort_on_error` (``simulate`` does), so when that code raises, its links are aborted
+and the peer's blocked (or next) ``recv`` raises ``ChannelError`` ("the peer failed") right away
+instead of waiting out the channel's timeout.
 """
 from __future__ import annotations
 
@@ -22,6 +27,13 @@ import numpy as np
 from .errors import ChannelError, ShapeError
 
 _CLOSED = object()
+
+
+class _Aborted:
+    """Queue marker: the link was aborted (by the peer, or by this end)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
 
 
 @dataclass
@@ -68,6 +80,11 @@ class Channel:
     def close(self) -> None:
         """Tell the peer no more messages will come (its recv raises ChannelError)."""
 
+    def abort(self) -> None:
+        """This side failed: drop the link now (from any thread); the peer's receive fails at once.
+        Implementations also fail a receive blocked on this end; the default only closes."""
+        self.close()
+
     # --- public API -------------------------------------------------------------
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -110,20 +127,53 @@ class InMemoryChannel(Channel):
         super().__init__(record=record)
         self._inbox, self._outbox, self.timeout = inbox, outbox, timeout
 
+        self._aborted: _Aborted | None = None
+
     def _send_raw(self, arr):
+        if self._aborted is not None:
+            raise ChannelError(self._aborted.reason)
         self._outbox.put(arr.copy())
 
     def _recv_raw(self):
+        if self._aborted is not None:
+            raise ChannelError(self._aborted.reason)
         try:
             msg = self._inbox.get(timeout=self.timeout)
         except queue.Empty:
             raise ChannelError(f"no message from the peer within {self.timeout:.0f} s") from None
         if msg is _CLOSED:
             raise ChannelError("the peer closed the channel (it failed or finished early)")
+        if isinstance(msg, _Aborted):
+            self._aborted = msg  # every later send/recv on this end fails the same way
+            raise ChannelError(msg.reason)
         return msg
 
     def close(self):
         self._outbox.put(_CLOSED)
+
+    def abort(self):
+        """The peer's receive fails at once ("the peer failed"), and so does one blocked on this end."""
+        if self._aborted is not None:
+            return
+        self._aborted = _Aborted("the link was aborted by this party (it failed)")
+        self._outbox.put(_Aborted("the peer failed: it aborted the link"))
+        self._inbox.put(self._aborted)  # wakes a receive blocked on this end in another thread
+
+
+@contextlib.contextmanager
+def abort_on_error(*channels: Channel):
+    """Run one party's part of a protocol: if it raises, abort ``channels`` (its links) so that every
+    peer blocked on them fails at once with ChannelError instead of waiting out its timeout. Use it
+    in every thread or process that runs a party: ``with abort_on_error(party.chan): fn(party)``."""
+    try:
+        yield
+    except BaseException:
+        for ch in channels:
+            try:
+                ch.abort()
+            except Exception:  # noqa: BLE001 - aborting a broken link is best effort
+                pass
+        raise
 
 
 def channel_pair(timeout: float = 120.0, record: bool = False):

@@ -9,8 +9,9 @@ Running a role outside this process (e.g. the user's client and a server worker,
 
     chan = MyRayChannel(...)                       # implements Channel._send_raw/_recv_raw
     me = Party("server", chan, provider)           # provider.source("server", ...) inside
-    me.handshake()                                 # checks roles and provider agree
-    y_share = softmax(me, x_share, causal=True)
+    with abort_on_error(chan):                     # if this side raises, the peer fails at once
+        me.handshake()                             # checks roles and provider agree
+        y_share = softmax(me, x_share, causal=True)
 
 ``simulate`` does exactly this for both roles in two threads of one process.
 """
@@ -22,7 +23,7 @@ import zlib
 import numpy as np
 
 from ..field import DEFAULT_FRAC_BITS, DEFAULT_T, FixedPoint, random_elements
-from .channel import Channel, channel_pair
+from .channel import Channel, abort_on_error, channel_pair
 from .errors import ChannelError, FieldValueError, ProviderError, RangeError, RoleError
 
 ROLES = ("client", "server")
@@ -85,12 +86,12 @@ def reconstruct(c: np.ndarray, s: np.ndarray, t: int = DEFAULT_T) -> np.ndarray:
 
 def _run(role, chan, provider, fp, fn, inputs, out, errs):
     try:
-        p = Party(role, chan, provider, fp)
-        p.handshake()
-        out[role] = (fn(p, *inputs), p)
+        with abort_on_error(chan):  # a failure here makes the peer's receive fail at once
+            p = Party(role, chan, provider, fp)
+            p.handshake()
+            out[role] = (fn(p, *inputs), p)
     except BaseException as e:  # noqa: BLE001 - re-raised by simulate
         errs[role] = e
-        chan.close()
 
 
 def simulate(fn, client_inputs=(), server_inputs=(), provider=None, fp=None, stats=None,

@@ -8,14 +8,20 @@ Flow (client -> server / server -> client):
   1. ``hello`` {api_key, version}             -> ``welcome`` {model, he, workers, layer_groups, tokenizer,
                                                   name, dealer, logits (False: ``serve --token-only``)}
                                                   or ``error`` {code: "auth"} (no work is started)
-  2. ``open`` {mode, provider} + public ctx   -> ``session`` {sid, links: [{worker, host, port, tokens}]}
+  2. ``open`` {mode, provider} + public ctx   -> ``session`` {sid, resume, links: [{worker, host, port, tokens}]}
                                                   or ``error`` {code: "busy", retry_after}
-     the client then dials every worker link (TLS, pinned certificate) and sends its link token first
-  3. ``forward`` {start, T, logits, reset}    -> ``done`` {seconds, cached}   (per prefill / decode step)
+     the client then dials every worker link (TLS, pinned certificate) and sends its link token first;
+     ``resume`` is the session's 256-bit resume secret (step 6)
+  3. ``forward`` {start, T, logits, reset}    -> ``done`` {seconds, cached, kv_bytes}   (per prefill / decode step)
      ``logits``: null (no LM head), "last" / "all" (logit shares opened to the client), "token"
      (a 2PC argmax opens only the next token to the client, mpc/argmax.py)
-  4. ``end`` {}                               -> the server frees the session (also on disconnect)
+                                              or ``retry`` {cached, links, reason}: a server worker was
+     restarted; the client rolls back to ``cached``, dials the new links and sends the same step again
+  4. ``end`` {}                               -> the server frees the session (also on disconnect, after
+                                                  the resume grace period)
   5. ``close`` {}                             -> the connection ends
+  6. after ``hello``, on a new connection: ``resume`` {sid, secret, cached} -> ``retry`` {cached, links, reason}:
+     a client whose connection dropped continues its session from the position it last saw confirmed
 Who learns what: the server learns the public counts (prompt length, steps, positions) and the
 public context; the client learns the model's public shape and the public timings.
 """
@@ -28,7 +34,7 @@ import numpy as np
 
 from cryptogen.mpc.errors import ChannelError
 
-VERSION = 2  # 2: token-only output ("token" steps, the welcome's "logits")
+VERSION = 3  # 2: token-only output ("token" steps, the welcome's "logits"); 3: retry / resume
 MAX_CONTROL = 16 << 20  # JSON messages (the welcome carries the tokenizer)
 MODES = ("kv-reuse", "recompute")
 PROVIDERS = ("he", "dealer")
@@ -45,6 +51,12 @@ class RemoteError(RuntimeError):
     def __init__(self, code: str, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.code, self.retry_after = code, retry_after
+
+
+def one_line(value, default: str) -> str:
+    """A peer's text as one printable line (control characters and newlines become spaces)."""
+    text = "".join(ch if ch.isprintable() else " " for ch in str(value)) if isinstance(value, str) else ""
+    return " ".join(text.split()) or default
 
 
 def send(chan, kind: str, **fields) -> None:
@@ -67,13 +79,16 @@ def recv(chan, *expected: str) -> dict:
         raise ProtocolError("expected a control message (a JSON object)")
     try:
         msg = json.loads(arr.tobytes())
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nesting thousands deep
         raise ProtocolError("a control message is not valid JSON") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError("a control message has no type")
     if msg["type"] == "error":
-        raise RemoteError(str(msg.get("code", "internal")), str(msg.get("message", "unknown error"))[:500],
-                          msg.get("retry_after"))
+        retry = msg.get("retry_after")
+        retry = float(retry) if isinstance(retry, (int, float)) and not isinstance(retry, bool) \
+            and 0 <= retry <= 86400 else None
+        raise RemoteError(one_line(msg.get("code"), "internal")[:40], one_line(msg.get("message"), "unknown error")[:500],
+                          retry)
     if expected and msg["type"] not in expected:
         raise ProtocolError(f"unexpected control message {msg['type'][:40]!r} (expected {' or '.join(expected)})")
     return msg

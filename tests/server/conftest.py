@@ -92,3 +92,51 @@ def run_client(code: str, timeout: float = 600, env=None) -> subprocess.Complete
     prelude = "import sys\nsys.modules['ray'] = None\n"
     return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env=env)
+
+
+# ---- process trees of a server (load, soak and restart tests): /proc only, no psutil ----------
+def process_tree(root: int) -> dict:
+    """{pid: command line} of ``root``'s live descendants (its Ray processes and worker actors)."""
+    procs = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+                cmd = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            procs[int(entry.name)] = (int(stat[stat.rindex(")") + 2:].split()[1]), cmd)
+    out, todo = {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, cmd) in procs.items():
+            if ppid == parent and pid not in out:
+                out[pid] = cmd
+                todo.append(pid)
+    return out
+
+
+def alive(pids) -> list[int]:
+    """Those of ``pids`` still running (zombies count as gone)."""
+    out = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.append(pid)
+    return out
+
+
+def cpu_seconds(pids) -> dict:
+    """{pid: user+system CPU seconds so far} of live ``pids`` (0: this process)."""
+    out = {}
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid or os.getpid()}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out

@@ -13,6 +13,7 @@ from cryptogen.net.channel import dial
 from cryptogen.net.tls import ensure_certificate, fingerprint
 from cryptogen.plan import make_plan
 from cryptogen.server.gateway import Gateway, GatewayConfig
+from cryptogen.server.session import ServerSession
 
 CFG = GPTConfig(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=2)
 KEY = "ab" * 32
@@ -118,6 +119,52 @@ def test_token_only_server_says_so_and_refuses_logit_steps(tmp_path):
             client, server = channel_pair()
             control.send(client, "forward", **control.Forward(0, 3, logits).to_msg())
             with pytest.raises(control.ProtocolError, match="--token-only"):
-                gw._steps(server, "s", "kv-reuse")
+                gw._steps(server, ServerSession.new(b"", "kv-reuse", "he"))
     finally:
         gw.close()
+
+
+def test_resume_needs_the_sessions_secret(gateway):
+    """A parked session (its client dropped) resumes only with its id AND its 256-bit resume secret;
+    a wrong secret or an unknown id gets a one-line bad_request, and the parked session stays
+    resumable. Catches: the secret not compared, a failed attempt discarding the session."""
+    sess = ServerSession.new(b"", "kv-reuse", "he")
+    gateway._parked[sess.sid] = sess
+    for sid, secret in ((sess.sid, "00" * 32), ("f" * 32, sess.secret), (sess.sid, "")):
+        chan = _hello(gateway)
+        control.recv(chan, "welcome")
+        control.send(chan, "resume", sid=sid, secret=secret, cached=0)
+        with pytest.raises(control.RemoteError) as err:
+            control.recv(chan, "retry")
+        assert err.value.code == "bad_request" and "no such session" in str(err.value)
+        assert "\n" not in str(err.value)
+    assert gateway._parked.get(sess.sid) is sess
+
+
+def test_a_parked_session_expires_after_the_grace_period(tmp_path):
+    """Nothing lingers: a dropped client's session is freed once ``resume_grace`` has passed."""
+    tls = ensure_certificate(tmp_path)
+    plan = make_plan(CFG.n_layer, CFG.n_head, CFG.d_ff, 1)
+    gw = Gateway(None, CFG, plan, 1, HEConfig(), None, KEY, tls, GatewayConfig(resume_grace=0.2))
+    assert gw.stats.opening(4)
+    sess = ServerSession.new(b"", "kv-reuse", "he")
+    gw._park(sess)
+    assert gw.stats.as_dict()["open"] == 1
+    time.sleep(0.6)
+    assert sess.sid not in gw._parked and gw.stats.as_dict()["open"] == 0 and sess.checkpoints == []
+
+
+def test_kv_cache_budget_refuses_the_step_before_any_work():
+    """A step whose encrypted KV cache would pass ``kv_budget`` ends the session with a one-line
+    error naming the budget, before any worker is called (the pool here has none)."""
+    from cryptogen import secure_plan as sp
+
+    tpc = sp.kv_layout(CFG, HEConfig().n).tpc  # tokens per cache ciphertext: the cache grows in steps
+    gw = Gateway.__new__(Gateway)
+    gw.cfg, gw.he_config = CFG, HEConfig()
+    gw.options = GatewayConfig(kv_budget=sp.kv_cache_bytes(CFG, HEConfig(), tpc))
+    sess = ServerSession.new(b"", "kv-reuse", "he")
+    gw._check_step(sess, control.Forward(0, tpc, "token"))  # within the budget
+    with pytest.raises(control.ProtocolError, match="budget of .* MiB per session"):
+        gw._check_step(sess, control.Forward(0, tpc + 1, "token"))
+    assert sp.kv_cache_bytes(CFG, HEConfig(), tpc + 1) == 2 * sp.kv_cache_bytes(CFG, HEConfig(), tpc)

@@ -278,14 +278,32 @@ class _Session:
                 raise control.ProtocolError("the server sent a malformed session; check that the server and this "
                                             "client are the same version")
             self._open_links(msg.get("links"))
+            self.runner = ClientRunner(self.session, self.parties, c.telemetry)
+            self.driver = Driver(self.runner, c.cfg, c.plan, self.mode)
+            c.telemetry.sessions(1)
+            self._offline()
+        except ChannelError as e:  # a link closed while opening: the server says why (one line)
+            self.__exit__(None, None, None)
+            raise self._reason(e) from None
         except BaseException:
             self.__exit__(None, None, None)
             raise
-        self.runner = ClientRunner(self.session, self.parties, c.telemetry)
-        self.driver = Driver(self.runner, c.cfg, c.plan, self.mode)
-        c.telemetry.sessions(1)
-        self._offline()
         return self
+
+    def _reason(self, err: Exception) -> RemoteError:
+        """After a link failed outside a step: the server's own error if it sent one, else ours."""
+        self.conn.broken = str(err)[:200]
+        chan = self.conn.chan
+        old, chan.timeout = chan.timeout, 5.0
+        try:
+            control.recv(chan, "done")
+        except RemoteError as e:
+            return e
+        except Exception:  # noqa: BLE001 - no reason from the server: report the local one
+            pass
+        finally:
+            chan.timeout = old
+        return RemoteError("session", f"the secure session failed: {err}")
 
     def _offline(self) -> None:
         """Fill every link's pools with the forecast demand of the whole request (offline phase)."""
@@ -360,7 +378,10 @@ class _Session:
                 break
             r0 = time.perf_counter()
             self._rollback(mark)
-            self._relink(msg)
+            try:
+                self._relink(msg)
+            except ChannelError as e:
+                raise self._reason(e) from None
             c.recoveries.append(Recovery(str(msg.get("reason", ""))[:200], fwd.start + fwd.T - 1,
                                          time.perf_counter() - r0))
         else:
@@ -399,9 +420,7 @@ class _Session:
 
     def _verdict(self, err: Exception) -> dict:
         """After a failed step: the server's ``retry`` (a worker was restarted), or its error."""
-        chan = self.conn.chan
-        if chan.peer_gone:
-            return self._resume(err)
+        chan = self.conn.chan  # a message the server sent before it went (shutdown, retry) is read first
         old, chan.timeout = chan.timeout, RECOVERY_WAIT
         try:
             return control.recv(chan, "retry")

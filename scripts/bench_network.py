@@ -162,7 +162,8 @@ def run_session(conn_file: str, dealer_file, ids, provider: str, key: str, plan,
     def snap() -> dict:
         s = {k: _chan_totals(v) for k, v in links.items()}
         st = relays.stats()
-        s["wire"] = sum(b["up"] + b["down"] for b in st["bytes"])  # every relay (idle ones add nothing)
+        s["wire_up"] = sum(b["up"] for b in st["bytes"])  # every relay (idle ones add nothing)
+        s["wire"] = s["wire_up"] + sum(b["down"] for b in st["bytes"])
         s["relay_cpu"] = st["cpu"]
         return s
     profile_of, shape_of = [p for p, _ in plan], [sh for _, sh in plan]
@@ -172,6 +173,10 @@ def run_session(conn_file: str, dealer_file, ids, provider: str, key: str, plan,
     def offline(session):  # the offline phase (he: the request's randomness), then a snapshot
         orig_offline(session)
         after_offline.append(snap())
+        # the offline links' own counters, as the provider reports them (cryptogen/mpc/pool.py)
+        cr = [p.cr.counters().get("offline", {}) for p in session.parties.values()]
+        after_offline[-1]["provider"] = {k: sum(c.get(k, 0) for c in cr) for k in ("bytes_sent", "bytes_recv",
+                                                                                   "rounds", "wall_s", "cpu_s")}
 
     def on_step(t):
         marks.append(snap())
@@ -193,7 +198,7 @@ def run_session(conn_file: str, dealer_file, ids, provider: str, key: str, plan,
             demand = {k: v for k, v in c.demand["token"].obs.items() if k.startswith("0/")}  # worker 0's
     finally:
         remote.dial, remote._Session._offline, ClientRunner.stage = orig, orig_offline, orig_stage
-    off = _delta(start["offline"], after_offline[0]["offline"])  # the offline phase (before the first step)
+    pre = _delta(start["offline"], after_offline[0]["offline"])  # the offline phase (before the first step)
     setup = {k: _delta(start[k], after_offline[0][k]) for k in ("control", "online")}  # keys, handshakes
     prev = after_offline[0]
     for st, s in zip(steps, marks):
@@ -207,9 +212,12 @@ def run_session(conn_file: str, dealer_file, ids, provider: str, key: str, plan,
     used = {k: [r for r in rows if (r[1], r[2]) in {(st["T"], st["T"] * (st["position"] + 1)) for st in steps}]
             for k, rows in demand.items()}
     return dict(provider=provider, tokens=out, forecast_known=forecast, offline_s=round(offline_s, 3),
-                offline_rounds=off["rounds"], offline_bytes=off["sent"] + off["recv"],
-                offline_bytes_to_server=off["sent"], offline_bytes_to_client=off["recv"],
+                offline_rounds=pre["rounds"], offline_bytes=pre["sent"] + pre["recv"],
+                offline_bytes_to_server=pre["sent"], offline_bytes_to_client=pre["recv"],
                 offline_wire_bytes=after_offline[0]["wire"] - start["wire"],
+                offline_wire_up=after_offline[0]["wire_up"] - start["wire_up"],
+                offline_provider_counters=after_offline[0]["provider"],
+                link_totals={k: dict(_chan_totals(v), links=len(v)) for k, v in links.items()},
                 setup_bytes_to_server=sum(v["sent"] for v in setup.values()),
                 setup_bytes_to_client=sum(v["recv"] for v in setup.values()), steps=steps, consumed=used)
 
@@ -290,7 +298,7 @@ def main() -> None:
                     help="raise the data links' frame cap (control.link_cap, both sides: computed in this process) "
                          "to at least this; at 128 prompt tokens the prefill's GELU opening of this model is 24.8 MB, "
                          "over the shipped 16 MiB cap")
-    ap.add_argument("--out", default=None, help="JSON file; this mode's entry is replaced, the other's kept")
+    ap.add_argument("--out", default=None, help="JSON file; the entry of this mode and context (\"session-128\") is replaced, others kept")
     a = ap.parse_args()
     providers, profiles = a.providers.split(","), a.profiles.split(",")
     if not set(providers) <= {"he", "dealer"} or not set(profiles) <= {"loopback", *PROFILES} \
@@ -312,7 +320,8 @@ def main() -> None:
     if "dealer" in providers:
         from cryptogen.dealer.service import DealerServer
         dealer = DealerServer(listen="127.0.0.1:0", state_dir=str(tmp / "dealer"), out_dir=str(tmp / "dealer")).start()
-    opts = ServeOptions(model=a.model, workers=a.workers, listen="127.0.0.1:0", connection_file=str(tmp / "server.json"),
+    opts = ServeOptions(model=a.model, workers=a.workers, listen="127.0.0.1:0",
+                        connection_file=str(tmp / "server.json"),
                         state_dir=str(tmp / "state"), num_cpus=a.workers + 2,
                         dealer=str(dealer.server_file) if dealer else None)
     t_start = time.perf_counter()
@@ -363,14 +372,15 @@ def main() -> None:
                              f"{os.getloadavg()[0]:.1f} at the end",
                      model=dict(name=Path(a.model).name, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
                                 vocab=cfg.vocab_size),
-                     workers=a.workers, context=a.context, frame_cap_mib=a.frame_cap_mib, decode_tokens_per_profile=a.tokens,
+                     workers=a.workers, context=a.context, frame_cap_mib=a.frame_cap_mib,
+                     decode_tokens_per_profile=a.tokens,
                      profiles={p: dict(rtt_s=shapes[p][0], rate_bps=shapes[p][1]) for p in profiles if p in PROFILES},
                      same_tokens=same, summary=summary, runs=runs)
         print(json.dumps(entry, indent=1))
         if a.out:
             path = Path(a.out)
             doc = json.loads(path.read_text()) if path.is_file() else {}
-            doc[a.mode] = entry
+            doc[f"{a.mode}-{a.context}"] = entry
             path.write_text(json.dumps(doc, indent=1) + "\n")
     finally:
         relays.close()

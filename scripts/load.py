@@ -267,7 +267,9 @@ def main(argv=None) -> int:
 
     from cryptogen.bench import git_commit, machine
     max_sessions = args.max_sessions or args.sessions
-    check_busy = args.check_busy if args.check_busy is not None else (not args.connect and max_sessions == args.sessions)
+    check_busy = args.check_busy
+    if check_busy is None:
+        check_busy = not args.connect and max_sessions == args.sessions
     load0 = load_average()
     emb = None
     try:
@@ -341,9 +343,10 @@ def main(argv=None) -> int:
         "cpu_seconds": cpu, "sessions": [_round(row) for row in r["rows"]],
         "notes": ["latency_s: connect to the last token; first_token_s includes the client's keys, its public "
                   "context upload (~80 MB at n=16384) and the links; throughput = all tokens / wall time of the "
-                  "concurrent run; with the busy check every session waits at its first token until all are open (and the "
-                  "extra client was refused), so latencies include that wait", "cpu_seconds (embedded): client_and_dealer = this process; gateway = the serve "
-                  "process; workers = its WorkerActor processes; ray = its other Ray processes"],
+                  "concurrent run; with the busy check every session waits at its first token until all are open "
+                  "(and the extra client was refused), so latencies include that wait",
+                  "cpu_seconds (embedded): client_and_dealer = this process; gateway = the serve process; "
+                  "workers = its WorkerActor processes; ray = its other Ray processes"],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -360,9 +363,11 @@ def main(argv=None) -> int:
               f"{dec:>17.2f} {row['latency_s']:>9.2f}  {row['tokens']}"
               + ("" if row.get("greedy_match", True) else "  != greedy"))
     s = summary
+    median = s["latency_s"]["median"] if s["latency_s"] else "-"
+    alone = baseline["latency_s"]["median"] if baseline and baseline["latency_s"] else None
     print(f"total: {s['sessions_ok']}/{args.sessions} sessions, {s['tokens']} tokens in {s['wall_s']:.1f} s = "
-          f"{s['throughput_tokens_per_s']:.3f} tokens/s; latency median {s['latency_s']['median'] if s['latency_s'] else '-'} s"
-          + (f"; one session alone {baseline['latency_s']['median']} s" if baseline and baseline['latency_s'] else "")
+          f"{s['throughput_tokens_per_s']:.3f} tokens/s; latency median {median} s"
+          + (f"; one session alone {alone} s" if alone is not None else "")
           + (f"; greedy {'OK' if s.get('all_equal_to_plaintext_greedy') else 'MISMATCH'}" if expected else ""))
     if r["busy"] is not None:
         print(f"extra session while {args.sessions} open: {r['busy']}")

@@ -255,7 +255,8 @@ def main(argv=None) -> int:
                 w = "; ".join(f"worker {pid}: {u['rss_mb']:.0f} MB {u['threads']} thr {u['fds']} fds"
                               for pid, u in s["workers"].items())
                 log(f"session {i}/{args.sessions} {latencies[-1]:.1f} s | serve {s['serve']['rss_mb']:.0f} MB "
-                    f"{s['serve']['threads']} thr {s['serve']['fds']} fds | {w} | client {s['client']['rss_mb']:.0f} MB "
+                    f"{s['serve']['threads']} thr {s['serve']['fds']} fds | {w} | "
+                    f"client {s['client']['rss_mb']:.0f} MB "
                     f"{s['client']['threads']} thr {s['client']['fds']} fds")
         if conn is not None:
             conn.close()

@@ -1,11 +1,11 @@
 """Server restart (issue #13): the ``cryptogen serve`` process dies while a client is mid-generation
-(SIGTERM: the graceful stop; SIGKILL of its whole process group: a crash). The client must end
-with a clear one-line error within a bounded time (nothing hangs), no server process may be left
-behind, and a server started again (same state folder: same certificate and API key, same address)
-serves a new client correctly, with the connection file from before the restart.
+(SIGKILL of its whole process group: a crash; SIGTERM: the graceful stop). The client must end with
+a clear one-line error within a bounded time (nothing hangs), no server process may be left behind,
+and a server started again after the crash (same state folder: same certificate and API key, same
+address) serves a client correctly, with the connection file from before the restart.
 
-Cost: three server start-ups (the SIGTERM'd one, a restarted one that is then SIGKILL'd, and a last
-one), two clients killed after their first token and one 1-token session (dealer provider).
+Cost (two server start-ups, two sessions killed after their first token, dealer provider): ~60 s on an
+idle 2-core machine, 2-3x that when the machine is shared with other jobs.
 """
 import os
 import re
@@ -45,7 +45,6 @@ class Restarts:
         self.folder, self.tmp, self.dealer = folder, tmp, dealer
         self.listen = f"127.0.0.1:{_free_port()}"
         self.servers: list[ServerProcess] = []
-        self.current: ServerProcess | None = None
         self.first_conn_file = tmp / "server-first.json"  # what a client kept from before the restarts
 
     def start(self) -> ServerProcess:
@@ -54,7 +53,6 @@ class Restarts:
         if not self.first_conn_file.exists():
             shutil.copy(s.conn_file, self.first_conn_file)
         self.servers.append(s)
-        self.current = s
         return s
 
     def stop_all(self) -> None:
@@ -90,9 +88,10 @@ def _client_mid_generation(conn_file, dealer, prompt) -> tuple[threading.Thread,
     return th, res, first
 
 
-def _kill_mid_generation(server: ServerProcess, dealer, greedy, prompt, kill) -> tuple[BaseException, float]:
+def _kill_mid_generation(server: ServerProcess, dealer, greedy, prompt, kill,
+                         conn_file=None) -> tuple[BaseException, float]:
     t0 = time.monotonic()
-    th, res, first = _client_mid_generation(server.conn_file, dealer, prompt)
+    th, res, first = _client_mid_generation(conn_file or server.conn_file, dealer, prompt)
     assert first.wait(180), "the client got no first token"
     t_first = time.monotonic() - t0
     assert res["tokens"] == greedy(prompt, 1), res  # the server served this client correctly until now
@@ -122,38 +121,34 @@ def _tree_gone(pids, within: float) -> list[int]:
     return alive(pids)
 
 
-def test_sigterm_mid_generation_ends_the_client_with_one_line_and_the_server_restarts(restarts, dealer, greedy):
+def test_sigkill_of_the_process_group_mid_generation_ends_the_client_with_one_line(restarts, dealer, greedy):
     s = restarts.start()
     tree = process_tree(s.proc.pid)
     assert any(cmd.startswith("ray::WorkerActor") for cmd in tree.values()), tree
-    err, took = _kill_mid_generation(s, dealer, greedy, PROMPTS[0], lambda: s.proc.send_signal(signal.SIGTERM))
-    # KNOWN GAP (client/remote.py, not this file's): on SIGTERM the gateway sends the client an error
-    # {code: "shutdown"} and it arrives (queued in the control channel's inbox before the EOF), but
-    # ``_Session._verdict`` sees ``chan.peer_gone`` and calls ``_resume`` at once, which aborts the channel
-    # (dropping the queued message) and redials the dead address for RESUME_WAIT (10 s): the user gets
-    # "the connection to the server was lost ..." after ~10 s instead of "the server is shutting down ..."
-    # at once. Once fixed, tighten to:
-    #     assert isinstance(err, RemoteError) and err.code == "shutdown" and took < 5
-    assert isinstance(err, (RemoteError, ConnectError))
-    t0 = time.monotonic()
-    assert s.proc.wait(60) == 0  # the graceful stop: exit status 0
-    assert not _tree_gone([s.proc.pid, *tree], 30), "Ray/worker processes outlived the stopped server"
-    print(f"the server and its {len(tree)} Ray processes were gone {time.monotonic() - t0:.1f} s after the error")
-    assert "stopping" in s.log.read_text(errors="replace")
-    restarts.start()  # the next test's server: it serves a client correctly before it is killed in turn
-
-
-def test_sigkill_of_the_process_group_mid_generation_then_a_new_server_serves(restarts, dealer, greedy):
-    s = restarts.current if restarts.current is not None and restarts.current.proc.poll() is None \
-        else restarts.start()
-    tree = process_tree(s.proc.pid)
-    _kill_mid_generation(s, dealer, greedy, PROMPTS[1], lambda: os.killpg(s.proc.pid, signal.SIGKILL))
+    _kill_mid_generation(s, dealer, greedy, PROMPTS[0], lambda: os.killpg(s.proc.pid, signal.SIGKILL))
     s.proc.wait(10)
     t0 = time.monotonic()
     # the worker actors run in process groups of their own; they must still die with their raylet
     assert not _tree_gone(tree, 30), {p: tree[p] for p in alive(tree)}
     print(f"its {len(tree)} Ray processes were gone {time.monotonic() - t0:.1f} s after the error")
 
-    restarts.start()  # same address, certificate and API key: the client's old connection file works
-    with connect(restarts.first_conn_file, dealer=dealer.client_file) as c:
-        assert list(c.generate(PROMPTS[2], 1, provider="dealer")) == greedy(PROMPTS[2], 1)
+
+def test_a_restarted_server_serves_then_sigterm_mid_generation_ends_the_client_with_one_line(restarts, dealer, greedy):
+    # after the crash above: a new server on the same address and state folder; the client uses the
+    # connection file from before the restart, and its first token (== plaintext greedy) shows that
+    # the restarted server serves correctly
+    s = restarts.start()
+    tree = process_tree(s.proc.pid)
+    err, took = _kill_mid_generation(s, dealer, greedy, PROMPTS[1], lambda: s.proc.send_signal(signal.SIGTERM),
+                                     conn_file=restarts.first_conn_file)
+    # the gateway says it is shutting down before it goes: the client reports that at once, no resume attempt
+    assert isinstance(err, RemoteError) and err.code == "shutdown" and took < 5, (type(err), err, took)
+    t0 = time.monotonic()
+    assert s.proc.wait(60) == 0  # the graceful stop: exit status 0
+    assert not _tree_gone([s.proc.pid, *tree], 30), "Ray/worker processes outlived the stopped server"
+    assert "stopping" in s.log.read_text(errors="replace")
+    print(f"the server and its {len(tree)} Ray processes were gone {time.monotonic() - t0:.1f} s after the error")
+    host, port = restarts.listen.rsplit(":", 1)
+    with socket.socket() as sock:  # its address is free for the next start
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))

@@ -72,7 +72,7 @@ class ClientSession:
         (p,) = parties.values()
         self._residual()
         x = self.x_c[-1:] if rows == "last" else self.x_c
-        self.h_c = layernorm(p, x, eps=self.cfg.layer_norm_epsilon)
+        self.h_c = layernorm(p, x, eps=self.cfg.layer_norm_epsilon, x_range=self.cfg.ln_range)
 
     def attention(self, parties: dict, layer: int, start: int) -> None:
         self.partials = self._fan_out(parties, layer, lambda p, s: self._attention_one(p, s, start))

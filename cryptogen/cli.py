@@ -1,4 +1,4 @@
-"""The ``cryptogen`` command line: train, eval, generate, serve, proxy, dealer, bench.
+"""The ``cryptogen`` command line: train, eval, generate, serve, proxy, dealer, bench, init.
 
 Errors the user can fix print one line (``error: <what was wrong>; <what to do>``) on stderr and
 exit with code 2; ``--debug`` shows the traceback instead. Every flag is checked right after
@@ -80,10 +80,11 @@ def _user_errors() -> tuple:
     from .client.local_server import LocalServerError
     from .client.remote import ConnectError
     from .server.serve import ServeError
+    from .init_checkpoint import InitError
 
     return (UsageError, DataError, CheckpointError, ModelNotFound, TokenizerError, FieldError,
             ClusterError, DriverError, PlanError, MetricsPortInUse, BenchError, ChannelError, ProtocolError,
-            RemoteError, TLSError, ConnectError, LocalServerError, ServeError)
+            RemoteError, TLSError, ConnectError, LocalServerError, ServeError, InitError)
 
 
 def _run(fn, *args, **kwargs):
@@ -327,6 +328,35 @@ def dealer_cmd(
             run_dealer(listen, state, out)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    _run(go)
+
+
+@app.command()
+def init(
+    out: str = typer.Option(..., help="New (or empty) folder for the checkpoint."),
+    shape: str = typer.Option("gpt2", help="gpt2 (d=768, 12 layers, 12 heads, vocab 50257, 1024 positions) "
+                                           "or gpt2-medium."),
+    layers: Optional[int] = typer.Option(None, help="Override the shape's layer count (>= 1), for quick runs."),
+    seed: int = typer.Option(0, help="Seed of the initialisation (>= 0)."),
+    dtype: str = typer.Option("float32", help="float32 or float16."),
+):
+    """Write a GPT-2-shaped checkpoint with GPT-2's initialisation (random weights, for benchmarks)."""
+    def go():
+        from .init_checkpoint import DTYPES, SHAPES, shape_config, write, check_out
+
+        check_choice("--shape", shape, SHAPES)
+        check_choice("--dtype", dtype, DTYPES)
+        if layers is not None:
+            check_int("--layers", layers, 1, None)
+        check_int("--seed", seed, 0, 2 ** 32 - 1)
+        check_writable_dir("--out", out)
+        check_out(out)
+        cfg = shape_config(shape, layers)
+        typer.echo(f"initialising {shape} (n_embd {cfg['n_embd']}, {cfg['n_layer']} layers, vocab "
+                   f"{cfg['vocab_size']}) ...", err=True)
+        folder = write(shape, out, layers, seed, dtype)
+        typer.echo(f"saved {folder}")
+
     _run(go)
 
 

@@ -37,6 +37,9 @@ class GPTConfig:
     n_head: int = 4
     n_inner: int | None = None  # None: 4 * n_embd, as GPT-2
     layer_norm_epsilon: float = 1e-5
+    # public bound on |x - mean| of a LayerNorm input that the secure LayerNorm holds (beyond it, it
+    # saturates); None: by width (``ln_range``). Not a Hugging Face field; transformers ignores it.
+    secure_ln_range: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -44,6 +47,18 @@ class GPTConfig:
                 raise CheckpointError(f"config {name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise CheckpointError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        r = self.secure_ln_range
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 1 <= r <= 65536):
+            raise CheckpointError(f"config secure_ln_range must be a number in [1, 65536], got {r!r}")
+
+    @property
+    def ln_range(self) -> float:
+        """The secure LayerNorm's |x - mean| bound: 4096 from GPT-2 base's width on (trained GPT-2
+        residual streams carry "massive activations" of ~3000 in a few dimensions; the wide path,
+        mpc/layernorm.py), 256 below (our small models stay under 20; the cheaper narrow path)."""
+        if self.secure_ln_range is not None:
+            return float(self.secure_ln_range)
+        return 4096.0 if self.n_embd >= 768 else 256.0
 
     @property
     def d_ff(self) -> int:
@@ -63,6 +78,7 @@ class GPTConfig:
             "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0,
             "attn_pdrop": 0.0, "tie_word_embeddings": True,
             "bos_token_id": self.vocab_size - 1, "eos_token_id": self.vocab_size - 1,
+            **({} if self.secure_ln_range is None else {"secure_ln_range": self.secure_ln_range}),
         }
 
     @classmethod

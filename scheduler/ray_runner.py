@@ -19,6 +19,10 @@ from cryptogen.cluster.connect import worker_placement
 from ..workers.actor import WorkerActor
 
 MAX_RESTARTS = -1  # a long-lived server: Ray restarts a worker whose process died, every time
+# glibc makes a malloc arena per thread that allocates; a worker's Ray method threads then hold
+# 800-920 MB where 2 arenas hold 555-620 MB (scripts/soak.py, docs/RELIABILITY.md). The server's
+# environment may set another value.
+WORKER_ENV = {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
 
 
 class WorkerDied(RuntimeError):
@@ -46,7 +50,7 @@ class ServerPool:
         self.workers = [
             WorkerActor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=i), num_cpus=1,
-                max_restarts=max_restarts, max_task_retries=0)
+                max_restarts=max_restarts, max_task_retries=0, runtime_env={"env_vars": WORKER_ENV})
             .remote(i, model_ref, plan, he_config, tls, gateway_host, here, link_cap)
             for i in range(len(plan.workers))]
         self.addresses = ray.get([w.address.remote() for w in self.workers])

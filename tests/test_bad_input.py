@@ -261,6 +261,14 @@ CASES = [
     (BENCH + ["--gpt2-base-layers", "0"], "--gpt2-base-layers 0 is out of range"),
     (BENCH + ["--seed", "-1"], "--seed -1 is out of range"),
     (["bench", "--model", "nope", "--out", "{dir}/b.json"], "unknown model 'nope'"),
+    # ---- init
+    (["init", "--out", "{dir}/g", "--shape", "gpt5"], "unknown --shape 'gpt5'"),
+    (["init", "--out", "{dir}/g", "--layers", "0"], "--layers 0 is out of range"),
+    (["init", "--out", "{dir}/g", "--dtype", "int8"], "unknown --dtype 'int8'"),
+    (["init", "--out", "{dir}/g", "--seed", "-1"], "--seed -1 is out of range"),
+    (["init", "--out", "{file}/g"], "is not a folder"),
+    (["init", "--out", "{tiny}"], "exists and is not an empty folder"),
+    (["init"], "missing option '--out'"),
     # ---- the group
     (["nosuchcommand"], "no such command 'nosuchcommand'"),
     (["--debugg", "generate"], "no such option: --debugg"),

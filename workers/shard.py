@@ -165,7 +165,8 @@ class ServerShard:
         x_s = self._residual(x, partials)
         gamma, beta = self.weights.ln_f if which == "ln_f" else self.weights.layer(layer).ln[which]
         h_in = x_s[-1:] if rows == "last" else x_s
-        return {"x": x_s, "h": layernorm(p, h_in, gamma, beta, eps=self.cfg.layer_norm_epsilon)}
+        return {"x": x_s, "h": layernorm(p, h_in, gamma, beta, eps=self.cfg.layer_norm_epsilon,
+                                         x_range=self.cfg.ln_range)}
 
     def attention(self, p, sid: str, layer: int, start: int, ln: dict) -> dict:
         lw, f = self.weights.layer(layer), self.fp.frac_bits

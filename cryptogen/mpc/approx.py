@@ -41,7 +41,7 @@ import numpy as np
 
 from ..field import add, neg, sub
 from .arith import add_sp, mul_many, mul_sp, mul_ss, public
-from .compare import ge_const, trunc
+from .compare import drelu, ge_const, trunc
 from .errors import RangeError
 
 EXP_SCALE = 20
@@ -123,17 +123,24 @@ RSQ_S = 27
 
 
 def rsqrt_normalized(p, x, frac_in: int, jlo: int, jhi: int, iters: int = 2, extra=None,
-                     s_scale: int = RSQ_S):
+                     s_scale: int = RSQ_S, coarse=None):
     """(q, s) with 1/sqrt(x) = q*s; x at scale 2^frac_in with 2^jlo <= x < 2^jhi.
 
     ``extra`` = (a, k): an independent product a*s truncated by k is computed in the same
     rounds as the first Newton step and returned third (saves a round trip in LayerNorm).
+    ``coarse`` = (xc, frac_c, jsplit): the same value at a coarser scale 2^frac_c, which holds
+    the whole range; buckets j >= jsplit are read from it (same rounds), and ``x`` need only be
+    right where it is below 2^jsplit (LayerNorm's wide path: ``x`` saturates above).
     """
-    if not (jlo < jhi and jhi - 1 + frac_in <= 40 and frac_in <= RSQ_Q and jlo + frac_in > 0):
+    jtop = jhi if coarse is None else coarse[2]
+    if not (jlo < jhi and jtop - 1 + frac_in <= 40 and frac_in <= RSQ_Q and jlo + frac_in > 0):
         raise RangeError("rsqrt_normalized: unsupported range/scale")
     js = np.arange(jlo, jhi)
-    b = ge_const(p, x, np.array([1 << (j + frac_in) for j in js[1:]], np.int64))
-    shifted = _shifts(p, x, js)
+    if coarse is None:
+        b = ge_const(p, x, np.array([1 << (j + frac_in) for j in js[1:]], np.int64))
+        shifted = _shifts(p, x, js)
+    else:
+        b, shifted = _two_scale_buckets(p, x, frac_in, js, *coarse)
     ones = public(p, 1, b.shape[:-1] + (1,))
     ind = sub(np.concatenate([ones, b], -1), np.concatenate([b, 0 * ones], -1), p.t)
     xn = np.mod(mul_ss(p, ind, shifted).sum(-1), p.t)  # x / 2^j in [1, 2) at scale 2^frac_in
@@ -153,6 +160,29 @@ def rsqrt_normalized(p, x, frac_in: int, jlo: int, jhi: int, iters: int = 2, ext
         vy2 = trunc(p, mul_ss(p, v, y2), RSQ_Q)
         y = trunc(p, mul_ss(p, y, add_sp(p, neg(vy2, p.t), 3 << RSQ_Q)), RSQ_Q + 1)
     return (y, s) if extra is None else (y, s, res_extra)
+
+
+def _two_scale_buckets(p, x, frac_in, js, xc, frac_c, jsplit):
+    """Bucket bits [x >= 2^j] (j = js[1:]) and the candidates x / 2^j at 2^frac_in, taken from
+    ``x`` below ``jsplit`` and from ``xc`` (at 2^frac_c) from it on: one DReLU batch and one
+    truncation batch, as ``_shifts`` alone."""
+    if not (js[0] < jsplit <= js[-1] and js[-1] + frac_c <= 40):
+        raise RangeError("rsqrt_normalized: unsupported coarse range/scale")
+    lo, hi = js[js < jsplit], js[js >= jsplit]
+    tf = [1 << int(j + frac_in) for j in lo[1:]]
+    tc = [1 << int(j + frac_c) for j in hi]
+    d = [add_sp(p, np.repeat(x[..., None], len(tf), -1), neg(np.array(tf, np.int64), p.t))] if tf else []
+    d.append(add_sp(p, np.repeat(xc[..., None], len(tc), -1), neg(np.array(tc, np.int64), p.t)))
+    b = drelu(p, np.concatenate(d, -1))
+    # x / 2^j at 2^frac_in = xc / 2^(j - frac_in + frac_c) at xc's integer scale
+    ks = [int(j) for j in lo if j > 0] + [int(j - frac_in + frac_c) for j in hi]
+    srcs = [x] * sum(1 for j in lo if j > 0) + [xc] * len(hi)
+    if min(ks[len(ks) - len(hi):]) < 1:
+        raise RangeError("rsqrt_normalized: coarse scale too close to the fine one")
+    exact = [mul_sp(p, x, 1 << int(-j))[..., None] for j in lo if j <= 0]
+    stacked = np.stack(srcs, -1)
+    cut = trunc(p, stacked, np.broadcast_to(np.array(ks, np.int64), stacked.shape))
+    return b, np.concatenate(exact + [cut], -1)
 
 
 def _shifts(p, x, js):

@@ -63,3 +63,50 @@ def test_layernorm_rounds(d, rounds):
     st = {}
     _run(rng.normal(0, 1, (1, d)), np.ones(d), np.zeros(d), stats=st)
     assert st["client"]["channel"]["online"]["rounds"] == rounds
+
+
+def _outlier_rows(rng, d):
+    """GPT-2-like LayerNorm inputs: N(0, 1) rows with a dimension at +-3000, two at 2500/-1200,
+    and the small-sigma rows of the shipped models (the wide path must keep their precision)."""
+    x = rng.normal(0, 1.0, (6, d))
+    x[0, 5], x[1, 5], x[2, [3, 9]] = 3000.0, -3000.0, [2500.0, -1200.0]
+    x[3] *= 0.1
+    x[4] = rng.normal(0, 0.06, d)
+    x[5] += 100.0
+    return x
+
+
+@pytest.mark.parametrize("d", [128, 768])
+def test_wide_path_holds_outliers(d):
+    """Reference: float64 LayerNorm. Wide (x_range 4096) within 3e-3 on every row (measured
+    <= 2.2e-3, the same as the narrow path on rows without outliers); the narrow path clips at
+    256 and is off by more than 0.3 on the outlier rows: the case the wide path exists for."""
+    rng = make_rng()
+    x = _outlier_rows(rng, d)
+    g, b = rng.normal(0.8, 0.1, d), rng.normal(0, 0.05, d)
+    g[5] = 0.05  # GPT-2's LayerNorm weights are small on its massive dimensions
+    ref = layernorm_ref(x, g, b)
+
+    def run(x_range):
+        xc, xs = share(FP.encode(x))
+        c, s = simulate(lambda p, a, gg=None, bb=None: layernorm(p, a, gg, bb, x_range=x_range), (xc,),
+                        (xs, g, b))
+        return FP.decode(reconstruct(c, s))
+    assert np.abs(run(4096.0) - ref).max() < 3e-3
+    assert np.abs(run(256.0) - ref)[:3].max(-1).min() > 0.3
+
+
+def test_wide_path_cost():
+    """The wide path's extra work at d = 768 (public counts): more rounds than the narrow one, and
+    within 1.5x of its rounds (two clips in one batch, one pre-truncation, two sums of squares)."""
+    x = make_rng().normal(0, 1, (1, 768))
+    rounds, sent = {}, {}
+    for x_range in (256.0, 4096.0):
+        st = {}
+        xc, xs = share(FP.encode(x))
+        simulate(lambda p, a: layernorm(p, a, x_range=x_range), (xc,), (xs,), stats=st)
+        online = st["client"]["channel"]["online"]
+        rounds[x_range], sent[x_range] = online["rounds"], online["bytes_sent"]
+    print(f"\nnarrow {rounds[256.0]} rounds {sent[256.0]} B; wide {rounds[4096.0]} rounds {sent[4096.0]} B")
+    assert rounds[256.0] < rounds[4096.0] <= 1.5 * rounds[256.0]
+    assert sent[256.0] < sent[4096.0] <= 2.0 * sent[256.0]

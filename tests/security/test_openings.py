@@ -53,6 +53,8 @@ CASES = {  # name -> (protocol(party, share, *server extras), input shape, serve
     "drelu": (drelu, (48,), ()),
     "softmax": (lambda p, a: softmax(p, a, causal=True), (3, 16), ()),
     "layernorm": (lambda p, a, g=None, b=None: layernorm(p, a, g, b), (3, 16), (_G, _B)),
+    # the wide path (GPT-2's outliers): two clips, a pre-truncation, two sums of squares
+    "layernorm_wide": (lambda p, a, g=None, b=None: layernorm(p, a, g, b, x_range=4096.0), (3, 16), (_G, _B)),
     "gelu": (gelu, (24,), ()),
     "argmax": (lambda p, a: argmax_last(p, a), (3, 16), ()),  # token-only output (without its final opening)
 }

@@ -64,16 +64,23 @@ def clip_const(p, x, lo=None, hi=None, bits=None):
     """Clip shared x into [lo, hi] (public field constants at x's scale). One DReLU batch + 1 round."""
     consts = [c for c in (lo, hi) if c is not None]
     b = ge_const(p, x, consts) if bits is None else bits
+    out = x
+    for prod in mul_many(p, clip_pairs(p, x, lo, hi, b)):
+        out = add(out, prod, p.t)
+    return out
+
+
+def clip_pairs(p, x, lo, hi, b):
+    """The Beaver products whose sum clips x into [lo, hi] (either may be None), given the bits
+    b = [x >= lo], [x >= hi] (in that order, for the bounds given): several clips of one x can then
+    share one multiplication round."""
     pairs, i = [], 0
     if lo is not None:  # x < lo  ->  add (1 - b_lo)(lo - x)
         pairs.append((add_sp(p, neg(b[..., i], p.t), 1), add_sp(p, neg(x, p.t), lo)))
         i += 1
     if hi is not None:  # x >= hi ->  add b_hi (hi - x)
         pairs.append((b[..., i], add_sp(p, neg(x, p.t), hi)))
-    out = x
-    for prod in mul_many(p, pairs):
-        out = add(out, prod, p.t)
-    return out
+    return pairs
 
 
 def exp_neg(p, x: np.ndarray, assume_nonpos: bool = False) -> np.ndarray:

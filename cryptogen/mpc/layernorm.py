@@ -68,8 +68,8 @@ import math
 
 import numpy as np
 
-from ..field import add, neg, sub
-from .approx import RSQ_Q, RSQ_S, clip_const, rsqrt_normalized, trunc_many
+from ..field import add, sub
+from .approx import RSQ_Q, RSQ_S, clip_const, clip_pairs, rsqrt_normalized, trunc_many
 from .arith import add_sp, input_server, mul_many, mul_sp, mul_ss
 from .compare import ge_const, trunc
 from .errors import RangeError, ShapeError
@@ -135,11 +135,7 @@ def _wide_sums(p, z, d, f, sq, r, R, eps):
     jsplit = math.floor(2 * math.log2(r))              # S2 < 2^jsplit <= r^2: S2 fine is exact
     consts = [p.fp.encode(c) for c in (-R, R, -r, r)]
     b = ge_const(p, z, consts)
-    pairs = []
-    for i, c in enumerate(consts):  # x < lo: + (1 - b_lo)(lo - x); x >= hi: + b_hi (hi - x)
-        bit = add_sp(p, neg(b[..., i], p.t), 1) if i % 2 == 0 else b[..., i]
-        pairs.append((bit, add_sp(p, neg(z, p.t), c)))
-    fix = mul_many(p, pairs)
+    fix = mul_many(p, clip_pairs(p, z, *consts[:2], b[..., :2]) + clip_pairs(p, z, *consts[2:], b[..., 2:]))
     zR, zr = add(add(z, fix[0], p.t), fix[1], p.t), add(add(z, fix[2], p.t), fix[3], p.t)
     zc = _utrunc(p, zR, pre)
     q_r, q_c = mul_many(p, [(zr, zr), (zc, zc)])

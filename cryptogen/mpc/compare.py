@@ -33,6 +33,12 @@ drelu(x) -> [x >= 0] for the signed value of x, exact for EVERY field element
   (y = c - r + t[c < r] and t is odd);  4. drelu = 1 - lsb(y).
   Cost: 1 + 6 + 1 = 8 rounds, 82 triples + 1 solved-bits item per element (990 bytes per party).
 
+With a dealer (``Source.dcf``), [c < r] comes from the dealer's DCF key instead of the circuit
+(``dcf.py``, BCG+21): evaluated locally on the public c, so trunc and drelu take ONE round
+(the opening of c) and no triples; the key's second output (1 - 2 r_0)[c < r] makes
+r_0 XOR [c < r] local too. Per element and party: 6 bytes online, one 214-word key offline.
+The dealer-free (HE) provider keeps the circuit above.
+
 Who learns what: each party learns only c (uniform) and the Beaver openings (uniform).
 """
 from __future__ import annotations
@@ -40,6 +46,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..field import add, mul, mul_const, neg, sub
+from . import dcf
 from .arith import add_sp, mul_ss, open_
 from .errors import RangeError
 
@@ -82,6 +89,17 @@ def _combine_level(p, G, E, want_eq):
     return nG, nE
 
 
+def _mask_open(p, v):
+    """(r bits, r, c = v + r opened, DCF shares of (1, 1 - 2 r_0)[c < r] or None without a dealer)."""
+    if not getattr(p.cr, "dcf", False):
+        r_bits, r = p.cr.solved_bits(v.shape)
+        return r_bits, r, open_(p, add(v, r, p.t)), None
+    r_bits, r, key = p.cr.solved_bits_dcf(v.shape)
+    c = open_(p, add(v, r, p.t))
+    w = dcf.eval_(0 if p.is_client else 1, key, c.reshape(-1), p.cr.L, p.t)
+    return r_bits, r, c, w.reshape(v.shape + (dcf.OUT,))
+
+
 def trunc(p, x: np.ndarray, k) -> np.ndarray:
     """Shares of round(x / 2^k) (error within +-1.5 ulp); k an int or an array broadcastable to x."""
     x = np.asarray(x, np.int64)
@@ -90,9 +108,8 @@ def trunc(p, x: np.ndarray, k) -> np.ndarray:
         raise RangeError("truncation amount k must be in [1, 40]")
     B = 1 << TRUNC_OFFSET_BITS
     xp = add_sp(p, x, B + (np.int64(1) << (k - 1)))
-    r_bits, r = p.cr.solved_bits(x.shape)
-    c = open_(p, add(xp, r, p.t))
-    w = gt_public(p, r_bits, c)
+    r_bits, r, c, wk = _mask_open(p, xp)
+    w = gt_public(p, r_bits, c) if wk is None else wk[..., 0]
     L = r_bits.shape[-1]
     idx = np.arange(L)
     weights = np.where(idx >= k[..., None], np.int64(1) << np.maximum(idx - k[..., None], 0), 0)
@@ -106,11 +123,13 @@ def drelu(p, x: np.ndarray) -> np.ndarray:
     """Shares of the bit [x >= 0] (signed interpretation of x), exact."""
     x = np.asarray(x, np.int64)
     y = add(x, x, p.t)
-    r_bits, r = p.cr.solved_bits(x.shape)
-    c = open_(p, add(y, r, p.t))
-    lt = gt_public(p, r_bits, c)
+    r_bits, r, c, wk = _mask_open(p, y)
     r0 = r_bits[..., 0]
-    v = sub(add(r0, lt, p.t), mul_const(mul_ss(p, r0, lt), 2, p.t), p.t)  # r0 XOR lt
+    if wk is None:
+        lt = gt_public(p, r_bits, c)
+        v = sub(add(r0, lt, p.t), mul_const(mul_ss(p, r0, lt), 2, p.t), p.t)  # r0 XOR lt
+    else:
+        v = add(r0, wk[..., 1], p.t)  # r0 + (1 - 2 r0)[c < r] = r0 XOR [c < r], local
     lsb = np.where((c & 1) == 1, add_sp(p, neg(v, p.t), 1), v)
     return add_sp(p, neg(lsb, p.t), 1)
 

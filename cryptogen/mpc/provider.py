@@ -29,6 +29,7 @@ from collections import Counter, deque
 import numpy as np
 
 from ..field import DEFAULT_T, mul, matmul, random_elements
+from . import dcf
 from .errors import ProviderError, ShapeError
 
 KINDS = ("triple", "matrix", "bits")
@@ -74,6 +75,7 @@ class Source:
     """One party's end of a provider: pools, counters, and the consume API used by protocols."""
 
     name = "abstract"
+    dcf = False  # True when each solved-bits item carries a DCF key (dealer providers)
     min_batch = {"triple": 4096, "bits": 1024, "matrix": 1}
 
     def __init__(self, role: str, t: int):
@@ -128,8 +130,17 @@ class Source:
         """(bits, r): shares of the L bits (LSB first, last axis) of a uniform r in Z_t, and of r."""
         shape = tuple(shape)
         n = int(np.prod(shape, dtype=np.int64))
-        bits, r = self._take("bits", n)
+        bits, r = self._take("bits", n)[:2]
         return bits.reshape(shape + (self.L,)), r.reshape(shape)
+
+    def solved_bits_dcf(self, shape):
+        """(bits, r, key): solved bits with this party's DCF key for [c < r] (``dcf.eval_``)."""
+        if not self.dcf:
+            raise ProviderError(f"the {self.name} provider makes no DCF keys")
+        shape = tuple(shape)
+        n = int(np.prod(shape, dtype=np.int64))
+        bits, r, key = self._take("bits", n)
+        return bits.reshape(shape + (self.L,)), r.reshape(shape), key
 
     def matrix_triple(self, m: int, k: int, n: int):
         """Shares (A, B, C = A@B) with A (m,k), B (k,n)."""
@@ -160,10 +171,13 @@ class Dealer:
         return tuple({k: parts[i][j] for i, k in enumerate("abc")} for j in (0, 1))
 
     def solved_bits(self, n: int):
+        """Solved bits, each with a DCF key pair for [c < r] (``dcf.py``): beta = (1, 1 - 2 r_0)."""
         r = random_elements(n, self.t)
         bits = ((r[:, None] >> np.arange(self.L)) & 1).astype(np.int64)
         (bc, bs), (rc, rs) = self._split(bits), self._split(r)
-        return {"bits": bc, "r": rc}, {"bits": bs, "r": rs}
+        beta = np.stack([np.ones(n, np.int64), np.mod(1 - 2 * bits[:, 0], self.t)], -1)
+        kc, ks = dcf.gen(r, beta, self.L, self.t)
+        return {"bits": bc, "r": rc, "key": kc}, {"bits": bs, "r": rs, "key": ks}
 
     def make(self, kind: str, count: int, key=None):
         """(client_bundle, server_bundle) of ``count`` items of ``kind`` (matrix: key = (m, k, n))."""
@@ -183,7 +197,7 @@ class Dealer:
         return tuple({k_: parts[i][j] for i, k_ in enumerate("ABC")} for j in (0, 1))
 
 
-_FIELDS = {"triple": "abc", "bits": ("bits", "r"), "matrix": "ABC"}
+_FIELDS = {"triple": "abc", "bits": ("bits", "r", "key"), "matrix": "ABC"}
 
 
 class DealerProvider:
@@ -191,11 +205,12 @@ class DealerProvider:
 
     name = "dealer"
 
-    def __init__(self, dealer: Dealer | None = None, t: int = DEFAULT_T):
+    def __init__(self, dealer: Dealer | None = None, t: int = DEFAULT_T, dcf: bool = True):
         self.dealer = dealer or Dealer(t)
         self.tag = "dealer:" + os.urandom(8).hex()  # both parties must draw from one dealer session
         self._lock = threading.Lock()
         self._sources: dict = {}
+        self.dcf = dcf  # False: comparisons by the Beaver circuit, as with the HE provider
 
     def source(self, role, channel=None, party=None) -> "DealerSource":
         if role in self._sources:
@@ -203,6 +218,7 @@ class DealerProvider:
         if party is not None and party.t != self.dealer.t:
             raise ProviderError("dealer and party use different field moduli")
         self._sources[role] = DealerSource(self, role)
+        self._sources[role].dcf = self.dcf
         return self._sources[role]
 
     def refill_locked(self, kind: str, count: int, key=None) -> None:
@@ -217,6 +233,7 @@ class DealerProvider:
 
 class DealerSource(Source):
     name = "dealer"
+    dcf = True
 
     def __init__(self, provider: DealerProvider, role: str):
         super().__init__(role, provider.dealer.t)
@@ -286,6 +303,7 @@ class FetchSource(Source):
     """A party's source that pulls its bundles from a dealer through ``fetch`` (e.g. a Ray call)."""
 
     name = "dealer"
+    dcf = True
 
     def __init__(self, role: str, t: int, fetch):
         super().__init__(role, t)

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..field import DEFAULT_T
+from . import dcf
 from .errors import ChannelError, ProviderError, RoleError, ShapeError
 from .provider import _FIELDS, KINDS, Source, nbits
 
@@ -62,7 +63,7 @@ def item_words(kind: str, t: int, key=None) -> int:
     if kind == "triple":
         return 3
     if kind == "bits":
-        return nbits(t) + 1
+        return nbits(t) + 1 + dcf.key_words(nbits(t))
     if kind == "matrix":
         m, k, n = key
         return m * k + k * n + m * n
@@ -176,6 +177,7 @@ class RemoteDealerSource(Source):
     """Pools filled by fetching this party's halves from the dealer over one TLS link."""
 
     name = "dealer"
+    dcf = True
 
     def __init__(self, provider: RemoteDealerProvider, t: int):
         super().__init__(provider.role, t)
@@ -265,8 +267,9 @@ class RemoteDealerSource(Source):
                 self._drop()
                 raise ProviderError(f"the link to the dealer failed: {e}") from None
         self.seq += 1
-        for a, want in zip(arrays, half_shapes(kind, count, self.L, key)):
-            if a.shape != want or (a.size and (a.min() < 0 or a.max() >= self.t)):
+        for a, want, f in zip(arrays, half_shapes(kind, count, self.L, key), fields):
+            # DCF keys are raw PRG seeds (any 64-bit word); every other field lies in [0, t)
+            if a.shape != want or (f != "key" and a.size and (a.min() < 0 or a.max() >= self.t)):
                 self._drop()
                 raise ProviderError(f"the dealer sent a malformed {kind} batch")
         self._push(kind, arrays, key)
@@ -284,6 +287,6 @@ def half_shapes(kind: str, count: int, L: int, key=None) -> tuple:
     if kind == "triple":
         return ((count,),) * 3
     if kind == "bits":
-        return (count, L), (count,)
+        return (count, L), (count,), (count, dcf.key_words(L))
     m, k, n = key
     return (count, m, k), (count, k, n), (count, m, n)

@@ -6,14 +6,15 @@ from cryptogen.field import DEFAULT_T, FixedPoint
 from cryptogen.mpc import layernorm, layernorm_ref, reconstruct, share, simulate
 from cryptogen.mpc.compare import trunc
 from cryptogen.mpc.layernorm import _utrunc_item
+from cryptogen.mpc.provider import DealerProvider
 
 from mpc_helpers import FP, make_rng
 
 
-def _run(x, g, b, fp=FP, stats=None):
+def _run(x, g, b, fp=FP, stats=None, provider=None):
     xc, xs = share(fp.encode(x))
     c, s = simulate(lambda p, a, gg=None, bb=None: layernorm(p, a, gg, bb), (xc,), (xs, g, b),
-                    fp=fp, stats=stats)
+                    fp=fp, stats=stats, provider=provider)
     return fp.decode(reconstruct(c, s))
 
 
@@ -57,11 +58,13 @@ def test_unbiased_truncation():
         assert np.abs(e).max() <= 1.5 and abs(e.mean()) < 0.05
 
 
-@pytest.mark.parametrize("d,rounds", [(128, 104), (768, 111)])
-def test_layernorm_rounds(d, rounds):
+@pytest.mark.parametrize("d,dcf,rounds", [(128, True, 24), (768, True, 25), (128, False, 104), (768, False, 111)])
+def test_layernorm_rounds(d, dcf, rounds):
+    """Rounds are public counts: with the dealer's DCF keys (one-round comparisons) and by the
+    Beaver comparison circuit (the HE provider's path)."""
     rng = make_rng()
     st = {}
-    _run(rng.normal(0, 1, (1, d)), np.ones(d), np.zeros(d), stats=st)
+    _run(rng.normal(0, 1, (1, d)), np.ones(d), np.zeros(d), stats=st, provider=DealerProvider(dcf=dcf))
     assert st["client"]["channel"]["online"]["rounds"] == rounds
 
 

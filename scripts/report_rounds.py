@@ -65,6 +65,46 @@ def layer_rounds(fields: dict, context: int, dcf: bool) -> dict:
             "head_and_embedding": 2 * out[1] - out[2]}
 
 
+def decode_timing(model_name: str, context: int, tokens: int) -> dict:
+    """Seconds per decoded token of the shipped model in process (client and server threads of one
+    process, one worker, an in-process dealer), DCF and circuit runs alternating token by token so
+    both see the same machine load; also their online rounds and bytes per token."""
+    import time as _t
+
+    from cryptogen.driver import Driver
+    from cryptogen.plan import make_plan
+    from cryptogen.registry import load
+    from cryptogen.scheduler.inprocess import InProcessRunner
+    model = load(model_name)[0]
+    cfg = model.config
+    plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, 1)
+    prompt = list(np.random.default_rng(0).integers(0, cfg.vocab_size, context))
+    runs = {}
+    for path, dcf in (("dcf", True), ("circuit", False)):
+        runner = InProcessRunner(model, plan, prompt, provider_factory=lambda d=dcf: DealerProvider(dcf=d))
+        drv = Driver(runner, cfg, plan)
+        drv.prefill(context)
+        runs[path] = (runner, drv, [], [])
+    for i in range(tokens):
+        for path, (runner, drv, secs, traffic) in runs.items():
+            chans = [p.chan for p in runner.client_parties.values()]
+            tot = lambda: (sum(ph.rounds for ch in chans for ph in ch.stats.phases.values()),  # noqa: E731
+                           sum(ph.bytes_sent + ph.bytes_recv for ch in chans for ph in ch.stats.phases.values()))
+            before, t0 = tot(), _t.perf_counter()
+            drv.decode_one_token(context + i)
+            secs.append(_t.perf_counter() - t0)
+            after = tot()
+            traffic.append((after[0] - before[0], after[1] - before[1]))
+            print(f"  token {i} {path}: {secs[-1]:.2f} s", flush=True)
+    out = {}
+    for path, (runner, drv, secs, traffic) in runs.items():
+        out[path] = {"median_s": round(float(np.median(secs)), 3), "s": [round(x, 3) for x in secs],
+                     "rounds_per_token": traffic[-1][0], "MiB_per_token": round(traffic[-1][1] / 2 ** 20, 2),
+                     "tokens": runner.client.generated}
+    out["same_tokens"] = out["dcf"]["tokens"] == out["circuit"]["tokens"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -72,6 +112,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128, help="cached tokens at the decode step (--layers)")
     ap.add_argument("--no-calls", action="store_true", help="skip the per-call table")
     ap.add_argument("--paths", default="dcf,circuit", help="comparison paths for --layers (dcf, circuit)")
+    ap.add_argument("--timing", metavar="MODEL", default=None,
+                    help="also seconds per decoded token of this shipped model in process, DCF vs circuit")
+    ap.add_argument("--tokens", type=int, default=3, help="decode tokens of --timing")
     args = ap.parse_args()
     fp, rng, rows, layers = FixedPoint(), np.random.default_rng(0), [], []
     if args.layers:
@@ -97,11 +140,15 @@ def main() -> None:
         rows.append(row)
         print(f"{name:24s} circuit {row['circuit']['rounds']:4d} rounds {row['circuit']['sent_KiB']:9.1f} KiB"
               f" | dcf {row['dcf']['rounds']:3d} rounds {row['dcf']['sent_KiB']:7.1f} KiB", flush=True)
+    timing = None
+    if args.timing:
+        timing = decode_timing(args.timing, args.context, args.tokens)
+        print(json.dumps({k: v for k, v in timing.items() if k != "same_tokens"}), flush=True)
     if args.out:
         meta = {"command": "python scripts/report_rounds.py " + " ".join(__import__("sys").argv[1:]),
                 "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {platform.node()}"}
         with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "layers": layers}, f, indent=1)
+            json.dump({"meta": meta, "rows": rows, "layers": layers, "timing": timing}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ only its latency is recorded.
 
     t(w) = max( alpha * (W / min(w, P) + C + G),  (W * (1 + o(w)) + C + G + Y) / cores ) + R * rtt + B / bw
 
-W: the workers' CPU seconds (they split over workers, at most P = heads-per-layer ways), C: the client's,
-G: the gateway's, Y: Ray's own; o(w): the extra worker CPU sharding adds (measured at 2 workers, assumed
-linear in w - 1); alpha: how much client and server work overlap (t(1) over the CPU sum). The first
+W: the workers' CPU seconds (they split over workers, at most P = heads-per-layer ways), C: the client's
+(with ``--provider dealer`` the in-process dealer's too), times 1 + oc (w - 1) (one 2PC party per
+worker), G: the gateway's, Y: Ray's own; o, oc: the extra worker / client CPU sharding adds (measured
+at 2 workers, assumed linear in w - 1); alpha: how much client and server work overlap (t(1) over the CPU sum). The first
 term is the critical path, the second the CPU bound of ``cores`` cores; rounds R and bytes B pay the
 link (rtt, bw) serially (the conservative end; ``scripts/bench_network.py`` measured the overlap).
 Predictions for 2 and 4 workers are compared with the measured ones. The GPT-2 base projection
@@ -46,7 +47,7 @@ def log(msg: str) -> None:
 
 
 # ---- measure --------------------------------------------------------------------------------------
-def _backend(folder: str, w: int, address: str | None):
+def _backend(folder: str, w: int, address: str | None, dealer):
     from cryptogen.bench_ray import RayBackend
 
     class Backend(RayBackend):  # the bench's backend with enough (virtual) CPUs for w workers
@@ -55,15 +56,25 @@ def _backend(folder: str, w: int, address: str | None):
             from cryptogen.client.local_server import LocalServer
             from cryptogen.client.remote import connect
             extra = ["--metrics-port", "0"] + ([] if address else ["--num-cpus", str(max(2, w))])
+            extra += ["--dealer", str(dealer.server_file)] if dealer else []
             self.server = LocalServer(folder, workers=w, address=address, max_sessions=1, extra=extra).start()
             try:
                 if self.server.metrics_url is None:
                     raise BenchServerError(f"no metrics address (log {self.server.log})")
                 self.url = self.server.metrics_url
-                self.conn = connect(self.server.connection_file)
+                self.conn = connect(self.server.connection_file, dealer=str(dealer.client_file) if dealer else None)
             except BaseException:
                 self.server.stop()
                 raise
+
+        def run(self, mode, prompt, tokens, progress):
+            from cryptogen.bench import _Recorder
+            rec = _Recorder(self._totals, lambda: __import__("cryptogen.bench_ray").bench_ray.server_counts(self.url)[1],
+                            progress)
+            for _ in self.conn.generate(prompt[:-1], tokens + 1, mode=mode, on_step=rec.on_step,
+                                        provider="dealer" if dealer else "he"):
+                pass
+            return rec.result()
     return Backend()
 
 
@@ -74,7 +85,13 @@ def measure(args) -> None:
     folder = str(resolve_model(args.model).resolve())
     cfg = json.loads((Path(folder) / "config.json").read_text())
     prompt = np.random.default_rng(0).integers(0, cfg["vocab_size"], args.context + 1).tolist()
-    runs = []
+    runs, dealer = [], None
+    if args.provider == "dealer":  # a dealer in this process (its CPU counts as the client's)
+        import tempfile
+
+        from cryptogen.dealer.service import DealerServer
+        tmp = tempfile.mkdtemp(prefix="cryptogen-scaling-dealer-")
+        dealer = DealerServer(listen="127.0.0.1:0", state_dir=tmp, out_dir=tmp).start()
     plan = [(w, None) for w in args.workers] + ([(max(args.workers), "cluster")] if args.cluster else [])
     for w, kind in plan:
         cluster, t0 = None, time.monotonic()
@@ -85,7 +102,7 @@ def measure(args) -> None:
                 cluster.add_node(num_cpus=max(1, w // 2))
             cluster.wait_for_nodes()
         log(f"{w} worker(s){' on a 2-node Cluster' if cluster else ''}: starting")
-        b = _backend(folder, w, cluster.address if cluster else None)
+        b = _backend(folder, w, cluster.address if cluster else None, dealer)
         try:
             r = b.run("kv-reuse", prompt, args.tokens, lambda t: log(f"  {t.phase} @{t.position} {t.seconds:.2f} s"))
         finally:
@@ -96,15 +113,18 @@ def measure(args) -> None:
         log(f"{w} worker(s): median decode {r['median_decode_s']:.2f} s, cpu/token {r.get('cpu_s_per_token')}")
     out = {"command": "python scripts/scaling.py measure " + " ".join(sys.argv[2:]), "date": date.today().isoformat(),
            "machine": f"{platform.machine()} {os.cpu_count()} cpus", "load_average_end": os.getloadavg()[0],
-           "model": args.model, "config": cfg, "context": args.context, "tokens": args.tokens, "runs": runs}
+           "model": args.model, "provider": args.provider, "config": cfg, "context": args.context, "tokens": args.tokens, "runs": runs}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    if dealer:
+        dealer.stop()
     log(f"wrote {args.out}")
 
 
 # ---- model ----------------------------------------------------------------------------------------
 def predict(p: dict, w: int, cores: float, rtt: float = 0.0, bw: float = float("inf")) -> dict:
     """Seconds per decoded token for ``w`` workers (see the module docstring), with its two bounds."""
-    W, C, G, Y = p["W"], p["C"], p["G"], p["Y"]
+    W, G, Y = p["W"], p["G"], p["Y"]
+    C = p["C"] * (1 + p.get("oc", 0.0) * (w - 1))  # the client runs one party per worker
     path = p["alpha"] * (W / min(w, p["P"]) + C + G)
     cpu = (W * (1 + p["o"] * (w - 1)) + C + G + Y) / cores
     link = p["R"] * rtt + 8 * p["B"] / bw
@@ -127,12 +147,22 @@ def model(args) -> None:
     one = runs[(1, False)]
     two = runs.get((2, False))
     o = 0.0 if two is None else max(0.0, two["cpu_s_per_token"]["workers"] / one["cpu_s_per_token"]["workers"] - 1)
+    oc = 0.0 if two is None else max(0.0, two["cpu_s_per_token"]["client"] / one["cpu_s_per_token"]["client"] - 1)
     p = _params(one, heads, o)
+    p["oc"] = oc
     check = []
     for (w, cl), r in sorted(runs.items()):
         pr = predict(p, w, cores)
+        # the same latency model fed this run's own CPU seconds (tells the latency structure's error
+        # from the CPU-growth model's); a Cluster run's workers are not the server's children: none
+        own, cpu = None, r["cpu_s_per_token"]
+        if cpu.get("workers"):
+            W, CG = cpu["workers"], cpu["client"] + cpu["gateway"]
+            own = max(p["alpha"] * (W / min(w, heads) + CG), (W + CG + cpu["ray"]) / cores)
         check.append({"workers": w, "cluster": cl, "measured_s": r["median_decode_s"], "predicted_s": pr["s"],
-                      "error": pr["s"] / r["median_decode_s"] - 1, "bound": pr["bound"]})
+                      "error": pr["s"] / r["median_decode_s"] - 1, "bound": pr["bound"],
+                      "predicted_with_measured_cpu_s": own,
+                      "error_with_measured_cpu": None if own is None else own / r["median_decode_s"] - 1})
     g, g_notes = gpt2_base_inputs(p, one)
     ws = [1, 2, 4, 8, 12, 16, 32, 64]
     proj = {prof: {str(c): [dict(workers=w, **predict(g, w, c, *PROFILES[prof])) for w in ws] for c in (cores, 64)}
@@ -144,8 +174,10 @@ def model(args) -> None:
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     _plot(proj, Path(args.out).with_suffix(".png"), cores)
     for c in check:
+        own = "" if c["predicted_with_measured_cpu_s"] is None else \
+            f"; with its measured CPU {c['predicted_with_measured_cpu_s']:.2f} s ({100 * c['error_with_measured_cpu']:+.0f} %)"
         print(f"{c['workers']} worker(s){' (Cluster)' if c['cluster'] else ''}: measured {c['measured_s']:.2f} s, "
-              f"predicted {c['predicted_s']:.2f} s ({100 * c['error']:+.0f} %), bound: {c['bound']}")
+              f"predicted {c['predicted_s']:.2f} s ({100 * c['error']:+.0f} %), bound: {c['bound']}{own}")
     for prof in PROFILES:
         row = proj[prof]["64"]
         print(f"GPT-2 base, 64 cores, {prof}: " + ", ".join(f"{r['workers']}w {r['s']:.0f} s ({r['bound']})" for r in row))
@@ -170,23 +202,26 @@ def gpt2_base_inputs(p: dict, one: dict) -> tuple[dict, list[str]]:
     ops = g1["he_ops_per_token"]
     layer = {k: ops[k] - vocab[k] for k in vocab}
     layer_bytes = g1["bytes_per_token"]["total"] - vocab_bytes
-    # rounds: a layer's rounds barely depend on its width; the 2PC argmax over 50257 has 4 more
-    # comparison levels (9 rounds each) than over 4096: R_shipped = F + 2 L, R_gpt2_1 = F + 36 + L
-    layer_rounds = one["rounds_per_token"] - g1["rounds_per_token"] + 36
-    R = g1["rounds_per_token"] + 11 * layer_rounds
+    # rounds per layer and for the head, measured at GPT-2 base's head count and LayerNorm range
+    # (scripts/report_rounds.py --layers; width-independent); the argmax over 50257 has 4 more
+    # comparison levels (2 rounds each with the dealer's DCF keys) than over 4096
+    rr = json.loads((ROOT / "docs/bench/rounds.json").read_text())["layers"]
+    row = next(r for r in rr if r["shape"].startswith("GPT-2") and r["path"] == "dcf")
+    layer_rounds = row["per_layer"]
+    R = row["head_and_embedding"] + 8 + 12 * layer_rounds
     B = g1["bytes_per_token"]["total"] + 11 * layer_bytes
     unit = {"ct_pt": _unit(fl, "ct_pt"), "rotation": _unit(fl, "rotation")}
     he = lambda o: o["ct_pt_mul"] * unit["ct_pt"] + o["rotations"] * unit["rotation"]  # noqa: E731
     ops12 = {k: ops[k] + 11 * layer[k] for k in layer}
     rest_per_byte = max(0.0, p["W"] - he(one["he_ops_per_token"])) / p["B"]  # 2PC halves, H2S, ct×ct
     client_per_byte = (p["C"] + p["G"]) / p["B"]
-    g = {"W": he(ops12) + rest_per_byte * B, "C": client_per_byte * B, "G": 0.0, "Y": 0.0, "P": 12, "o": p["o"],
+    g = {"W": he(ops12) + rest_per_byte * B, "C": client_per_byte * B, "G": 0.0, "Y": 0.0, "P": 12, "o": p["o"], "oc": p["oc"],
          "R": R, "B": B, "alpha": p["alpha"], "ops": ops12, "vocab_ops": vocab, "layer_ops": layer,
          "layer_rounds": layer_rounds, "layer_bytes": layer_bytes, "vocab_bytes": vocab_bytes, "unit_costs_s": unit}
     notes = ["per layer: the one-layer GPT-2-width run (context 16) minus its vocabulary part, whose ct×pt and "
              "rotations come from the public plans (embed_plan x shards, head_plan) and bytes from its ciphertexts",
-             "rounds per layer from the shipped model's run and the one-layer run (width-independent; +36 for the "
-             "larger argmax)", "ct×pt and rotation at Pyfhel's measured medians (he_floor.json); the rest of the "
+             "rounds per layer and head measured in process at GPT-2 base's heads and LayerNorm range "
+             "(docs/bench/rounds.json; +8 for the argmax over 50257)", "ct×pt and rotation at Pyfhel's measured medians (he_floor.json); the rest of the "
              "workers' CPU, and the client's, per byte as in the shipped model's 1-worker run",
              "link cost serial: rounds x rtt + bytes / bandwidth (no overlap: an upper bound)",
              "parallelism capped at 12 workers (heads per layer); the vocabulary shards (50) could go further",
@@ -230,6 +265,8 @@ def main() -> None:
     m.add_argument("--context", type=int, default=16)
     m.add_argument("--tokens", type=int, default=3)
     m.add_argument("--cluster", action="store_true")
+    m.add_argument("--provider", choices=("dealer", "he"), default="dealer",
+                   help="dealer: a dealer in this process (one-round comparisons); he: the dealer-free provider")
     m.add_argument("--out", default="docs/bench/scaling_runs.json")
     p = sub.add_parser("model")
     p.add_argument("--runs", default="docs/bench/scaling_runs.json")

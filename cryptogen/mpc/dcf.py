@@ -112,9 +112,10 @@ def gen(alpha: np.ndarray, beta: np.ndarray, L: int, t: int):
     s_init = [s[0].copy(), s[1].copy()]
     tb = [np.zeros(n, np.int64), np.ones(n, np.int64)]
     V = np.zeros((n, OUT), np.int64)
-    scw = np.zeros((L, n, 2), np.uint64)
-    vcw = np.zeros((L, n, OUT), np.int64)
-    tcw = np.zeros((L, n), np.int64)
+    key = [np.empty((n, key_words(L)), np.int64) for _ in (0, 1)]  # item-major: no transposes at the end
+    scw = np.empty((n, L, 2), np.uint64)
+    vcw = np.empty((n, L, OUT), np.int64)
+    tcw = np.empty((n, L), np.int64)
     for i in range(L):
         g = [_expand(s[b], t) for b in (0, 1)]
         ai = a[:, i]
@@ -135,12 +136,18 @@ def gen(alpha: np.ndarray, beta: np.ndarray, L: int, t: int):
             tK = np.where(keepR, g[b][4], g[b][1])
             s[b] = sK ^ (s_cw * tb[b][:, None].astype(np.uint64))
             tb[b] = tK ^ (tb[b] * tcwK)
-        scw[i], vcw[i], tcw[i] = s_cw, v_cw, tcwL | (tcwR << 1)
+        scw[:, i], vcw[:, i], tcw[:, i] = s_cw, v_cw, tcwL | (tcwR << 1)
     sgn = (1 - 2 * tb[1])[:, None]
     cw_last = np.mod(sgn * np.mod(_convert(s[1], t) - _convert(s[0], t) - V, t), t)
-    body = np.concatenate([scw.transpose(1, 0, 2).view(np.int64).reshape(n, -1),
-                           vcw.transpose(1, 0, 2).reshape(n, -1), tcw.T, cw_last], 1)
-    return tuple(np.concatenate([s_init[b].view(np.int64), body], 1) for b in (0, 1))
+    o = 2
+    for part in (scw.view(np.int64).reshape(n, -1), vcw.reshape(n, -1), tcw, cw_last):
+        w = part.shape[1]
+        for b in (0, 1):
+            key[b][:, o:o + w] = part
+        o += w
+    for b in (0, 1):
+        key[b][:, :2] = s_init[b].view(np.int64)
+    return key[0], key[1]
 
 
 def eval_(b: int, key: np.ndarray, x: np.ndarray, L: int, t: int) -> np.ndarray:

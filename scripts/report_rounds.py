@@ -132,11 +132,9 @@ def main() -> None:
         for path, dcf in (("dcf", True), ("circuit", False)):
             st = {}
             xc, xs = share(fp.encode(x))
-            t0 = time.perf_counter()
             simulate(fn, (xc,), (xs,), provider=DealerProvider(dcf=dcf), stats=st)
             online = st["client"]["channel"]["online"]
-            row[path] = {"rounds": online["rounds"], "sent_KiB": round(online["bytes_sent"] / 1024, 1),
-                         "wall_s": round(time.perf_counter() - t0, 2)}
+            row[path] = {"rounds": online["rounds"], "sent_KiB": round(online["bytes_sent"] / 1024, 1)}
         rows.append(row)
         print(f"{name:24s} circuit {row['circuit']['rounds']:4d} rounds {row['circuit']['sent_KiB']:9.1f} KiB"
               f" | dcf {row['dcf']['rounds']:3d} rounds {row['dcf']['sent_KiB']:7.1f} KiB", flush=True)

@@ -21,7 +21,7 @@ at 2 workers, assumed linear in w - 1); alpha: how much client and server work o
 term is the critical path, the second the CPU bound of ``cores`` cores; rounds R and bytes B pay the
 link (rtt, bw) serially (the conservative end; ``scripts/bench_network.py`` measured the overlap).
 Predictions for 2 and 4 workers are compared with the measured ones. The GPT-2 base projection
-scales W and C from the GPT-2-width one-layer run's counts (docs/bench/gpt2_width_1layer.json) and
+scales W and C from the GPT-2-width one-layer run's counts (docs/bench/gpt2_width_1layer_dcf.json) and
 the measured per-op costs (docs/bench/he_floor.json), for 1..64 workers on this machine's cores, on
 64 cores, and on the LAN/WAN profiles of issue #12.
 """
@@ -191,7 +191,7 @@ def gpt2_base_inputs(p: dict, one: dict) -> tuple[dict, list[str]]:
     from cryptogen.he.params import HEConfig
     from cryptogen.model import GPTConfig
     from cryptogen.secure_plan import embed_plan, embed_shards, head_plan
-    g1 = json.loads((ROOT / "docs/bench/gpt2_width_1layer.json").read_text())["contexts"][0]["kv-reuse"]
+    g1 = json.loads((ROOT / "docs/bench/gpt2_width_1layer_dcf.json").read_text())["contexts"][0]["kv-reuse"]
     fl = json.loads((ROOT / "docs/bench/he_floor.json").read_text())
     cfg, n = GPTConfig(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12), HEConfig().n
     shards, ep, hp = len(embed_shards(cfg)), embed_plan(cfg, n), head_plan(cfg, n)
@@ -207,8 +207,13 @@ def gpt2_base_inputs(p: dict, one: dict) -> tuple[dict, list[str]]:
     # comparison levels (2 rounds each with the dealer's DCF keys) than over 4096
     rr = json.loads((ROOT / "docs/bench/rounds.json").read_text())["layers"]
     row = next(r for r in rr if r["shape"].startswith("GPT-2") and r["path"] == "dcf")
-    layer_rounds = row["per_layer"]
-    R = row["head_and_embedding"] + 8 + 12 * layer_rounds
+    # only the softmax depends on the context: its max tree has ceil(log2 n) levels of 2 rounds
+    levels = lambda n: (n - 1).bit_length()  # noqa: E731
+    layer_rounds = row["per_layer"] + 2 * (levels(128 + 1) - levels(row["context"] + 1))
+    # the vocabulary's part (embedding shards, LM head, argmax over 50257): the one-layer GPT-2-width
+    # run (context 16) minus its layer
+    head_rounds = g1["rounds_per_token"] - (row["per_layer"] + 2 * (levels(16 + 1) - levels(row["context"] + 1)))
+    R = head_rounds + 12 * layer_rounds
     B = g1["bytes_per_token"]["total"] + 11 * layer_bytes
     unit = {"ct_pt": _unit(fl, "ct_pt"), "rotation": _unit(fl, "rotation")}
     he = lambda o: o["ct_pt_mul"] * unit["ct_pt"] + o["rotations"] * unit["rotation"]  # noqa: E731
@@ -217,11 +222,12 @@ def gpt2_base_inputs(p: dict, one: dict) -> tuple[dict, list[str]]:
     client_per_byte = (p["C"] + p["G"]) / p["B"]
     g = {"W": he(ops12) + rest_per_byte * B, "C": client_per_byte * B, "G": 0.0, "Y": 0.0, "P": 12, "o": p["o"], "oc": p["oc"],
          "R": R, "B": B, "alpha": p["alpha"], "ops": ops12, "vocab_ops": vocab, "layer_ops": layer,
-         "layer_rounds": layer_rounds, "layer_bytes": layer_bytes, "vocab_bytes": vocab_bytes, "unit_costs_s": unit}
+         "layer_rounds": layer_rounds, "head_rounds": head_rounds, "layer_bytes": layer_bytes, "vocab_bytes": vocab_bytes, "unit_costs_s": unit}
     notes = ["per layer: the one-layer GPT-2-width run (context 16) minus its vocabulary part, whose ct×pt and "
              "rotations come from the public plans (embed_plan x shards, head_plan) and bytes from its ciphertexts",
              "rounds per layer and head measured in process at GPT-2 base's heads and LayerNorm range "
-             "(docs/bench/rounds.json; +8 for the argmax over 50257)", "ct×pt and rotation at Pyfhel's measured medians (he_floor.json); the rest of the "
+             "(docs/bench/rounds.json, moved to context 128 by the softmax's extra tree levels); the vocabulary's "
+             "rounds: the one-layer GPT-2-width run minus that layer", "ct×pt and rotation at Pyfhel's measured medians (he_floor.json); the rest of the "
              "workers' CPU, and the client's, per byte as in the shipped model's 1-worker run",
              "link cost serial: rounds x rtt + bytes / bandwidth (no overlap: an upper bound)",
              "parallelism capped at 12 workers (heads per layer); the vocabulary shards (50) could go further",
@@ -249,7 +255,7 @@ def _plot(proj: dict, path: Path, cores: int) -> None:
             ax.plot([r["workers"] for r in rows], [r["s"] for r in rows], style, color=color, marker="o", ms=3,
                     label=f"{prof}, {c} cores")
     ax.set(xscale="log", yscale="log", xlabel="workers", ylabel="s per decoded token (projected)",
-           title="GPT-2 base, 128-token context class: projected decode latency")
+           title="GPT-2 base, projected (rounds at 128 context; HE work, bytes at 16)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -15,10 +15,12 @@ rounds costs no round at all once c is open. The output group is Z_t^2: beta = (
 giving shares of w = [c < r] (truncation) and of (1 - 2 r_0) w, so r_0 XOR w = r_0 +
 (1 - 2 r_0) w is local (DReLU's LSB; ``compare.drelu``).
 
-PRG: G(s) = AES_K(s XOR i) XOR (s XOR i), i = 0..3, fixed public key K (Matyas–Meyer–Oseas in
+PRG: G(s) = AES_K(s XOR i) XOR (s XOR i), i = 0..5, fixed public key K (Matyas–Meyer–Oseas in
 the random-permutation model, as in the FSS implementations of BCG+21 and SIGMA):
-blocks 0/1 -> (s^L, t^L) / (s^R, t^R) (t = low bit, cleared in s), blocks 2/3 -> v^L / v^R,
-each 128 bits reduced mod t (bias <= 2^-86). Convert(s) = s reduced mod t likewise.
+blocks 0/1 -> (s^L, t^L) / (s^R, t^R) (t = low bit, cleared in s), blocks 2, 3 / 4, 5 -> the two
+Z_t values of v^L / v^R, each from its own 128-bit block reduced mod t (bias <= 2^-86); Convert(s)
+likewise from blocks 16, 17. Evaluation follows one path, so it computes only that side's half
+(3 blocks per level).
 
 Gen (dealer; vectorised over items, L levels, MSB first):
   1. s_b <- random 128 bits, t_0 = 0, t_1 = 1, V_alpha = 0.
@@ -34,8 +36,8 @@ Eval (party b, public x): walk the path of x, correcting with the CWs when t = 1
 
 Who learns what: the dealer knows alpha, beta (it made r); each party sees its key only
 (pseudorandom) and the public x. Cost: 0 rounds; per item and party a key of
-2 + L (2 + 2 + 1) + 2 int64 words (214 at L = 42, 1.7 KB) and 4 L AES blocks to evaluate;
-the dealer 8 L blocks to generate.
+2 + L (2 + 2 + 1) + 2 int64 words (214 at L = 42, 1.7 KB) and 3 L AES blocks to evaluate;
+the dealer 12 L blocks to generate.
 """
 from __future__ import annotations
 
@@ -46,8 +48,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 # fixed public PRG key (any constant works: the PRG is AES as a public random permutation)
 _PRG_KEY = bytes(range(16))
-_TWEAKS = np.array([[i, 0] for i in range(4)], np.uint64)
 OUT = 2  # output group Z_t^OUT
+_TWEAKS = np.array([[i, 0] for i in range(2 + 2 * OUT)], np.uint64)
+_TWEAKS_LEAF = np.array([[16 + j, 0] for j in range(OUT)], np.uint64)
 
 
 def key_words(L: int) -> int:
@@ -75,25 +78,40 @@ def _to_field(lo: np.ndarray, hi: np.ndarray, t: int) -> np.ndarray:
 
 
 def _expand(s: np.ndarray, t: int):
-    """G(s) for seeds (n, 2) uint64 -> (sL, tL, vL (n,), sR, tR, vR); v are Z_t^OUT (n, OUT)."""
-    x = s[:, None, :] ^ _TWEAKS[None, : 2 + OUT, :]
+    """G(s) for seeds (n, 2) uint64 -> (sL, tL, vL, sR, tR, vR); v are Z_t^OUT (n, OUT).
+
+    Blocks: 0 / 1 -> (s, t) of L / R; 2 + j / 2 + OUT + j -> v_j of L / R (one block per value)."""
+    x = s[:, None, :] ^ _TWEAKS[None, : 2 + 2 * OUT, :]
     y = _aes(x) ^ x
-    one = np.uint64(1)
-    tL, tR = (y[:, 0, 0] & one).astype(np.int64), (y[:, 1, 0] & one).astype(np.int64)
-    sL, sR = y[:, 0].copy(), y[:, 1].copy()
-    sL[:, 0] &= ~one
-    sR[:, 0] &= ~one
-    # OUT values per side from blocks 2 (L) and 3 (R): value j from (word j, other word) mixed
-    vL = np.stack([_to_field(y[:, 2, j], y[:, 2, 1 - j] ^ y[:, 3, j], t) for j in range(OUT)], -1)
-    vR = np.stack([_to_field(y[:, 3, j], y[:, 3, 1 - j] ^ y[:, 2, 1 - j], t) for j in range(OUT)], -1)
+    sL, tL = _seed_bit(y[:, 0])
+    sR, tR = _seed_bit(y[:, 1])
+    vL = _to_field(y[:, 2:2 + OUT, 0], y[:, 2:2 + OUT, 1], t)
+    vR = _to_field(y[:, 2 + OUT:, 0], y[:, 2 + OUT:, 1], t)
     return sL, tL, vL, sR, tR, vR
 
 
+def _expand_side(s: np.ndarray, side: np.ndarray, t: int):
+    """The half of G(s) on ``side`` (0 = L, 1 = R) per seed: (s, t, v) with 1 + OUT AES blocks."""
+    idx = np.concatenate([side[:, None], 2 + side[:, None] * OUT + np.arange(OUT)[None, :]], 1)
+    x = s[:, None, :] ^ _TWEAKS[idx]
+    y = _aes(x) ^ x
+    sn, tn = _seed_bit(y[:, 0])
+    return sn, tn, _to_field(y[:, 1:, 0], y[:, 1:, 1], t)
+
+
+def _seed_bit(block: np.ndarray):
+    """(seed with its low bit cleared, that bit) from a (n, 2) uint64 block."""
+    one = np.uint64(1)
+    seed = block.copy()
+    seed[:, 0] &= ~one
+    return seed, (block[:, 0] & one).astype(np.int64)
+
+
 def _convert(s: np.ndarray, t: int) -> np.ndarray:
-    """Z_t^OUT from a seed (one more PRG block each, as v)."""
-    x = s[:, None, :] ^ (_TWEAKS[None, 2:3, :] + np.uint64(7))
-    y = (_aes(x) ^ x)[:, 0]
-    return np.stack([_to_field(y[:, j], y[:, 1 - j] ^ np.uint64(j), t) for j in range(OUT)], -1)
+    """Z_t^OUT from a leaf seed (its own PRG blocks, tweaks 16 + j)."""
+    x = s[:, None, :] ^ _TWEAKS_LEAF[None]
+    y = _aes(x) ^ x
+    return _to_field(y[..., 0], y[..., 1], t)
 
 
 def _bits_msb(a: np.ndarray, L: int) -> np.ndarray:
@@ -166,13 +184,10 @@ def eval_(b: int, key: np.ndarray, x: np.ndarray, L: int, t: int) -> np.ndarray:
     tt = np.full(n, b, np.int64)
     V = np.zeros((n, OUT), np.int64)
     for i in range(L):
-        sL, tL, vL, sR, tR, vR = _expand(s, t)
-        right = xb[:, i] == 1
-        corr = tt == 1
-        sc = scw[:, i] * corr[:, None].astype(np.uint64)
-        s = np.where(right[:, None], sR, sL) ^ sc
-        tnew = np.where(right, tR ^ (tt & (tcw[:, i] >> 1)), tL ^ (tt & tcw[:, i] & 1))
-        v = np.where(right[:, None], vR, vL)
+        side = xb[:, i]
+        sn, tn, v = _expand_side(s, side, t)  # only the half of G(s) on x's path
+        s = sn ^ (scw[:, i] * tt[:, None].astype(np.uint64))
+        tnew = tn ^ (tt & ((tcw[:, i] >> side) & 1))
         V = np.mod(V + v + tt[:, None] * vcw[:, i], t)
         tt = tnew
     V = np.mod(V + _convert(s, t) + tt[:, None] * cw_last, t)

@@ -23,7 +23,8 @@ Steps (``argmax_last``; x: shares of (..., V) values at any fixed-point scale, |
 Who learns what: the client learns the token id only; the server learns nothing (every opening
 inside DReLU and Beaver is uniform in Z_t). Neither learns a logit, a comparison bit or a rank.
 Cost per row of V: V - 1 DReLU and 2 (V - 1) products (82 triples + 1 solved-bits item per
-DReLU, 2 triples per selection pair); ceil(log2 V) x (8 + 1) rounds, plus one for the opening.
+DReLU, 2 triples per selection pair); ceil(log2 V) x (8 + 1) rounds, plus one for the opening
+(with the dealer's DCF keys: ceil(log2 V) x (1 + 1) + 1, no triples for the DReLU).
 Measured (scripts/bench_reveal.py, docs/bench/reveal.json): V = 4096: 109 rounds, 4.2 MB sent per
 party, 344k triples; V = 50257: 145 rounds, 51 MB per party, 4.2M triples.
 """

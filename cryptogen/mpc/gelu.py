@@ -15,7 +15,8 @@ gelu(x): x at scale 2^f, output at 2^f.
   Range: every x with |x| < 2^(40-f) (2^28 at f=12); out of [-4, 4] GELU is ReLU(x)
   (the polynomial's value there is multiplied by in = 0, so its overflow does not matter).
   Error: fit 2.1e-4 + tail 7.1e-5 + truncations (~1e-3 worst) + output rounding 1.2e-4 at f=12.
-  Cost: 8 + 1 + 3 x 8 + 1 + 7 = 41 rounds; per element 822 triples and 10 solved bits
+  Cost: 8 + 1 + 3 x 8 + 1 + 7 = 41 rounds by the comparison circuit, 10 with the dealer's
+  DCF keys (``dcf.py``); per element 822 triples and 10 solved bits
   (~9.9 KB sent per party).
   Learned: nothing (uniform openings).
 """

@@ -57,7 +57,8 @@ average, which summed over d squares was a 0.5%-of-S2 bias for sigma ~ 0.06, d =
   d = 128 and 768: <= 4.5e-4 (narrow path: 0.5 .. 7). Cost at d = 768: 118 rounds (+7, the
   pre-truncation) and 1.66x the bytes.
   Cost: 104 rounds if d <= 2^K (d = 128), else 111 (d = 768): mean 7 or 14 + 9 clip + 8 square
-  + 8 bits + 8 shifts + 48 Newton + 8 + 8. Per element unchanged (~500 triples, 6 solved bits,
+  + 8 bits + 8 shifts + 48 Newton + 8 + 8 (by the comparison circuit; with the dealer's DCF
+  keys, ``dcf.py``, 24 / 25 rounds, 26 on the wide path). Per element unchanged (~500 triples, 6 solved bits,
   ~5.9 KB per party at d = 768); per row one more product (the delta column) and
   #chunks + [kd > K] + 1 truncations instead of 2: +12 B at d = 128 (2 truncations as before),
   +4.9 KB at d = 768 (7 truncations; 1x768: 4.435 MiB vs 4.431 MiB per party).

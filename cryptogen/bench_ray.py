@@ -107,16 +107,21 @@ def model_folder(opts, model) -> tuple[str, tempfile.TemporaryDirectory | None]:
 
 
 class RayBackend:
-    def __init__(self, folder: str, workers: int, address: str | None):
+    """A local server in its own process and this process as its client. ``extra``: more serve
+    arguments; ``dealer``: a running ``DealerServer`` (both sides get its connection files and the
+    sessions use the dealer provider; else the dealer-free ``he``)."""
+
+    def __init__(self, folder: str, workers: int, address: str | None, extra=(), dealer=None):
         from .client.local_server import LocalServer
         from .client.remote import connect
-        self.server = LocalServer(folder, workers=workers, address=address, max_sessions=1,
-                                  extra=["--metrics-port", "0"]).start()
+        extra = ["--metrics-port", "0", *extra] + (["--dealer", str(dealer.server_file)] if dealer else [])
+        self.provider = "dealer" if dealer else "he"
+        self.server = LocalServer(folder, workers=workers, address=address, max_sessions=1, extra=extra).start()
         try:
             if self.server.metrics_url is None:
                 raise BenchServerError(f"the local server logged no metrics address (log {self.server.log})")
             self.url = self.server.metrics_url
-            self.conn = connect(self.server.connection_file)
+            self.conn = connect(self.server.connection_file, dealer=str(dealer.client_file) if dealer else None)
         except BaseException:
             self.server.stop()
             raise
@@ -132,7 +137,7 @@ class RayBackend:
         from .bench import _Recorder
         rec = _Recorder(self._totals, lambda: server_counts(self.url)[1], progress)
         # the C context tokens are prefilled, then ``tokens`` decode steps (the first sees C cached tokens)
-        for _ in self.conn.generate(prompt[:-1], tokens + 1, mode=mode, on_step=rec.on_step):
+        for _ in self.conn.generate(prompt[:-1], tokens + 1, mode=mode, on_step=rec.on_step, provider=self.provider):
             pass
         return rec.result()
 

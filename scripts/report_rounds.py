@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from cryptogen.bench import _traffic
 from cryptogen.field import FixedPoint
 from cryptogen.mpc import gelu, layernorm, share, simulate, softmax
 from cryptogen.mpc.provider import DealerProvider
@@ -55,14 +56,18 @@ def layer_rounds(fields: dict, context: int, dcf: bool) -> dict:
         prompt = list(range(1, context + 1))
         runner = InProcessRunner(model, plan, prompt, provider_factory=lambda: DealerProvider(dcf=dcf))
         drv = Driver(runner, cfg, plan)
-        chans = [p.chan for p in runner.client_parties.values()]
-        total = lambda: sum(ph.rounds for ch in chans for ph in ch.stats.phases.values())  # noqa: E731
+        total = lambda: _traffic([p.chan for p in runner.client_parties.values()])["rounds"]  # noqa: E731
         drv.prefill(context)
         before = total()
         drv.decode_one_token(context)
         out[n_layer] = total() - before
     return {"per_token_1_layer": out[1], "per_token_2_layers": out[2], "per_layer": out[2] - out[1],
             "head_and_embedding": 2 * out[1] - out[2]}
+
+
+def _rounds_bytes(runner) -> tuple[int, int]:
+    d = _traffic([p.chan for p in runner.client_parties.values()])
+    return d["rounds"], d["to_server"] + d["to_client"]
 
 
 def decode_timing(model_name: str, context: int, tokens: int) -> dict:
@@ -87,13 +92,10 @@ def decode_timing(model_name: str, context: int, tokens: int) -> dict:
         runs[path] = (runner, drv, [], [])
     for i in range(tokens):
         for path, (runner, drv, secs, traffic) in runs.items():
-            chans = [p.chan for p in runner.client_parties.values()]
-            tot = lambda: (sum(ph.rounds for ch in chans for ph in ch.stats.phases.values()),  # noqa: E731
-                           sum(ph.bytes_sent + ph.bytes_recv for ch in chans for ph in ch.stats.phases.values()))
-            before, t0 = tot(), _t.perf_counter()
+            before, t0 = _rounds_bytes(runner), _t.perf_counter()
             drv.decode_one_token(context + i)
             secs.append(_t.perf_counter() - t0)
-            after = tot()
+            after = _rounds_bytes(runner)
             traffic.append((after[0] - before[0], after[1] - before[1]))
             print(f"  token {i} {path}: {secs[-1]:.2f} s", flush=True)
     out = {}

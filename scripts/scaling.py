@@ -48,34 +48,9 @@ def log(msg: str) -> None:
 
 # ---- measure --------------------------------------------------------------------------------------
 def _backend(folder: str, w: int, address: str | None, dealer):
+    """The bench's Ray backend, declaring enough (virtual) CPUs for w workers on a single node."""
     from cryptogen.bench_ray import RayBackend
-
-    class Backend(RayBackend):  # the bench's backend with enough (virtual) CPUs for w workers
-        def __init__(self):
-            from cryptogen.bench_ray import BenchServerError
-            from cryptogen.client.local_server import LocalServer
-            from cryptogen.client.remote import connect
-            extra = ["--metrics-port", "0"] + ([] if address else ["--num-cpus", str(max(2, w))])
-            extra += ["--dealer", str(dealer.server_file)] if dealer else []
-            self.server = LocalServer(folder, workers=w, address=address, max_sessions=1, extra=extra).start()
-            try:
-                if self.server.metrics_url is None:
-                    raise BenchServerError(f"no metrics address (log {self.server.log})")
-                self.url = self.server.metrics_url
-                self.conn = connect(self.server.connection_file, dealer=str(dealer.client_file) if dealer else None)
-            except BaseException:
-                self.server.stop()
-                raise
-
-        def run(self, mode, prompt, tokens, progress):
-            from cryptogen.bench import _Recorder
-            rec = _Recorder(self._totals, lambda: __import__("cryptogen.bench_ray").bench_ray.server_counts(self.url)[1],
-                            progress)
-            for _ in self.conn.generate(prompt[:-1], tokens + 1, mode=mode, on_step=rec.on_step,
-                                        provider="dealer" if dealer else "he"):
-                pass
-            return rec.result()
-    return Backend()
+    return RayBackend(folder, w, address, extra=[] if address else ["--num-cpus", str(max(2, w))], dealer=dealer)
 
 
 def measure(args) -> None:

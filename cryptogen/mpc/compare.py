@@ -91,7 +91,7 @@ def _combine_level(p, G, E, want_eq):
 
 def _mask_open(p, v):
     """(r bits, r, c = v + r opened, DCF shares of (1, 1 - 2 r_0)[c < r] or None without a dealer)."""
-    if not getattr(p.cr, "dcf", False):
+    if not p.cr.dcf:
         r_bits, r = p.cr.solved_bits(v.shape)
         return r_bits, r, open_(p, add(v, r, p.t)), None
     r_bits, r, key = p.cr.solved_bits_dcf(v.shape)

@@ -218,7 +218,6 @@ class DealerProvider:
         if party is not None and party.t != self.dealer.t:
             raise ProviderError("dealer and party use different field moduli")
         self._sources[role] = DealerSource(self, role)
-        self._sources[role].dcf = self.dcf
         return self._sources[role]
 
     def refill_locked(self, kind: str, count: int, key=None) -> None:
@@ -233,11 +232,14 @@ class DealerProvider:
 
 class DealerSource(Source):
     name = "dealer"
-    dcf = True
 
     def __init__(self, provider: DealerProvider, role: str):
         super().__init__(role, provider.dealer.t)
         self.provider = provider
+
+    @property
+    def dcf(self) -> bool:
+        return self.provider.dcf
 
     def _take(self, kind, count, key=None):
         # both parties' pools are touched by either thread: every pool access holds the lock

@@ -10,7 +10,7 @@ H2S (server holds Enc(x); afterwards server holds r, client holds x - r):
      hiding by r), inside a ciphertext whose noise is 2^-sigma-close to independent of the
      server's data. The server sees nothing new.
 S2H (client holds share x_c, server x_s; afterwards server holds Enc(x_c + x_s)):
-  1. client encrypts x_c (fresh public-key encryption) and sends it;
+  1. client encrypts x_c (fresh symmetric encryption, sent in the seeded form of ``wire``);
   2. server adds its plaintext share x_s. The server sees only a ciphertext.
 Refresh = H2S + fresh S2H through the client: the client decrypts x - r and re-encrypts it;
 the server adds r. Cost: one ciphertext each way, one decryption and one encryption.
@@ -64,7 +64,7 @@ class ClientRole:
     def s2h_send(self, share_slots) -> bytes:
         """Encrypt the client's share (already in its slot layout) for the server."""
         self.stats.encryptions += 1
-        return self.keys.ct_to_bytes(self.keys.encrypt(share_slots))
+        return self.keys.encrypt_to_bytes(share_slots)
 
     def h2s_receive(self, data: bytes) -> np.ndarray:
         """Decrypt Enc(x - r): the client's share of every slot."""

@@ -35,6 +35,7 @@ from .keys import ClientKeys, PublicContext
 from . import noise as noise_mod
 from .noise import NoiseModel
 from .stats import HEStats
+from .wire import mulmod_scalar
 
 
 @dataclass
@@ -72,24 +73,6 @@ def add_exports(key_id: bytes, extra: int) -> None:
         _EXPORTS[key_id] = _EXPORTS.get(key_id, 0) + max(0, int(extra))
 
 
-_M32 = np.uint64(0xFFFFFFFF)
-
-
-def _mulmod_scalar(a: np.ndarray, c: int, q: int) -> np.ndarray:
-    """a * c mod q for uint64 a < q < 2^63 and a Python int c (Shoup's multiplication: the quotient is
-    the high word of a * floor(c 2^64 / q), computed from 32-bit halves; uint64 products wrap)."""
-    c %= q
-    wp, qq = (c << 64) // q, np.uint64(q)
-    w0, w1, s32 = np.uint64(wp & 0xFFFFFFFF), np.uint64(wp >> 32), np.uint64(32)
-    a0, a1 = a & _M32, a >> s32
-    mid1 = a1 * w0 + ((a0 * w0) >> s32)
-    mid2 = a0 * w1 + (mid1 & _M32)
-    hi = a1 * w1 + (mid1 >> s32) + (mid2 >> s32)
-    with np.errstate(over="ignore"):
-        r = a * np.uint64(c) - hi * qq  # exact value in [0, 2q)
-    return np.where(r >= qq, r - qq, r)
-
-
 def _uniform_limbs(bits: int, n: int) -> np.ndarray:
     """(limbs, n) uint64 60-bit limbs of n integers uniform in [0, 2^bits) (os.urandom)."""
     nlimb = (bits + 59) // 60
@@ -121,7 +104,7 @@ def _flood_residues(a: int, n: int, moduli: list[int]) -> np.ndarray:
         acc = np.mod(j, qq)
         for k in range(s.shape[0]):
             limb = np.mod(s[k], qq)
-            acc = np.mod(acc + (_mulmod_scalar(limb, 1 << (60 * k), q) if k else limb), qq)
+            acc = np.mod(acc + (mulmod_scalar(limb, 1 << (60 * k), q) if k else limb), qq)
         off = (3 << (a - 1)) % q  # center
         out[i] = np.mod(acc + np.uint64(q - off), qq)
     return out
@@ -186,7 +169,7 @@ class ServerEngine:
         ct = ct + self.ctx.encrypt_public(np.zeros(self.config.n, np.int64))
         ct = self._flood(ct, c.budget)
         self.stats.rerandomizations += 1
-        data = self.ctx.ct_to_bytes(ct)
+        data = self.ctx.ct_to_bytes(ct, "switched")  # fewer primes on the wire: after the flood
         self.stats.record_to_client(len(data))
         return data
 

@@ -24,11 +24,13 @@ Who learns what: the server learns public keys only. Cost: key generation ~0.1 s
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 
 import numpy as np
-from Pyfhel import Pyfhel, PyCtxt
+from Pyfhel import Pyfhel, PyCtxt, PyPtxt
 
-from . import serialize
+from . import serialize, wire
 from .errors import ConfigError, HEError, SecretKeyError, SerializationError, ShapeError
 from .params import SEAL_MAX_BITS, HEConfig
 
@@ -67,6 +69,11 @@ def check_context_params(actual: dict, config: HEConfig) -> None:
                                      f"{want if not name.startswith('coeff') else list(config.qi_sizes)}; {fix}")
 
 
+# SEAL plaintext bytes up to its coefficient words: SEAL header (16) | parms_id (32) | coeff_count u64
+# | scale f64 | data array: SEAL header (16) | count u64
+_PLAIN_PREFIX = 16 + 32 + 8 + 8 + 16 + 8
+
+
 def _key_id(public_key_bytes: bytes) -> bytes:
     return hashlib.sha256(public_key_bytes).digest()[:16]
 
@@ -95,23 +102,45 @@ class _HEBase:
     def encode(self, slots):
         return self.he.encodeInt(np.ascontiguousarray(self.check_slots(slots)))
 
-    def ct_to_bytes(self, ct: PyCtxt) -> bytes:
-        return serialize.pack("ciphertext", self.config.fingerprint, self.key_id, {}, ct.to_bytes("none"))
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return self.config.qi_sizes[:-1]
+
+    @property
+    def switch_keep(self) -> int:
+        return wire.switch_primes(self.config.qi_sizes, self.config.t, self.config.n)
+
+    def ct_to_bytes(self, ct: PyCtxt, form: str = "packed") -> bytes:
+        """A ciphertext in a wire form (``wire``): ``packed`` (each coefficient in its prime's bits) or
+        ``switched`` (a download: first modulus-switched to ``switch_keep`` primes; only after flooding)."""
+        raw = ct.to_bytes("none")
+        body = (wire.to_switched(raw, self.widths, self.qi, self.switch_keep) if form == "switched"
+                else wire.to_packed(raw, self.widths))
+        return serialize.pack("ciphertext", self.config.fingerprint, self.key_id, {"form": form}, body)
 
     def ct_from_bytes(self, data: bytes) -> PyCtxt:
-        """A peer's ciphertext: a fresh-form BFV ciphertext of 2 polynomials at the top level, in
-        this key set (SEAL checks the coefficients; the layout is checked here first: SEAL would
-        load an NTT-form or lower-level ciphertext that later fails inside an operation)."""
-        _, payload, _, _ = serialize.unpack(data, "ciphertext", self.config.fingerprint, self.key_id)
-        head = serialize.seal_ciphertext_header(payload)
+        """A peer's ciphertext (packed, seeded or switched form): a fresh-form BFV ciphertext of 2 polynomials at
+        the top level, in this key set (SEAL checks the coefficients; the layout is checked here first:
+        SEAL would load an NTT-form or lower-level ciphertext that later fails inside an operation)."""
+        meta, payload, _, _ = serialize.unpack(data, "ciphertext", self.config.fingerprint, self.key_id)
+        form = meta.get("form") if isinstance(meta, dict) else None
+        if form not in wire.FORMS or len(meta) != 1:
+            raise SerializationError(f"ciphertext: unknown wire form (expected one of {', '.join(wire.FORMS)})")
+        head = wire.read_prefix(payload)
         if head["ntt"] or head["n"] != self.config.n or head["k"] != len(self.config.qi_sizes) - 1:
             raise SerializationError("ciphertext: not a BFV ciphertext of these parameters at the top level "
                                      "(NTT form, degree or prime count differ)")
         if head["size"] != 2:
             raise SerializationError(f"ciphertext: {head['size']} polynomials, expected 2")
+        if form == "packed":
+            raw = wire.from_packed(payload, head, self.widths)
+        elif form == "seeded":
+            raw = wire.from_seeded(payload, head, self.widths, self.qi)
+        else:
+            raw = wire.from_switched(payload, head, self.widths, self.qi, self.switch_keep)
         try:
-            return PyCtxt(pyfhel=self.he, bytestring=payload)
-        except Exception as exc:  # SEAL rejects malformed ciphertexts
+            return PyCtxt(pyfhel=self.he, bytestring=raw)
+        except Exception as exc:  # SEAL rejects malformed ciphertexts (e.g. a coefficient >= q_i)
             raise SerializationError("ciphertext payload rejected by SEAL") from exc
 
     def encrypt_public(self, slots) -> PyCtxt:
@@ -217,6 +246,8 @@ class ClientKeys(_HEBase):
     def __init__(self, config: HEConfig, he: Pyfhel, rotation_steps: tuple[int, ...]):
         self.config, self.he, self.rotation_steps = config, he, rotation_steps
         self.key_id = _key_id(he.to_bytes_public_key("none"))
+        self.qi = tuple(int(q) for q in he.get_qi())
+        self._neg_s = None  # the plaintext -s, made on the first seeded encryption
 
     @classmethod
     def generate(cls, config: HEConfig, rotation_steps=()) -> "ClientKeys":
@@ -246,6 +277,48 @@ class ClientKeys(_HEBase):
 
     def encrypt(self, slots) -> PyCtxt:
         return self.encrypt_public(slots)
+
+    def encrypt_to_bytes(self, slots) -> bytes:
+        """An upload: symmetric encryption in the seeded wire form (``wire`` module doc, steps 2-4),
+        about 0.44x the bytes of a public-key ciphertext."""
+        neg_s = self._secret_plain()
+        k, n = len(self.widths), self.config.n
+        seed = os.urandom(wire.SEED_BYTES)
+        a = wire.expand_seed(seed, self.qi[:k], n)
+        raw = self._ct_template[:wire.PREFIX] + np.stack([a, a]).tobytes()
+        y = self.he.multiply_plain(PyCtxt(pyfhel=self.he, bytestring=raw), neg_s, True)  # (-a*s, -a*s)
+        self.he.add_plain(y, self.encode(slots))  # c0 = Delta*m - a*s
+        raw = y.to_bytes("none")
+        c0 = np.frombuffer(raw, np.uint64, offset=wire.PREFIX).reshape(2, k, n)[0].copy()
+        e = wire.cbd_noise(n)
+        for i, q in enumerate(self.qi[:k]):
+            c0[i] = np.mod(c0[i] + np.mod(e, q).astype(np.uint64), np.uint64(q))
+        body = raw[:wire.PREFIX] + c0.tobytes() + a.tobytes()
+        return serialize.pack("ciphertext", self.config.fingerprint, self.key_id, {"form": "seeded"},
+                              wire.to_seeded(body, seed, self.widths))
+
+    def _secret_plain(self) -> PyPtxt:
+        """The plaintext -s (wire module doc, step 1): decrypt (0, floor(Q/t)), whose phase is floor(Q/t)*s."""
+        if self._neg_s is None:
+            raw = self.encrypt_public(np.zeros(self.config.n, np.int64)).to_bytes("none")
+            k, n, t = len(self.widths), self.config.n, self.config.t
+            delta = math.prod(self.qi[:k]) // t
+            words = np.zeros((2, k, n), np.uint64)
+            words[1, :, 0] = [delta % q for q in self.qi[:k]]
+            plain = self.he.decrypt(PyCtxt(pyfhel=self.he, bytestring=raw[:wire.PREFIX] + words.tobytes()),
+                                    decode=False).to_bytes("none")
+            coeffs = np.zeros(n, np.uint64)  # SEAL drops trailing zero coefficients
+            got = np.frombuffer(plain, np.uint64, offset=_PLAIN_PREFIX)
+            coeffs[:got.size] = got
+            if not np.all((coeffs <= 1) | (coeffs == t - 1)):
+                raise SecretKeyError("the secret key is not ternary: seeded encryption needs SEAL's key distribution")
+            neg = np.where(coeffs == 0, 0, t - coeffs.astype(np.int64)).astype(np.uint64)  # -s mod t
+            proto = self.encode(np.zeros(n, np.int64)).to_bytes("none")
+            if len(proto) != _PLAIN_PREFIX + 8 * n:
+                raise SerializationError("SEAL plaintext layout differs from the one seeded encryption expects")
+            self._ct_template = raw[:wire.PREFIX]
+            self._neg_s = PyPtxt(pyfhel=self.he, bytestring=proto[:_PLAIN_PREFIX] + neg.tobytes())
+        return self._neg_s
 
     def decrypt(self, ct: PyCtxt) -> np.ndarray:
         """Slots of ``ct`` as field elements in [0, t)."""

@@ -97,7 +97,7 @@ class NoiseModel:
 
     @property
     def fresh_encryption(self) -> float:
-        """Rule 1: a fresh public-key encryption."""
+        """Rule 1: a fresh public-key encryption (a bound for the client's seeded symmetric uploads too: their noise is e alone)."""
         c = self._c
         return bits_of(c["t_over_q"] * (c["n"] / 2 + 1 + (2 * c["n"] + 1) * B_ERR / c["P"]))
 

@@ -182,7 +182,7 @@ class ClientMaker(_Maker):
                 for u in us:
                     slots = np.zeros(N, np.int64)
                     slots[:hi - lo] = u[lo:hi]
-                    chan.send(_to_arr(keys.ct_to_bytes(keys.encrypt(slots))))
+                    chan.send(_to_arr(keys.encrypt_to_bytes(slots)))
                 sent += 1
             if stop is not None and stop():
                 raise Stopped()
@@ -393,7 +393,7 @@ class HEClientSource(_HESource):
             for c, u in zip(chunk, (u1, u2)):
                 c[: len(u[s:s + N])] = u[s:s + N]
             for c in chunk:
-                self.chan.send(_to_arr(self.keys.ct_to_bytes(self.keys.encrypt(c))))
+                self.chan.send(_to_arr(self.keys.encrypt_to_bytes(c)))
             reply = self.chan.recv().tobytes()
             out.append(self.keys.decrypt(self.keys.ct_from_bytes(reply))[: len(u1[s:s + N])])
         return np.concatenate(out) if out else np.zeros(0, np.int64)

@@ -27,9 +27,10 @@ def test_public_context_has_no_secret(keys, ctx, engine, client):
     assert ctx.he.is_secret_key_empty() and not keys.he.is_secret_key_empty()
     sk = keys.secret_key_bytes()
     probe = sk[len(sk) // 2: len(sk) // 2 + 64]  # 64 bytes from the middle of the key data
-    c = engine.encrypt(np.arange(ctx.config.n))
+    c_slots = np.arange(ctx.config.n)
+    c = engine.encrypt(c_slots)
     cache = EncryptedKVCache(engine, 32)
-    server_blobs = [keys.public_context_bytes(), ctx.ct_to_bytes(c.ct), cache.to_bytes(),
+    server_blobs = [keys.public_context_bytes(), ctx.ct_to_bytes(c.ct), cache.to_bytes(), keys.encrypt_to_bytes(c_slots),
                     engine.export(c)]
     assert all(probe not in b for b in server_blobs)
     with pytest.raises(SecretKeyError):

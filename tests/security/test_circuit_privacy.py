@@ -8,8 +8,9 @@ on every export. Each check below fails when one of those steps is removed or we
 
 * ``test_export_c1_is_fresh``: c1 of an export shares (almost) no RNS word with the server's
   pre-export ciphertext, with the client's own input ciphertext, or with a second export of the
-  same value; c1 and the difference of two exports' c1 are uniform mod each q_i (chi-square,
-  level 1e-8 per prime). Catches: no + Enc(0) (c1 = the client's c1, or a deterministic function
+  same value; c1 and the difference of two exports' c1 are uniform mod each q_i a download
+  carries (chi-square, level 1e-8 per prime; the modulus switch keeps the first
+  ``switch_keep`` primes, and the client's lift leaves the others 0). Catches: no + Enc(0) (c1 = the client's c1, or a deterministic function
   of it and of the weights).
 * ``test_export_noise_is_flooded``: with need = sigma + (X + log2 n)/2 (2^X exports per key;
   X = log2 n, i.e. need = sigma + log2 n, for a config without an export budget), the measured
@@ -65,13 +66,15 @@ def test_export_c1_is_fresh(he, linear):
     dec = keys.decrypt(e1)
     assert np.array_equal(dec, keys.decrypt(e2)) and np.array_equal(dec, keys.decrypt(s["inside"]))
     assert np.array_equal(dec, s["expect"])
-    c1 = _words(e1)[1]
-    qi = list(ctx.qi)[:c1.shape[0]]
+    keep = ctx.switch_keep  # a download carries its first `keep` primes (modulus-switched); the rest is 0
+    assert not _words(e1)[:, keep:].any()
+    c1 = _words(e1)[1][:keep]
+    qi = list(ctx.qi)[:keep]
     for other, what in ((s["inside"], "the server's pre-export ciphertext"), (s["sent"], "the client's input"),
                         (e2, "a second export of the same value")):
-        same = float((_words(other)[1] == c1).mean())
+        same = float((_words(other)[1][:keep] == c1).mean())
         assert same < 0.01, f"c1 of an export equals c1 of {what} in {same:.0%} of its words"
-    diff = np.mod(c1 - _words(e2)[1], np.array(qi, np.int64)[:, None])
+    diff = np.mod(c1 - _words(e2)[1][:keep], np.array(qi, np.int64)[:, None])
     for i, q in enumerate(qi):
         for vals, what in ((c1[i], "c1"), (diff[i], "c1 - c1'")):
             p = uniform_pvalue(vals, q, 64)

@@ -132,24 +132,38 @@ def read_prefix(payload: bytes) -> dict:
     return {"ntt": int(ntt), "size": int(size), "n": int(n), "k": int(k)}
 
 
+def _words(raw: bytes) -> np.ndarray:
+    head = read_prefix(raw)
+    return np.frombuffer(raw, np.uint64, offset=PREFIX).reshape(head["size"], head["k"], head["n"])
+
+
+def _pack(words: np.ndarray, widths) -> bytes:
+    """(size, rows, n) residues -> each prime's rows (all polynomials) in that prime's width."""
+    return b"".join(pack_bits(words[:, i], widths[i]) for i in range(words.shape[1]))
+
+
+def _unpack(payload: bytes, off: int, shape: tuple[int, int, int], widths, form: str) -> np.ndarray:
+    """Inverse of :func:`_pack` for the bytes from ``off`` on, which must be exactly that long."""
+    size, rows, n = shape
+    lens = [packed_len(size * n, widths[i]) for i in range(rows)]
+    if len(payload) != off + sum(lens):
+        raise SerializationError(f"ciphertext: {form} payload of {len(payload)} bytes, expected {off + sum(lens)}")
+    out = np.empty(shape, np.uint64)
+    for i in range(rows):
+        out[:, i] = unpack_bits(payload[off:off + lens[i]], widths[i], size * n).reshape(size, n)
+        off += lens[i]
+    return out
+
+
 def to_packed(raw: bytes, widths) -> bytes:
     """A SEAL ciphertext's bytes -> prefix | each (polynomial, prime) row in its prime's width."""
-    head = read_prefix(raw)
-    words = np.frombuffer(raw, np.uint64, offset=PREFIX).reshape(head["size"], head["k"], head["n"])
-    return raw[:PREFIX] + b"".join(pack_bits(words[:, i], widths[i]) for i in range(head["k"]))
+    return raw[:PREFIX] + _pack(_words(raw), widths)
 
 
 def from_packed(payload: bytes, head: dict, widths) -> bytes:
     """Inverse of :func:`to_packed` (``head`` from :func:`read_prefix`, already checked)."""
-    size, k, n = head["size"], head["k"], head["n"]
-    lens = [packed_len(size * n, widths[i]) for i in range(k)]
-    if len(payload) != PREFIX + sum(lens):
-        raise SerializationError(f"ciphertext: packed payload of {len(payload)} bytes, expected {PREFIX + sum(lens)}")
-    words, off = np.empty((size, k, n), np.uint64), PREFIX
-    for i in range(k):
-        words[:, i] = unpack_bits(payload[off:off + lens[i]], widths[i], size * n).reshape(size, n)
-        off += lens[i]
-    return payload[:PREFIX] + words.tobytes()
+    shape = (head["size"], head["k"], head["n"])
+    return payload[:PREFIX] + _unpack(payload, PREFIX, shape, widths, "packed").tobytes()
 
 
 def switch_primes(qi_sizes, t: int, n: int) -> int:
@@ -195,32 +209,20 @@ def lift_up(words: np.ndarray, moduli, k: int) -> np.ndarray:
 
 def to_switched(raw: bytes, widths, moduli, keep: int) -> bytes:
     """A download: switched to ``keep`` primes, then packed -> prefix (the top level's) | kept rows."""
-    head = read_prefix(raw)
-    words = np.frombuffer(raw, np.uint64, offset=PREFIX).reshape(head["size"], head["k"], head["n"])
-    low = switch_down(words, moduli, keep)
-    return raw[:PREFIX] + b"".join(pack_bits(low[:, i], widths[i]) for i in range(keep))
+    return raw[:PREFIX] + _pack(switch_down(_words(raw), moduli, keep), widths)
 
 
 def from_switched(payload: bytes, head: dict, widths, moduli, keep: int) -> bytes:
     """Inverse of :func:`to_switched` up to the scaling by P (:func:`lift_up`): SEAL bytes at the top level."""
-    size, k, n = head["size"], head["k"], head["n"]
-    lens = [packed_len(size * n, widths[i]) for i in range(keep)]
-    if len(payload) != PREFIX + sum(lens):
-        raise SerializationError(f"ciphertext: switched payload of {len(payload)} bytes, expected {PREFIX + sum(lens)}")
-    low, off = np.empty((size, keep, n), np.uint64), PREFIX
-    for i in range(keep):
-        low[:, i] = unpack_bits(payload[off:off + lens[i]], widths[i], size * n).reshape(size, n)
-        off += lens[i]
+    low = _unpack(payload, PREFIX, (head["size"], keep, head["n"]), widths, "switched")
     if any(int(low[:, i].max()) >= int(moduli[i]) for i in range(keep)):
         raise SerializationError("ciphertext: a coefficient is not below its prime")
-    return payload[:PREFIX] + lift_up(low, moduli, k).tobytes()
+    return payload[:PREFIX] + lift_up(low, moduli, head["k"]).tobytes()
 
 
 def to_seeded(raw: bytes, seed: bytes, widths) -> bytes:
     """A fresh symmetric ciphertext whose c1 is ``expand_seed(seed)`` -> prefix | seed | packed c0."""
-    head = read_prefix(raw)
-    words = np.frombuffer(raw, np.uint64, offset=PREFIX).reshape(head["size"], head["k"], head["n"])
-    return raw[:PREFIX] + seed + b"".join(pack_bits(words[0, i], widths[i]) for i in range(head["k"]))
+    return raw[:PREFIX] + seed + _pack(_words(raw)[:1], widths)
 
 
 def from_seeded(payload: bytes, head: dict, widths, moduli) -> bytes:
@@ -228,13 +230,6 @@ def from_seeded(payload: bytes, head: dict, widths, moduli) -> bytes:
     k, n = head["k"], head["n"]
     if head["size"] != 2:
         raise SerializationError(f"ciphertext: {head['size']} polynomials, expected 2")
-    lens = [packed_len(n, widths[i]) for i in range(k)]
-    if len(payload) != PREFIX + SEED_BYTES + sum(lens):
-        raise SerializationError(f"ciphertext: seeded payload of {len(payload)} bytes, "
-                                 f"expected {PREFIX + SEED_BYTES + sum(lens)}")
-    words, off = np.empty((2, k, n), np.uint64), PREFIX + SEED_BYTES
-    for i in range(k):
-        words[0, i] = unpack_bits(payload[off:off + lens[i]], widths[i], n)
-        off += lens[i]
-    words[1] = expand_seed(payload[PREFIX:PREFIX + SEED_BYTES], moduli[:k], n)
-    return payload[:PREFIX] + words.tobytes()
+    c0 = _unpack(payload, PREFIX + SEED_BYTES, (1, k, n), widths, "seeded")
+    c1 = expand_seed(payload[PREFIX:PREFIX + SEED_BYTES], moduli[:k], n)
+    return payload[:PREFIX] + c0.tobytes() + c1.tobytes()

@@ -48,7 +48,7 @@ def servers(saved, dealer, tmp_path_factory):
 
 
 @pytest.mark.parametrize("workers, mode, provider, n, reveal", [
-    (1, "kv-reuse", "he", 6, "logits"), (2, "kv-reuse", "dealer", 10, "logits"),
+    (1, "kv-reuse", "he", 6, "logits"), (2, "kv-reuse", "dealer", 8, "logits"),
     (2, "recompute", "dealer", 4, "token")])  # token over 2 workers: the winners meet on worker 0 (pick)
 def test_ray_secure_greedy_equals_plaintext(servers, saved, dealer, workers, mode, provider, n, reveal):
     model = saved[1]

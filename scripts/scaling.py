@@ -21,7 +21,7 @@ at 2 workers, assumed linear in w - 1); alpha: how much client and server work o
 term is the critical path, the second the CPU bound of ``cores`` cores; rounds R and bytes B pay the
 link (rtt, bw) serially (the conservative end; ``scripts/bench_network.py`` measured the overlap).
 Predictions for 2 and 4 workers are compared with the measured ones. The GPT-2 base projection
-scales W and C from the GPT-2-width one-layer run's counts (docs/bench/gpt2_width_1layer_dcf.json) and
+scales W and C from the GPT-2-width one-layer run's counts (docs/bench/gpt2_width_1layer_wire.json) and
 the measured per-op costs (docs/bench/he_floor.json), for 1..64 workers on this machine's cores, on
 64 cores, and on the LAN/WAN profiles of issue #12.
 """
@@ -139,6 +139,10 @@ def model(args) -> None:
                       "predicted_with_measured_cpu_s": own,
                       "error_with_measured_cpu": None if own is None else own / r["median_decode_s"] - 1})
     g, g_notes = gpt2_base_inputs(p, one)
+    if args.client_growth is not None:  # the client's extra CPU per added worker, for the projection only
+        g["oc"] = args.client_growth
+        g_notes = g_notes + [f"client CPU growth per added worker set to {args.client_growth} (--client-growth; "
+                             f"fitted on the runs: {oc:.3f})"]
     ws = [1, 2, 4, 8, 12, 16, 32, 64]
     proj = {prof: {str(c): [dict(workers=w, **predict(g, w, c, *PROFILES[prof])) for w in ws] for c in (cores, 64)}
             for prof in PROFILES}
@@ -166,13 +170,15 @@ def gpt2_base_inputs(p: dict, one: dict) -> tuple[dict, list[str]]:
     from cryptogen.he.params import HEConfig
     from cryptogen.model import GPTConfig
     from cryptogen.secure_plan import embed_plan, embed_shards, head_plan
-    g1 = json.loads((ROOT / "docs/bench/gpt2_width_1layer_dcf.json").read_text())["contexts"][0]["kv-reuse"]
+    g1 = json.loads((ROOT / "docs/bench/gpt2_width_1layer_wire.json").read_text())["contexts"][0]["kv-reuse"]
     fl = json.loads((ROOT / "docs/bench/he_floor.json").read_text())
     cfg, n = GPTConfig(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12), HEConfig().n
     shards, ep, hp = len(embed_shards(cfg)), embed_plan(cfg, n), head_plan(cfg, n)
     vocab = {"ct_pt_mul": shards * ep.decode_ct_pt + hp.decode_ct_pt,
              "rotations": shards * ep.decode_rotations() + hp.decode_rotations()}
-    ct_bytes = g1.get("kv_cache_after_prefill", {}).get("bytes", 0) / max(1, g1.get("kv_cache_after_prefill", {}).get("ciphertexts", 1))
+    # a ciphertext on the wire (cryptogen/he/wire.py): seeded up, switched down; the two differ by 0.03 %
+    from cryptogen.he import wire
+    ct_bytes = wire.PREFIX + wire.SEED_BYTES + sum(wire.packed_len(n, b) for b in HEConfig().qi_sizes[:-1])
     vocab_bytes = (2 * shards * ep.decode_outputs + 1 + hp.decode_outputs) * ct_bytes  # one-hots up, H2S down
     ops = g1["he_ops_per_token"]
     layer = {k: ops[k] - vocab[k] for k in vocab}
@@ -199,7 +205,7 @@ def gpt2_base_inputs(p: dict, one: dict) -> tuple[dict, list[str]]:
          "R": R, "B": B, "alpha": p["alpha"], "ops": ops12, "vocab_ops": vocab, "layer_ops": layer,
          "layer_rounds": layer_rounds, "head_rounds": head_rounds, "layer_bytes": layer_bytes, "vocab_bytes": vocab_bytes, "unit_costs_s": unit}
     notes = ["per layer: the one-layer GPT-2-width run (context 16) minus its vocabulary part, whose ct×pt and "
-             "rotations come from the public plans (embed_plan x shards, head_plan) and bytes from its ciphertexts",
+             "rotations come from the public plans (embed_plan x shards, head_plan) and bytes from its ciphertexts (wire forms)",
              "rounds per layer and head measured in process at GPT-2 base's heads and LayerNorm range "
              "(docs/bench/rounds.json, moved to context 128 by the softmax's extra tree levels); the vocabulary's "
              "rounds: the one-layer GPT-2-width run minus that layer", "ct×pt and rotation at Pyfhel's measured medians (he_floor.json); the rest of the "
@@ -252,7 +258,12 @@ def main() -> None:
     p = sub.add_parser("model")
     p.add_argument("--runs", default="docs/bench/scaling_runs.json")
     p.add_argument("--out", default="docs/bench/scaling.json")
+    p.add_argument("--client-growth", type=float, default=None,
+                   help="the client's extra CPU per added worker in the GPT-2 projection (default: fitted from "
+                        "the 1- and 2-worker runs, which on 2 cores includes their contention)")
     args = ap.parse_args()
+    if args.cmd == "model" and args.client_growth is not None and not 0 <= args.client_growth <= 10:
+        ap.error("--client-growth must be in [0, 10]")
     if args.cmd == "measure" and (min(args.workers) < 1 or args.workers[0] != 1 or args.context < 1 or args.tokens < 1):
         ap.error("--workers must start with 1 (the model is fitted on it), --context and --tokens >= 1")
     (measure if args.cmd == "measure" else model)(args)

@@ -333,8 +333,10 @@ def main() -> None:
         with remote.connect(opts.connection_file) as c:
             cfg = c.cfg
             ids = []
-            while len(ids) < a.context:
+            while c.tokenizer is not None and len(ids) < a.context:
                 ids += c.encode(LOREM)
+            if c.tokenizer is None:  # a checkpoint without a tokenizer (cryptogen init): fixed token ids
+                ids = [(1 + 7919 * i) % cfg.vocab_size for i in range(a.context)]
             ids = ids[:a.context]
         dealer_file = str(dealer.client_file) if dealer else None
         runs, summary = {}, {}

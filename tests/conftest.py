@@ -1,9 +1,17 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Servers, clients and the demand model keep state under XDG folders: the suite gets its own, one
+# per pytest process (pytest-xdist runs two), so it neither reads nor changes the user's.
+for _var in ("XDG_STATE_HOME", "XDG_CACHE_HOME"):
+    os.environ[_var] = _dir = tempfile.mkdtemp(prefix=f"cryptogen-test-{_var[4:-5].lower()}-")
+    atexit.register(shutil.rmtree, _dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

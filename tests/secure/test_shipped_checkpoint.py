@@ -39,3 +39,4 @@ def test_shipped_wikitext2_checkpoint_equals_plaintext():
     assert tokens == plain_greedy(model, prompt, 3)
     assert_logits_close(runner.client.logit_history, model, prompt, tokens, TOL)
 
+

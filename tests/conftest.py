@@ -29,13 +29,3 @@ def dealer(tmp_path_factory):
     server = DealerServer(listen="127.0.0.1:0", state_dir=str(d / "state"), out_dir=str(d)).start()
     yield server
     server.stop()
-
-
-def pytest_collection_modifyitems(config, items):
-    """Files with the most end-to-end (``slow``) tests first, each file's own order kept: bin/test
-    hands whole files to two pytest processes in this order, so the long files start early and
-    the short ones fill the end (longest first), instead of one process running a long file alone."""
-    slow: dict = {}
-    for item in items:
-        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: -slow[item.path])

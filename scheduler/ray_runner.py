@@ -10,6 +10,7 @@ naming the worker, if an actor died.
 from __future__ import annotations
 
 import os
+import time
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -23,6 +24,23 @@ MAX_RESTARTS = -1  # a long-lived server: Ray restarts a worker whose process di
 # 800-920 MB where 2 arenas hold 555-620 MB (scripts/soak.py, docs/RELIABILITY.md). The server's
 # environment may set another value.
 WORKER_ENV = {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
+RESTART_WAIT_S = 120.0  # how long a repeatable call waits for a restarting worker to come back
+
+
+def through_restarts(call, wait: float = RESTART_WAIT_S, pause: float = 0.5, clock=time.monotonic,
+                     sleep=time.sleep):
+    """``call()`` (a ``ray.get`` of calls that are safe to repeat), repeated while a worker is
+    restarting. A call sent in the moment a worker's process dies, before Ray has marked it dead,
+    fails with ``RayActorError`` even though Ray is about to restart it (seen under load: a second
+    session recovering from the same kill); after ``wait`` seconds the error stands."""
+    deadline = clock() + wait
+    while True:
+        try:
+            return call()
+        except ray.exceptions.RayActorError:
+            if clock() >= deadline:
+                raise
+            sleep(pause)
 
 
 class WorkerDied(RuntimeError):
@@ -58,11 +76,11 @@ class ServerPool:
 
     def refresh(self) -> list[tuple[str, int]]:
         """Every worker's (incarnation, pid) now (waits for a restarting actor to come back;
-        ``RayActorError`` if it is out of restarts). A restarted worker listens on a new port: the
-        link addresses are read again when an incarnation changed."""
-        now = ray.get([w.identity.remote() for w in self.workers])
+        ``RayActorError`` if it is out of restarts or not back in ``RESTART_WAIT_S``). A restarted
+        worker listens on a new port: the link addresses are read again when an incarnation changed."""
+        now = through_restarts(lambda: ray.get([w.identity.remote() for w in self.workers]))
         if now != self.identities:
-            self.addresses = ray.get([w.address.remote() for w in self.workers])
+            self.addresses = through_restarts(lambda: ray.get([w.address.remote() for w in self.workers]))
             self.identities = now
         return now
 

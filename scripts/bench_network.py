@@ -20,6 +20,13 @@ Modes:
            decode steps under each profile in turn (the relays are reshaped between steps; the
            shaped offline / prefill times are predicted by the model below). For long prompts,
            whose shaped prefill would take too long on a shared machine.
+  filled   session mode without the prefill: the server's KV caches start with ``--context``
+           positions, encryptions of zero under the client's public key made server-side
+           (``zero_caches``), and every step is a decode step, the first at position
+           ``--context``. A decode step's HE work, rounds and bytes depend on the cache's length,
+           not on its values, so this measures GPT-2 base at 128 context without its prefill
+           (token by token, ~7 h here until #11's batched prefill). The tokens are not
+           meaningful; dealer provider only (the dealer-free forecast expects a prefill).
 Per step: the client's rounds and payload bytes (its channels' own counters, control connection
 included), the bytes the relays forwarded (TLS records) and the relay process's CPU seconds.
 Model check against the loopback run: predicted = loopback seconds + rounds * RTT + bytes * 8 /
@@ -30,6 +37,8 @@ rounds * RTT / 2 + max(bytes each way) * 8 / rate (both parties send, then both 
         --out docs/bench/network.json
     nice -n 5 .venv/bin/python scripts/bench_network.py --mode session --providers dealer --context 128 \
         --tokens 3 --out docs/bench/network.json
+    nice -n 5 .venv/bin/python scripts/bench_network.py --mode filled --providers dealer --model /tmp/g2full \
+        --context 127 --tokens 1 --frame-cap-mib 512 --out docs/bench/network_gpt2.json
 """
 from __future__ import annotations
 
@@ -125,10 +134,11 @@ def _delta(a: dict, b: dict) -> dict:
     return {k: b[k] - a[k] for k in b}
 
 
-def run_session(conn_file: str, dealer_file, ids, provider: str, key: str, plan, relays) -> dict:
+def run_session(conn_file: str, dealer_file, ids, provider: str, key: str, plan, relays, filled: bool = False) -> dict:
     """One session of len(plan) steps: ``plan[i]`` = (profile, shape) of step i (0: the prefill,
-    and the offline phase before it; then decode steps). Every link goes through a relay of
-    ``key`` (shape (0, inf) for loopback: the relay's own cost is in every profile)."""
+    and the offline phase before it; then decode steps; ``filled``: decode steps only, the first at
+    position len(ids), on the server's zero caches). Every link goes through a relay of ``key``
+    (shape (0, inf) for loopback: the relay's own cost is in every profile)."""
     import cryptogen.client.remote as remote
     from cryptogen.client.runner import ClientRunner
 
@@ -181,7 +191,7 @@ def run_session(conn_file: str, dealer_file, ids, provider: str, key: str, plan,
     def on_step(t):
         marks.append(snap())
         i = len(steps)
-        T = len(ids) if i == 0 else 1
+        T = len(ids) if i == 0 and not filled else 1
         steps.append(dict(profile=profile_of[i], phase=t.phase, position=t.position, T=T, seconds=round(t.seconds, 3),
                           stages=dict(by_stage)))
         by_stage.clear()
@@ -193,7 +203,8 @@ def run_session(conn_file: str, dealer_file, ids, provider: str, key: str, plan,
     try:
         with remote.connect(conn_file, dealer=dealer_file, timeout=120) as c:
             start = snap()
-            out = list(c.generate(ids, len(shape_of), provider=provider, on_step=on_step))
+            out = (_decode_after(c, ids, len(shape_of), on_step) if filled
+                   else list(c.generate(ids, len(shape_of), provider=provider, on_step=on_step)))
             offline_s, forecast = c.last_offline_s, c.last_forecast
             demand = {k: v for k, v in c.demand["token"].obs.items() if k.startswith("0/")}  # worker 0's
     finally:
@@ -220,6 +231,62 @@ def run_session(conn_file: str, dealer_file, ids, provider: str, key: str, plan,
                 link_totals={k: dict(_chan_totals(v), links=len(v)) for k, v in links.items()},
                 setup_bytes_to_server=sum(v["sent"] for v in setup.values()),
                 setup_bytes_to_client=sum(v["recv"] for v in setup.values()), steps=steps, consumed=used)
+
+
+def _decode_after(c, ids, n: int, on_step) -> list[int]:
+    """``n`` decode steps, the first at position len(ids), on caches the server filled (``zero_caches``)."""
+    from cryptogen.net.control import Forward
+    from cryptogen.sampling import SamplingConfig
+    P = len(ids)
+    ids = list(ids) + [ids[-1]]  # the token at position P (the first step's input)
+    steps = [Forward(P + i, 1, "token") for i in range(n)]
+    with c._session(ids, SamplingConfig(), "kv-reuse", "dealer", steps) as s:
+        for f in steps:
+            s.step(f, "decode", on_step)
+        return s.session.tokens[P + 1:]
+
+
+def zero_caches(gw, positions: int) -> None:
+    """Server side, bench only: a session opens with every worker's KV caches holding
+    ``positions`` positions, encryptions of zero under the client's public context (what the
+    server has; no secret), restored like a checkpoint (``WorkerActor.restore``) before the
+    client gets its links, so no step's time includes it."""
+    import numpy as np
+
+    from cryptogen.he.engine import ServerEngine
+    from cryptogen.he.keys import PublicContext
+    from cryptogen.he.kvcache import EncryptedKVCache
+    from cryptogen.server.session import ServerSession
+
+    orig = ServerSession.open_epoch
+
+    def caches(sess) -> list:
+        engine = ServerEngine(PublicContext.from_bytes(sess.public_context, gw.he_config))
+        zero = np.zeros(engine.config.n, np.int64)
+        out = []
+        for wp in gw.plan.workers:
+            blobs = {}
+            for sh in wp.shards:
+                for h in sh.heads:
+                    cache = EncryptedKVCache(engine, gw.cfg.d_head, sh.layer, h)
+                    n_ct = -(-positions // cache.layout.tpc)
+                    cache.k = [engine.encrypt(zero) for _ in range(n_ct)]
+                    cache.v = [engine.encrypt(zero) for _ in range(n_ct)]
+                    cache.length = positions
+                    blobs[f"{sh.layer}/{h}"] = cache.to_bytes()
+            out.append(({"exports": 0}, blobs))
+        return out
+
+    def open_epoch(sess, pool, restore=None):
+        links = orig(sess, pool, restore)
+        if restore is None and sess.cached == 0:
+            t0 = time.perf_counter()
+            pool.restore(sess.wsid, caches(sess))
+            sess.cached = positions
+            print(f"[bench_network] caches of {positions} positions filled in {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr, flush=True)
+        return links
+    ServerSession.open_epoch = open_epoch
 
 
 def _nbytes(s) -> int:
@@ -290,10 +357,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=3, help="decode steps per profile")
     ap.add_argument("--providers", default="he", help="comma-separated: he, dealer")
     ap.add_argument("--profiles", default="loopback,lan,wan")
-    ap.add_argument("--mode", default="full", choices=("full", "session"),
+    ap.add_argument("--mode", default="full", choices=("full", "session", "filled"),
                     help="full: one session per profile, every byte shaped (offline, prefill, decode); session: "
                          "one session per provider, offline and prefill on loopback, then --tokens decode steps "
-                         "under each profile in turn (shaped offline/prefill times predicted by the model)")
+                         "under each profile in turn (shaped offline/prefill times predicted by the model); "
+                         "filled: as session, without the prefill (the server's caches start with --context "
+                         "positions of encrypted zeros; dealer only)")
     ap.add_argument("--frame-cap-mib", type=int, default=None,
                     help="raise the data links' frame cap (control.link_cap, both sides: computed in this process) "
                          "to at least this; at 128 prompt tokens the prefill's GELU opening of this model is 24.8 MB, "
@@ -304,6 +373,8 @@ def main() -> None:
     if not set(providers) <= {"he", "dealer"} or not set(profiles) <= {"loopback", *PROFILES} \
             or "loopback" not in profiles:
         ap.error(f"--providers: he, dealer; --profiles: loopback and any of {', '.join(PROFILES)}")
+    if a.mode == "filled" and providers != ["dealer"]:
+        ap.error("--mode filled runs with --providers dealer only")
     profiles = ["loopback"] + [p for p in profiles if p != "loopback"]
     shapes = {p: PROFILES.get(p, (0.0, float("inf"))) for p in profiles}
 
@@ -326,6 +397,8 @@ def main() -> None:
                         dealer=str(dealer.server_file) if dealer else None)
     t_start = time.perf_counter()
     gw, pool, _, _ = start(opts)
+    if a.mode == "filled":
+        zero_caches(gw, a.context)
     relays = Relays()
     log = lambda m: print(f"[bench_network] {m}", file=sys.stderr, flush=True)  # noqa: E731
     try:
@@ -346,12 +419,13 @@ def main() -> None:
                 run_session(opts.connection_file, dealer_file, ids[:4], provider, "calibration",
                             [("loopback", shapes["loopback"])] * 4, relays)
                 log(f"he: demand forecast calibrated in {time.perf_counter() - t0:.0f} s")
-            if a.mode == "session":
+            if a.mode in ("session", "filled"):
                 t0 = time.perf_counter()
                 # decode steps round-robin over the profiles: a load spike on the shared machine hits all alike
-                plan = [("loopback", shapes["loopback"])] + [(p, shapes[p]) for _ in range(a.tokens) for p in profiles]
+                plan = [("loopback", shapes["loopback"])] * (a.mode == "session") + \
+                    [(p, shapes[p]) for _ in range(a.tokens) for p in profiles]
                 rec = runs[provider] = run_session(opts.connection_file, dealer_file, ids, provider, "session",
-                                                   plan, relays)
+                                                   plan, relays, filled=a.mode == "filled")
                 base = None
                 for p in profiles:
                     s = summary[f"{provider}/{p}"] = summarize([st for st in rec["steps"] if st["profile"] == p],

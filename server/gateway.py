@@ -202,7 +202,7 @@ class Gateway:
             raise control.ProtocolError(f"the session cannot resume at position {cached}; start a new generation")
         sess.checkpoints = [ckpt]
         try:
-            links = sess.open_epoch(self.pool, restore=ckpt)
+            links = self._reopen(sess, ckpt)
         except BaseException:
             self._free(sess)
             raise
@@ -336,13 +336,24 @@ class Gateway:
         if not restarted or sess.retries >= MAX_RETRIES:
             raise err
         sess.retries += 1
-        links = sess.open_epoch(self.pool, restore=sess.latest())
+        links = self._reopen(sess, sess.latest())
         who = ", ".join(map(str, restarted))
         self.stats.recovered("worker")
         control.send(chan, "retry", cached=sess.cached, links=links,
                      reason=f"server worker {who} was restarted; the step is redone")
         self._wait_links(chan, self.pool.connect(sess.wsid, self._providers(sess)))
         return RayRunner(self.pool, sess.wsid)
+
+    def _reopen(self, sess: ServerSession, ckpt) -> list[dict]:
+        """A new epoch from ``ckpt``; opened again (after freeing what the attempt opened) when a
+        worker's process dies while it opens."""
+        for attempt in range(MAX_RETRIES + 1):
+            try:
+                return sess.open_epoch(self.pool, restore=ckpt)
+            except ray.exceptions.RayActorError:
+                sess.close_epoch(self.pool)
+                if attempt == MAX_RETRIES:
+                    raise
 
 
 def _cause(err: BaseException) -> str:

@@ -80,7 +80,7 @@ def test_recompute_beyond_limit_is_marked_skipped(checkpoint, tmp_path):
 
 def test_ray_backend_measures_a_local_server(checkpoint, tmp_path):
     out = tmp_path / "ray" / "bench.json"
-    res = bench("--model", checkpoint, "--ray", "--contexts", 4, "--tokens", 1, "--workers", 1,
+    res = bench("--model", checkpoint, "--ray", "--contexts", 2, "--tokens", 1, "--workers", 1,
                 "--recompute-max-context", 0, "--sweep-backend", "ray", "--out", out)
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
@@ -96,7 +96,7 @@ def test_ray_backend_measures_a_local_server(checkpoint, tmp_path):
     cpu = m["cpu_s_per_token"]
     assert set(cpu) == {"client", "workers", "gateway", "ray"} and cpu["client"] > 0 and cpu["workers"] > 0
     assert row["recompute"] == {"skipped": "too slow (--recompute-max-context)"}
-    (sweep,) = report["workers"]  # the sweep point (1 worker, context 4) is the table's, measured once
+    (sweep,) = report["workers"]  # the sweep point (1 worker, context 2) is the table's, measured once
     assert sweep["backend"] == "ray" and sweep["speedup"] == 1.0 and sweep["cpu_s_per_token"] == cpu
     md = (out.parent / "bench.md").read_text()
     assert "client / workers / gateway / ray" in md

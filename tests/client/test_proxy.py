@@ -245,20 +245,20 @@ def test_streaming_sends_one_event_per_token_as_generated_with_logit_bias(proxy,
 def test_chat_uses_the_plain_text_template(proxy, greedy):
     from cryptogen.client.openai_api import chat_prompt
 
-    messages = [{"role": "user", "content": "Why?"}]
+    messages = [{"role": "user", "content": "?"}]  # short: the prompt's prefill is most of the time
     ids = list(chat_prompt(messages).encode())
-    assert ids == list(b"User: Why?\nAssistant:")
-    out = proxy.client().chat.completions.create(model="wikitext2", messages=messages, max_tokens=2, temperature=0)
+    assert ids == list(b"User: ?\nAssistant:")
+    out = proxy.client().chat.completions.create(model="wikitext2", messages=messages, max_tokens=1, temperature=0)
     assert out.choices[0].message.role == "assistant"
-    assert out.choices[0].message.content == byte_tokenizer().decode(greedy(ids, 2))
-    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 2
+    assert out.choices[0].message.content == byte_tokenizer().decode(greedy(ids, 1))
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 1
 
 
 @pytest.mark.slow
 def test_two_concurrent_streams_and_a_third_request_gets_429(proxy, greedy):
     import openai
 
-    prompts, n = ([9, 100, 4], [42, 7, 19]), 4
+    prompts, n = ([9, 100, 4], [42, 7, 19]), 3
     got, first, errors = {}, [threading.Event(), threading.Event()], []
 
     def stream(i):

@@ -21,7 +21,7 @@ import pytest
 
 from test_ray_start import PROMPT, ROOT, Serve, clean_env, greedy, tiny_folder  # noqa: F401 (fixture)
 
-NEW = 4
+NEW = 2  # a prefill and one cached decode step
 
 pytestmark = [pytest.mark.slow]
 try:

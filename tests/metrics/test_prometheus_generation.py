@@ -21,7 +21,7 @@ from prom import prometheus  # noqa: F401  (a fixture)
 pytestmark = pytest.mark.slow
 
 TINY = GPTConfig(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=2)
-N_NEW = 3
+N_NEW = 2  # a prefill and a decode step
 
 
 @pytest.fixture(scope="module")

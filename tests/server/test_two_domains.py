@@ -24,18 +24,19 @@ pytestmark = pytest.mark.slow
 
 
 def test_client_without_ray_gets_plaintext_greedy_for_two_prompts(server, greedy):
-    """Default provider (dealer-free he); the client process has Ray unimportable."""
+    """Default provider (dealer-free he); the client process has Ray unimportable. The first prompt: a
+    prefill and a decode step; the second, a second session on the same connection (its prefill)."""
     code = f"""
 import json
 from cryptogen.client.remote import connect
 with connect({str(server.conn_file)!r}) as c:
-    out = [list(c.generate(p, 3)) for p in {list(map(list, PROMPTS[:2]))!r}]
+    out = [list(c.generate(p, n)) for p, n in zip({list(map(list, PROMPTS[:2]))!r}, (2, 1))]
 assert sys.modules['ray'] is None
 print(json.dumps(out))
 """
     r = run_client(code)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout.splitlines()[-1]) == [greedy(p, 3) for p in PROMPTS[:2]]
+    assert json.loads(r.stdout.splitlines()[-1]) == [greedy(PROMPTS[0], 2), greedy(PROMPTS[1], 1)]
 
 
 def test_wrong_api_key_is_refused_with_one_line_and_no_work(server, tmp_path):

@@ -29,15 +29,15 @@ def bench(*args):
 
 def test_bench_reports_both_modes_counts_memory_and_plots(checkpoint, tmp_path):
     out = tmp_path / "bench" / "bench.json"
-    res = bench("--model", checkpoint, "--contexts", "4,8", "--tokens", 1, "--workers", 1,
+    res = bench("--model", checkpoint, "--contexts", "2,5", "--tokens", 1, "--workers", 1,
                 "--sweep-backend", "inprocess", "--out", out)
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     meta = report["meta"]
     assert meta["machine"]["nproc"] >= 1 and meta["machine"]["cpu_model"] and meta["date"]
-    assert meta["command"].startswith("cryptogen bench") and "--contexts 4,8" in meta["command"]
+    assert meta["command"].startswith("cryptogen bench") and "--contexts 2,5" in meta["command"]
     rows = report["contexts"]
-    assert [r["context"] for r in rows] == [4, 8]
+    assert [r["context"] for r in rows] == [2, 5]
     for r in rows:
         for mode in ("kv-reuse", "recompute"):
             m = r[mode]
@@ -48,13 +48,13 @@ def test_bench_reports_both_modes_counts_memory_and_plots(checkpoint, tmp_path):
         assert r["ratio"] > 0
         # recompute re-runs the whole prefix: strictly more HE work per token than kv-reuse
         assert r["recompute"]["he_ops_per_token"]["ct_pt_mul"] > r["kv-reuse"]["he_ops_per_token"]["ct_pt_mul"]
-    # kv-reuse grew one session's cache: context 8 prefilled only the 3 tokens after 4 + 1 decoded
-    assert [r["kv-reuse"]["prefill_tokens"] for r in rows] == [4, 3]
-    kv4, kv8 = rows[0]["kv_cache"], rows[1]["kv_cache"]
-    # allocation is whole ciphertexts (tokens_per_ciphertext >> 8 here); the occupied bytes grow with context
-    assert 0 < kv4["bytes"] <= kv8["bytes"] and kv4["ciphertexts"] > 0
-    assert kv8["bytes_used"] > kv4["bytes_used"] > 0
-    assert kv4["marginal_bytes_per_token_per_layer"] == kv8["marginal_bytes_per_token_per_layer"] > 0
+    # kv-reuse grew one session's cache: context 5 prefilled only the 2 tokens after 2 + 1 decoded
+    assert [r["kv-reuse"]["prefill_tokens"] for r in rows] == [2, 2]
+    kv_short, kv_long = rows[0]["kv_cache"], rows[1]["kv_cache"]
+    # allocation is whole ciphertexts (tokens_per_ciphertext >> 5 here); the occupied bytes grow with context
+    assert 0 < kv_short["bytes"] <= kv_long["bytes"] and kv_short["ciphertexts"] > 0
+    assert kv_long["bytes_used"] > kv_short["bytes_used"] > 0
+    assert kv_short["marginal_bytes_per_token_per_layer"] == kv_long["marginal_bytes_per_token_per_layer"] > 0
     # recompute work grows with context; kv-reuse linear-layer work does not
     assert (rows[1]["recompute"]["he_ops_per_token"]["ct_pt_mul"]
             > rows[0]["recompute"]["he_ops_per_token"]["ct_pt_mul"])
@@ -65,7 +65,7 @@ def test_bench_reports_both_modes_counts_memory_and_plots(checkpoint, tmp_path):
         assert path.is_file() and path.stat().st_size > 0, name
     assert (out.parent / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out.parent / "bench.md").read_text()
-    assert "| 4 |" in md and "| 8 |" in md and "recompute / kv-reuse" in md and md in res.output
+    assert "| 2 |" in md and "| 5 |" in md and "recompute / kv-reuse" in md and md in res.output
 
 
 def test_recompute_beyond_limit_is_marked_skipped(checkpoint, tmp_path):

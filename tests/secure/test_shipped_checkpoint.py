@@ -34,9 +34,9 @@ def test_shipped_wikitext2_checkpoint_equals_plaintext():
     folder = resolve_model("wikitext2")
     model = GPT.from_pretrained(folder).eval()
     prompt = Tokenizer.from_file(str(folder / "tokenizer.json")).encode("The history of the").ids
-    runner = _secure(model, prompt, 3)
+    runner = _secure(model, prompt, 2)  # the prefill and a decode step
     tokens = runner.client.generated
-    assert tokens == plain_greedy(model, prompt, 3)
+    assert tokens == plain_greedy(model, prompt, 2)
     assert_logits_close(runner.client.logit_history, model, prompt, tokens, TOL)
 
 

@@ -16,27 +16,46 @@ from conftest import PROMPTS, ROOT, run_client
 
 from cryptogen.client.remote import ConnectError, connect
 from cryptogen.mpc.errors import ChannelError
-from cryptogen.net import channel as net_channel
 from cryptogen.net import control
 from cryptogen.net.channel import dial, frame
 
 pytestmark = pytest.mark.slow
 
 
-def test_client_without_ray_gets_plaintext_greedy_for_two_prompts(server, greedy):
-    """Default provider (dealer-free he); the client process has Ray unimportable. The first prompt: a
-    prefill and a decode step; the second, a second session on the same connection (its prefill)."""
+@pytest.fixture(scope="module")
+def no_ray_client(server):
+    """One run of a client process where Ray cannot be imported, default provider (dealer-free he):
+    the first prompt a prefill and a decode step, the second a second session on the same
+    connection (its prefill). Every byte the client sends is tapped (``SEND_TAP``) and searched
+    there for its secret key; the process prints its tokens and what the search found."""
     code = f"""
 import json
+from cryptogen.net import channel
+sent = []
+channel.SEND_TAP = sent.append
 from cryptogen.client.remote import connect
 with connect({str(server.conn_file)!r}) as c:
     out = [list(c.generate(p, n)) for p, n in zip({list(map(list, PROMPTS[:2]))!r}, (2, 1))]
+    sk, public = c.keys.secret_key_bytes(), c.keys.public_context_bytes()
 assert sys.modules['ray'] is None
-print(json.dumps(out))
+data = b"".join(sent)
+tap = dict(public_seen=public[-4096:] in data, sk_bytes=len(sk),
+           sk_found=[part in data for part in (sk, sk[-4096:], sk[64:4160])])
+print(json.dumps(dict(tokens=out, tap=tap)))
 """
     r = run_client(code)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout.splitlines()[-1]) == [greedy(PROMPTS[0], 2), greedy(PROMPTS[1], 1)]
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_client_without_ray_gets_plaintext_greedy_for_two_prompts(no_ray_client, greedy):
+    assert no_ray_client["tokens"] == [greedy(PROMPTS[0], 2), greedy(PROMPTS[1], 1)]
+
+
+def test_the_client_never_sends_its_secret_key(no_ray_client):
+    tap = no_ray_client["tap"]
+    assert tap["public_seen"]  # the tap saw the sessions' traffic
+    assert tap["sk_bytes"] > 4096 and tap["sk_found"] == [False, False, False]
 
 
 def test_wrong_api_key_is_refused_with_one_line_and_no_work(server, tmp_path):
@@ -75,8 +94,7 @@ def test_hijacker_who_connects_first_is_rejected_and_the_session_is_unaffected(s
 
     monkeypatch.setattr(remote._Session, "_open_links", hijack_first)
     with connect(server.conn_file, dealer=dealer.client_file) as c:
-        assert list(c.generate(PROMPTS[0], 3, provider="dealer")) == \
-            greedy(PROMPTS[0], 3)
+        assert list(c.generate(PROMPTS[0], 2, provider="dealer")) == greedy(PROMPTS[0], 2)
     link = seen["links"][0]  # a replay of the real, already used token is refused too
     ch = dial(link["host"], link["port"], info["cert"], info["fingerprint"])
     ch.send_bytes(frame(np.frombuffer(link["tokens"]["online"].encode(), np.uint8)))
@@ -101,7 +119,7 @@ def test_bad_frames_end_only_their_sessions(server, dealer, greedy):
     def honest():
         try:
             with connect(server.conn_file, dealer=dealer.client_file) as c:
-                out["tokens"] = list(c.generate(PROMPTS[1], 4, provider="dealer"))
+                out["tokens"] = list(c.generate(PROMPTS[1], 3, provider="dealer"))
         except Exception as e:  # noqa: BLE001 - asserted below
             errors.append(e)
     th = threading.Thread(target=honest)
@@ -119,7 +137,7 @@ def test_bad_frames_end_only_their_sessions(server, dealer, greedy):
             finally:
                 s.__exit__(None, None, None)
     th.join(300)
-    assert not errors and out["tokens"] == greedy(PROMPTS[1], 4)
+    assert not errors and out["tokens"] == greedy(PROMPTS[1], 3)
 
 
 def test_killed_client_frees_its_session_within_30s(server, dealer):
@@ -147,17 +165,6 @@ for t in c.generate([1, 2, 3], 40, provider="dealer"):
     finally:
         if proc.poll() is None:
             proc.kill()
-
-
-def test_the_client_never_sends_its_secret_key(server, dealer, greedy, monkeypatch):
-    sent = []
-    monkeypatch.setattr(net_channel, "SEND_TAP", sent.append)
-    with connect(server.conn_file, dealer=dealer.client_file) as c:
-        assert list(c.generate(PROMPTS[0], 2)) == greedy(PROMPTS[0], 2)
-        sk, public = c.keys.secret_key_bytes(), c.keys.public_context_bytes()
-    data = b"".join(sent)
-    assert public[-4096:] in data  # the tap saw the session's traffic
-    assert len(sk) > 4096 and sk not in data and sk[-4096:] not in data and sk[64:4160] not in data
 
 
 def test_bad_connection_details_give_one_line_errors(server, tmp_path):

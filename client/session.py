@@ -21,7 +21,7 @@ from cryptogen.mpc.compare import trunc
 from cryptogen.mpc.gelu import gelu
 from cryptogen.mpc.layernorm import layernorm
 from cryptogen.sampling import Sampler, SamplingConfig
-from cryptogen.twoparty import (kv_append_client, kv_prefill_client, linear_client,
+from cryptogen.twoparty import (PROBS_EXTRA_BITS, kv_append_client, kv_prefill_client, linear_client,
                                 scores_client, scores_prefill_client, softmax_heads, values_client,
                                 values_prefill_client)
 
@@ -139,19 +139,20 @@ class ClientSession:
     def _attention_one(self, p, shard, start: int) -> np.ndarray:
         lay = sp.layer_layouts(self.cfg, len(shard.heads), shard.ff_width, self.n)
         f, dh, nh, T = self.fp.frac_bits, self.cfg.d_head, len(shard.heads), self.h_c.shape[0]
-        qkv = trunc(p, self._linear(p, lay.qkv, self.h_c), f)
+        fw = f + sp.WEIGHT_EXTRA_BITS  # the layers' weights' scale (secure_plan)
+        qkv = trunc(p, self._linear(p, lay.qkv, self.h_c), fw)
         Q, K, V = qkv.reshape(T, 3, nh, dh).transpose(1, 2, 0, 3)  # each (heads, T, d_head)
         scores = np.stack([self._scores(p, start, Q[i], K[i], V[i]) for i in range(nh)])
         probs = softmax_heads(p, trunc(p, scores, f), start)
         ctx = np.stack([self._values(p, start, probs[i]) for i in range(nh)])
-        ctx = trunc(p, ctx.transpose(1, 0, 2).reshape(T, nh * dh), f)
-        return trunc(p, self._linear(p, lay.o, ctx), f)
+        ctx = trunc(p, ctx.transpose(1, 0, 2).reshape(T, nh * dh), f + PROBS_EXTRA_BITS)
+        return trunc(p, self._linear(p, lay.o, ctx), fw)
 
     def _mlp_one(self, p, shard) -> np.ndarray:
         lay = sp.layer_layouts(self.cfg, len(shard.heads), shard.ff_width, self.n)
-        f = self.fp.frac_bits
-        h = trunc(p, self._linear(p, lay.fc1, self.h_c), f)
-        return trunc(p, self._linear(p, lay.fc2, gelu(p, h)), f)
+        fw = self.fp.frac_bits + sp.WEIGHT_EXTRA_BITS
+        h = trunc(p, self._linear(p, lay.fc1, self.h_c), fw)
+        return trunc(p, self._linear(p, lay.fc2, gelu(p, h)), fw)
 
     def _linear(self, p, plan, X_c) -> np.ndarray:
         return np.stack([linear_client(p.chan, self.role, plan, x) for x in X_c])

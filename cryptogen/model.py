@@ -233,6 +233,18 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @classmethod
+    def random(cls, cfg: GPTConfig, seed: int, weight_scale: float = 1.0) -> "GPT":
+        """A seeded random model (eval mode) with every weight matrix times ``weight_scale``: the
+        shapes of tests and accuracy scripts (x 2 makes attention less uniform)."""
+        torch.manual_seed(seed)
+        model = cls(cfg).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.mul_(weight_scale)
+        return model
+
     # --- Hugging Face checkpoints -------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
         """Write config.json + model.safetensors atomically: both are written in full to temp files in

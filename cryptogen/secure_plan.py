@@ -16,6 +16,11 @@ from .he.linear import LinearPlan, pad_rows, plan_linear, shard_cols
 from .model import GPTConfig
 
 EMBED_ROWS = 1024  # vocabulary rows per embedding shard: one output ciphertext each
+# The layers' weight matrices (W_qkv with its d_head^-1/4 attention scale, W_o, c_fc, c_proj) are encoded
+# at 2^(f + WEIGHT_EXTRA_BITS) and their products truncated by f + WEIGHT_EXTRA_BITS: at 2^f, rounding
+# W_q and W_k was a wide head's largest logit error, and GPT-2's residual projections (std 0.02/sqrt(24))
+# are ~16 ulps (docs/BENCHMARKS.md, "Accuracy"). Public: both parties truncate by the same amount.
+WEIGHT_EXTRA_BITS = 4
 
 
 @lru_cache(maxsize=None)

@@ -189,7 +189,12 @@ def values_prefill_client(chan, role: ClientRole, layout: KVLayout, start: int, 
     return np.stack([read_pv(layout, role.h2s_receive(recv_ct(chan, role))) for _ in range(len(P_c))])
 
 
+# Attention probabilities are shared at 2^(f + PROBS_EXTRA_BITS); p.V is truncated by as many bits.
+# At 2^f the rounding of p was the logit error that grows with the context (docs/BENCHMARKS.md).
+PROBS_EXTRA_BITS = 6
+
+
 def softmax_heads(p, scores: np.ndarray, start: int) -> np.ndarray:
     """Softmax over keys for (heads, T, start+T) score shares, causal within the new tokens;
-    all heads in one call (the rounds of one softmax)."""
-    return softmax(p, scores, causal=True)  # valid[i, j] = j <= start + i
+    all heads in one call (the rounds of one softmax). Output at 2^(f + PROBS_EXTRA_BITS)."""
+    return softmax(p, scores, causal=True, out_bits=p.fp.frac_bits + PROBS_EXTRA_BITS)  # valid[i, j] = j <= start + i

@@ -4,6 +4,12 @@ top-2 margin there (a greedy token can flip where the margin is below the error)
 encrypted KV cache starts a new ciphertext (every n / d_head positions).
 
     .venv/bin/python scripts/secure_error_by_position.py --n-embd 512 --n-head 1 --prompt 29 --tokens 5
+
+With ``--model NAME --window T`` (a shipped model): one secure scoring pass over the first T tokens
+of its test split (logits at every position, as ``cryptogen eval --secure``), and the max logit
+error per position range: how the error grows with the context.
+
+    .venv/bin/python scripts/secure_error_by_position.py --model wikitext2 --window 140
 """
 from __future__ import annotations
 
@@ -29,7 +35,11 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=8, help="prompt tokens (fixed ids)")
     ap.add_argument("--tokens", type=int, default=3)
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--model", help="a shipped model: score --window tokens of its test split instead")
+    ap.add_argument("--window", type=int, default=140)
     a = ap.parse_args()
+    if a.model:
+        return score_window(a.model, a.window)
 
     from cryptogen.driver import Driver
     from cryptogen.he.params import HEConfig
@@ -40,12 +50,7 @@ def main() -> None:
 
     cfg = GPTConfig(vocab_size=a.vocab, n_positions=max(64, a.prompt + a.tokens), n_embd=a.n_embd,
                     n_layer=a.n_layer, n_head=a.n_head, n_inner=a.n_inner)
-    torch.manual_seed(a.seed)
-    model = GPT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(a.scale)
+    model = GPT.random(cfg, a.seed, a.scale)
     prompt = [(5 + 37 * i) % a.vocab for i in range(a.prompt)]
     plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, 1)
     runner = InProcessRunner(model, plan, prompt)
@@ -65,6 +70,29 @@ def main() -> None:
                                      n_inner=a.n_inner, vocab=a.vocab, scale=a.scale),
                           tokens_per_kv_ciphertext=tpc, same_greedy=plain == tokens,
                           steps=rows), indent=1))
+
+
+def score_window(name: str, T: int) -> None:
+    from cryptogen import registry
+    from cryptogen.data import load_text
+    from cryptogen.driver import Driver
+    from cryptogen.plan import make_plan
+    from cryptogen.scheduler.inprocess import InProcessRunner
+
+    model, tok, _ = registry.load(name)
+    cfg = model.config
+    ids = tok.encode(load_text(name, "test")[:20000]).ids[:T]
+    plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, 1)
+    runner = InProcessRunner(model, plan, ids)
+    Driver(runner, cfg, plan).score(len(ids))
+    with torch.no_grad():
+        full = model(torch.tensor([ids]))[0][0].double().numpy()
+    err = np.abs(np.stack(runner.client.logit_history)[:len(ids)] - full).max(-1)
+    edges = [0, 10, 32, 64, 100, 128, 256, 512, 1024]
+    ranges = [(lo, min(hi, len(ids))) for lo, hi in zip(edges, edges[1:]) if lo < len(ids)]
+    print(json.dumps(dict(model=name, tokens=len(ids), max_error=round(float(err.max()), 4),
+                          by_position={f"{lo}-{hi - 1}": round(float(err[lo:hi].max()), 4) for lo, hi in ranges}),
+                     indent=1))
 
 
 if __name__ == "__main__":

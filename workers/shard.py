@@ -36,7 +36,7 @@ from cryptogen.mpc.compare import trunc
 from cryptogen.mpc.gelu import gelu
 from cryptogen.mpc.layernorm import layernorm
 from cryptogen.plan import WorkerPlan
-from cryptogen.twoparty import (kv_append_server, kv_prefill_server, linear_server,
+from cryptogen.twoparty import (PROBS_EXTRA_BITS, kv_append_server, kv_prefill_server, linear_server,
                                 scores_prefill_server, scores_server, softmax_heads, values_prefill_server,
                                 values_server)
 
@@ -169,22 +169,22 @@ class ServerShard:
                                          x_range=self.cfg.ln_range)}
 
     def attention(self, p, sid: str, layer: int, start: int, ln: dict) -> dict:
-        lw, f = self.weights.layer(layer), self.fp.frac_bits
+        lw, f, fw = self.weights.layer(layer), self.fp.frac_bits, self.fp.frac_bits + sp.WEIGHT_EXTRA_BITS
         T, nh, dh = ln["h"].shape[0], len(lw.heads), self.cfg.d_head
-        qkv = trunc(p, self._linear(p, sid, self.linears[f"qkv{layer}"], ln["h"], lw.b_qkv), f)
+        qkv = trunc(p, self._linear(p, sid, self.linears[f"qkv{layer}"], ln["h"], lw.b_qkv), fw)
         Q, K, V = qkv.reshape(T, 3, nh, dh).transpose(1, 2, 0, 3)  # each (heads, T, d_head)
         caches = [self._cache(sid, layer, h) for h in lw.heads]
         scores = np.stack([self._scores(p, sid, c, start, Q[i], K[i], V[i]) for i, c in enumerate(caches)])
         probs = softmax_heads(p, trunc(p, scores, f), start)  # (heads, T, start+T)
         ctx = np.stack([self._values(p, sid, c, start, probs[i]) for i, c in enumerate(caches)])  # (heads, T, dh)
-        ctx = trunc(p, ctx.transpose(1, 0, 2).reshape(T, nh * dh), f)
-        return {"o": trunc(p, self._linear(p, sid, self.linears[f"o{layer}"], ctx, lw.b_o), f)}
+        ctx = trunc(p, ctx.transpose(1, 0, 2).reshape(T, nh * dh), f + PROBS_EXTRA_BITS)
+        return {"o": trunc(p, self._linear(p, sid, self.linears[f"o{layer}"], ctx, lw.b_o), fw)}
 
     def mlp(self, p, sid: str, layer: int, ln: dict) -> dict:
-        lw, f = self.weights.layer(layer), self.fp.frac_bits
-        h = trunc(p, self._linear(p, sid, self.linears[f"fc1{layer}"], ln["h"], lw.b_fc1), f)
+        lw, fw = self.weights.layer(layer), self.fp.frac_bits + sp.WEIGHT_EXTRA_BITS
+        h = trunc(p, self._linear(p, sid, self.linears[f"fc1{layer}"], ln["h"], lw.b_fc1), fw)
         g = gelu(p, h)
-        return {"o": trunc(p, self._linear(p, sid, self.linears[f"fc2{layer}"], g, lw.b_fc2), f)}
+        return {"o": trunc(p, self._linear(p, sid, self.linears[f"fc2{layer}"], g, lw.b_fc2), fw)}
 
     def head(self, p, sid: str, ln: dict, reveal: str = "logits") -> dict:
         """The tied LM head on this worker's vocabulary columns. ``reveal`` "logits": sends the

@@ -1,7 +1,8 @@
 """Server-side weight shards in the field: what one worker encodes, from its WorkerPlan.
 
-Linear weights are encoded at scale 2^f (products land at 2^(2f)); biases at 2^(2f) are
-added to the server's share of a product before truncation; the 1/sqrt(d_head) attention
+The layers' weights are encoded at 2^(f + WEIGHT_EXTRA_BITS) (products land at 2^(2f + WEIGHT_EXTRA_BITS);
+the embedding and the tied LM head at 2^f); biases at the product's scale are added to the server's
+share of a product before truncation; the 1/sqrt(d_head) attention
 scale is folded into W_q, b_q and W_k, b_k, d_head^(-1/4) each. Row-sharded layers (W_o, c_proj)
 add their bias on the layer's lead worker only, so it is counted once. LayerNorm scales and biases stay
 server-private floats and enter the 2PC LayerNorm as the server's own inputs.
@@ -61,7 +62,9 @@ def model_weights(model: GPT, plan, fp: FixedPoint, holds_ends: bool, lead_layer
     ``holds_ends``: positions and the final LN; ``embed_shards`` / ``head_cols``: its embedding row
     shards and LM-head vocabulary columns (``secure_plan.embed_owners`` / ``head_columns``)."""
     cfg, tr = model.config, model.transformer
-    d, dh, f2 = cfg.n_embd, cfg.d_head, 2 * fp.frac_bits
+    d, dh = cfg.n_embd, cfg.d_head
+    fw = fp.frac_bits + sp.WEIGHT_EXTRA_BITS  # the layers' weights; their products and biases at 2^(f + fw)
+    fb = fp.frac_bits + fw
     layers = {}
     for s in plan.shards:
         blk = tr.h[s.layer]
@@ -76,12 +79,13 @@ def model_weights(model: GPT, plan, fp: FixedPoint, holds_ends: bool, lead_layer
         lo, hi = s.ff_cols
         lw = LayerWeights(
             heads=s.heads,
-            W={"qkv": fp.encode(W_attn[:, cols] * scale), "o": fp.encode(_np(blk.attn.c_proj.weight)[rows_o]),
-               "fc1": fp.encode(_np(blk.mlp.c_fc.weight)[:, lo:hi]), "fc2": fp.encode(_np(blk.mlp.c_proj.weight)[lo:hi])},
-            b_qkv=fp.encode(b_attn[cols] * scale, f2),
-            b_o=fp.encode(_np(blk.attn.c_proj.bias), f2) if lead else None,
-            b_fc1=fp.encode(_np(blk.mlp.c_fc.bias)[lo:hi], f2),
-            b_fc2=fp.encode(_np(blk.mlp.c_proj.bias), f2) if lead else None,
+            W={"qkv": fp.encode(W_attn[:, cols] * scale, fw), "o": fp.encode(_np(blk.attn.c_proj.weight)[rows_o], fw),
+               "fc1": fp.encode(_np(blk.mlp.c_fc.weight)[:, lo:hi], fw),
+               "fc2": fp.encode(_np(blk.mlp.c_proj.weight)[lo:hi], fw)},
+            b_qkv=fp.encode(b_attn[cols] * scale, fb),
+            b_o=fp.encode(_np(blk.attn.c_proj.bias), fb) if lead else None,
+            b_fc1=fp.encode(_np(blk.mlp.c_fc.bias)[lo:hi], fb),
+            b_fc2=fp.encode(_np(blk.mlp.c_proj.bias), fb) if lead else None,
         )
         if lead:
             lw.ln = {"ln_1": _ln(blk.ln_1), "ln_2": _ln(blk.ln_2)}

@@ -9,18 +9,19 @@ max_last(x, valid=None)   rows of x along the last axis; entries where the PUBLI
   Exact (no error). Works for |x| < 2^39 at any scale. Cost: ceil(log2 n) x (8 + 1) rounds,
   n - 1 DReLU and n - 1 products per row. Learned: nothing (uniform openings only).
 
-softmax(x, causal=False, mask=None)   x at scale 2^f (scores), output at scale 2^f.
+softmax(x, causal=False, mask=None, out_bits=f)   x at scale 2^f (scores), output at 2^out_bits.
   1. masked entries (public mask) are replaced by -2^(39-f) (a public constant, local);
   2. m = max_last(x);  d = x - m <= 0 (local);
   3. e = exp_neg(d) at 2^20 (clips d at -16: e^-16 = 1.1e-7 is the error for those entries);
   4. masked entries of e set to 0 (local; the mask is public);  S = sum e in [1, n] (local);
-  5. y = 1/S by ``reciprocal`` over [1, n] at 2^20;  6. p = round(e * y / 2^28) at 2^f,
+  5. y = 1/S by ``reciprocal`` over [1, n] at 2^20;  6. p = round(e * y / 2^(40 - out_bits)),
      masked entries set to exactly 0 (local).
   Causal mask (prefill): with x of shape (..., r, c), row i keeps columns j <= i + (c - r)
   (the last r query positions over c keys; r = c for a fresh prompt).
   Range: any |x| < 2^(39-f) (2^27 at f=12); no clipping is needed beyond step 3.
   Error (measured, docs/MPC.md): max abs <= 4.2e-4 at f=12 (output quantisation 1.2e-4 + 1.5 ulp
-  truncation + exp/reciprocal error).
+  truncation + exp/reciprocal error). Attention uses out_bits = f + 6 (``twoparty.PROBS_EXTRA_BITS``):
+  at 2^12 a probability of a long row (~1/n) keeps only a few significant bits.
   Cost per row of n: 9 ceil(log2 n) (max tree) + 65 (exp) + 57 (reciprocal) + 8 rounds
   (211 for n = 512) by the comparison circuit; with the dealer's DCF keys (one-round
   comparisons and truncations, ``dcf.py``) 2 ceil(log2 n) + 32: 46 for n = 128, 50 for 512.
@@ -66,8 +67,8 @@ def max_last(p, x: np.ndarray, valid=None) -> np.ndarray:
     return x[..., 0]
 
 
-def softmax(p, x: np.ndarray, causal: bool = False, mask=None) -> np.ndarray:
-    """Row softmax of shared scores x at scale 2^f; output at 2^f (see module doc)."""
+def softmax(p, x: np.ndarray, causal: bool = False, mask=None, out_bits: int | None = None) -> np.ndarray:
+    """Row softmax of shared scores x at scale 2^f; output at 2^out_bits (default f; module doc)."""
     x = np.asarray(x, np.int64)
     p.check(x)
     if x.ndim < 1 or x.shape[-1] < 1:
@@ -82,7 +83,10 @@ def softmax(p, x: np.ndarray, causal: bool = False, mask=None) -> np.ndarray:
     n = x.shape[-1]
     y = reciprocal(p, s, 1.0, float(max(n, 2)), EXP_SCALE, EXP_SCALE)
     prod = mul_ss(p, e, np.broadcast_to(y[..., None], e.shape))
-    out = trunc(p, prod, 2 * EXP_SCALE - p.fp.frac_bits)
+    out_bits = p.fp.frac_bits if out_bits is None else out_bits
+    if not 1 <= out_bits <= 2 * EXP_SCALE - 1:
+        raise ShapeError(f"softmax output bits {out_bits} must be in [1, {2 * EXP_SCALE - 1}]")
+    out = trunc(p, prod, 2 * EXP_SCALE - out_bits)
     return out if valid is None else np.where(np.broadcast_to(valid, out.shape), out, 0)
 
 

@@ -34,7 +34,8 @@ import numpy as np
 
 from cryptogen.mpc.errors import ChannelError
 
-VERSION = 3  # 2: token-only output ("token" steps, the welcome's "logits"); 3: retry / resume
+VERSION = 4  # 2: token-only output ("token" steps, the welcome's "logits"); 3: retry / resume;
+# 4: the layers' weights at 2^(f+4) and attention probabilities at 2^(f+6) (other truncation amounts)
 MAX_CONTROL = 16 << 20  # JSON messages (the welcome carries the tokenizer)
 MODES = ("kv-reuse", "recompute")
 PROVIDERS = ("he", "dealer")

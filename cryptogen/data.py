@@ -76,6 +76,13 @@ def load_text(dataset: str, split: str, data_dir=None) -> str:
     return "\n".join(line.strip() for line in lines if line.strip()) + "\n"
 
 
+def first_tokens(tokenizer, dataset: str, n: int, split: str = "test", data_dir=None) -> list[int]:
+    """The first ``n`` token ids of a split (fewer if the split is shorter): what the secure
+    ``eval`` scores and the accuracy scripts measure. Only the text's head is encoded (400
+    characters per token, far more than any tokenizer here needs for a token)."""
+    return list(tokenizer.encode(load_text(dataset, split, data_dir)[: 400 * n]).ids[:n])
+
+
 def _lambada_passages(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
         return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -159,7 +159,7 @@ def secure_eval(model_name, data, split, data_dir, windows: int, window: int, wo
     is on this machine) it is printed beside plaintext on the same tokens; against a remote server
     (``--connect``) the weights are not the user's: secure only, with the server's tokenizer."""
     from . import registry
-    from .data import data_path, load_text
+    from .data import data_path, first_tokens
 
     check_eval_args(windows=windows, window=window, workers=workers, address=address, provider=provider,
                     dealer=dealer, connect_file=connect_file, server=server, server_cert=server_cert)
@@ -182,8 +182,7 @@ def secure_eval(model_name, data, split, data_dir, windows: int, window: int, wo
         if folder is not None:
             from .model import GPT
             model = GPT.from_pretrained(folder).eval()
-        text = load_text(ds, split, data_dir)
-        ids = np.asarray(conn.tokenizer.encode(text[: 400 * window * windows]).ids, np.int64)
+        ids = np.asarray(first_tokens(conn.tokenizer, ds, window * windows, split, data_dir), np.int64)
         chunks = [ids[i * window:(i + 1) * window] for i in range(windows) if len(ids) >= (i + 1) * window]
         if not chunks:
             raise UsageError(f"{ds}/{split} has only {len(ids)} tokens, fewer than one --window of {window}; "

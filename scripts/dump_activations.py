@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cryptogen import registry
-from cryptogen.data import load_text
+from cryptogen.data import first_tokens
 
 
 def main():
@@ -26,7 +26,7 @@ def main():
     ap.add_argument("--out", default="/tmp/acts.npz")
     args = ap.parse_args()
     model, tok, _ = registry.load(args.model)
-    ids = tok.encode(load_text(args.model, "test")[:20000]).ids[: args.tokens]
+    ids = first_tokens(tok, args.model, args.tokens)
     ln_in, gelu_in, scores = [], [], []
     hooks = []
     for mod in model.modules():

@@ -78,9 +78,9 @@ def main() -> None:
     from cryptogen.model import GPT, GPTConfig
     if a.model:
         from cryptogen import registry
-        from cryptogen.data import load_text
+        from cryptogen.data import first_tokens
         model, tok, _ = registry.load(a.model)
-        ids = tok.encode(load_text(a.model, "test")[:20000]).ids[:a.window]
+        ids = first_tokens(tok, a.model, a.window)
     elif a.checkpoint:
         model = GPT.from_pretrained(a.checkpoint)
         ids = np.random.default_rng(0).integers(0, model.config.vocab_size, a.window).tolist()

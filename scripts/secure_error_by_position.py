@@ -74,14 +74,14 @@ def main() -> None:
 
 def score_window(name: str, T: int) -> None:
     from cryptogen import registry
-    from cryptogen.data import load_text
+    from cryptogen.data import first_tokens
     from cryptogen.driver import Driver
     from cryptogen.plan import make_plan
     from cryptogen.scheduler.inprocess import InProcessRunner
 
     model, tok, _ = registry.load(name)
     cfg = model.config
-    ids = tok.encode(load_text(name, "test")[:20000]).ids[:T]
+    ids = first_tokens(tok, name, T)
     plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, 1)
     runner = InProcessRunner(model, plan, ids)
     Driver(runner, cfg, plan).score(len(ids))

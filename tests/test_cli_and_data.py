@@ -4,7 +4,7 @@ import torch
 from typer.testing import CliRunner
 
 from cryptogen.cli import app
-from cryptogen.data import DataError, data_path, lambada_examples, load_text
+from cryptogen.data import DataError, data_path, first_tokens, lambada_examples, load_text
 from cryptogen.model import GPT, GPTConfig
 from cryptogen.tokenizer import load_tokenizer, train_tokenizer
 
@@ -27,6 +27,16 @@ def test_data_loaders_read_the_shared_copies():
     assert load_text("ptb", "valid").count("\n") == 3370
     ex = lambada_examples("test", limit=3)
     assert len(ex) == 3 and ex[0].target and " " not in ex[0].target
+
+
+def test_first_tokens_equal_the_head_of_the_whole_encoding(repo_root):
+    """first_tokens encodes only the text's head; its ids are those of encoding the whole split."""
+    tok = load_tokenizer(repo_root / "models" / "wikitext2")
+    whole = tok.encode(load_text("wikitext2", "test")[:200000]).ids  # far past 700 tokens of this text
+    for n in (1, 37, 700):
+        assert first_tokens(tok, "wikitext2", n) == whole[:n]
+    ptb = tok.encode(load_text("ptb", "valid")).ids
+    assert len(ptb) < 10**6 and first_tokens(tok, "ptb", 10**6, split="valid") == ptb  # a shorter split: all of it
 
 
 def test_missing_data_names_the_path(tmp_path, monkeypatch):

@@ -48,7 +48,7 @@ def servers(saved, dealer, tmp_path_factory):
 
 
 @pytest.mark.parametrize("workers, mode, provider, n, reveal", [
-    (1, "kv-reuse", "he", 3, "logits"), (2, "kv-reuse", "dealer", 5, "logits"),
+    (1, "kv-reuse", "he", 3, "logits"), (2, "kv-reuse", "dealer", 3, "logits"),
     (2, "recompute", "dealer", 2, "token")])  # token over 2 workers: the winners meet on worker 0 (pick)
 def test_ray_secure_greedy_equals_plaintext(servers, saved, dealer, workers, mode, provider, n, reveal):
     model = saved[1]
@@ -66,7 +66,7 @@ def test_ray_secure_greedy_equals_plaintext(servers, saved, dealer, workers, mod
 def test_no_worker_holds_a_secret_key(servers, dealer):
     _, gw, pool = servers[2]
     with connect(servers[2][0], dealer=dealer.client_file) as c:
-        gen = c.generate(PROMPT, 3, provider="dealer")
+        gen = c.generate(PROMPT, 2, provider="dealer")
         next(gen)  # a session is open on every worker
         assert ray.get([w.is_public_only.remote() for w in pool.workers]) == [True, True]
         assert sum(ray.get([w.open_sessions.remote() for w in pool.workers])) == 2
@@ -87,14 +87,14 @@ def test_killed_worker_costs_a_retry_not_the_session(servers, saved, dealer):
     rollback (a token is doubled), a restarted worker counting the key's exports from zero."""
     _, gw, pool = servers[2]
     before = gw.stats.as_dict()["recoveries"]["worker"]
-    n, killed = 3, {}  # the kill lands in the last step
+    n, killed = 2, {}  # the kill lands in the last step, the first decode step
 
     # the other session is past its links and first step before the kill (a worker dying while a
     # session opens its links ends that session: docs/RELIABILITY.md)
     other, other_stepped = {}, threading.Event()
 
     def on_step(timing):
-        if timing.phase == "decode" and not killed:  # the kill lands inside the next decode step
+        if not killed:  # after the prefill: the kill lands inside the decode step that follows
             assert other_stepped.wait(300), "the other session made no step"
             _, pid = pool.identities[1]
             killed["pid"] = pid
@@ -150,9 +150,9 @@ def test_dropped_connection_resumes_its_session(servers, saved, dealer, monkeypa
             dropped.append(len(chans))
             threading.Timer(0.3, lambda: [ch.abort() for ch in chans[:dropped[0]]]).start()
     with connect(servers[1][0], dealer=dealer.client_file) as c:
-        tokens = list(c.generate(PROMPT, 4, provider="dealer", on_step=on_step))
+        tokens = list(c.generate(PROMPT, 3, provider="dealer", on_step=on_step))  # the drop: in the last step
         recoveries = list(c.recoveries)
-    assert tokens == plain_greedy(saved[1], PROMPT, 4)
+    assert tokens == plain_greedy(saved[1], PROMPT, 3)
     assert len(recoveries) == 1 and "resumed" in recoveries[0].reason
     assert gw.stats.as_dict()["recoveries"]["resume"] == before + 1
     _wait_closed(gw)

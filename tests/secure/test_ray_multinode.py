@@ -27,17 +27,20 @@ def three_nodes():
     cluster.shutdown()
 
 
-def test_shards_on_different_nodes_still_match(three_nodes, tiny_model, tmp_path):
+def test_shards_on_different_nodes_still_match(three_nodes, tiny_model, dealer, tmp_path):
+    """The dealer provider: the placement is under test, not the provider (the dealer-free one,
+    the default, runs end to end in tests/secure/test_ray_e2e.py and tests/server)."""
     tiny_model.save_pretrained(tmp_path / "m", dtype=torch.float32)
     model = GPT.from_pretrained(tmp_path / "m")
     opts = ServeOptions(model=str(tmp_path / "m"), workers=2, address=three_nodes.address, listen="127.0.0.1:0",
-                        connection_file=str(tmp_path / "server.json"), state_dir=str(tmp_path / "state"))
+                        connection_file=str(tmp_path / "server.json"), state_dir=str(tmp_path / "state"),
+                        dealer=str(dealer.server_file))
     gw, pool, _, _ = start(opts)
     try:
         assert len(set(pool.node_ids())) == 2
-        with connect(opts.connection_file) as c:
+        with connect(opts.connection_file, dealer=dealer.client_file) as c:
             assert c.cfg == model.config
-            tokens = list(c.generate(PROMPT, 2))  # a prefill and a decode step
+            tokens = list(c.generate(PROMPT, 2, provider="dealer"))  # a prefill and a decode step
     finally:
         gw.close()
         pool.shutdown()

@@ -26,7 +26,7 @@ from cryptogen.model import GPT, GPTConfig
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TINY = GPTConfig(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=2)
-PROMPT, NEW = [3, 17, 9], 2  # a prefill and one cached decode step
+PROMPT, NEW = [3, 17], 2  # a prefill and one cached decode step (top-2 margins >= 0.1)
 FAST = 30.0  # seconds: generous bound for a one-line error (Ray's own retry loop takes 20 s or more)
 
 pytestmark = [pytest.mark.slow]

@@ -1,0 +1,128 @@
+"""Where a secure decode step's time goes: both parties in one process (no Ray, one worker), a
+prefill of --context tokens, then --tokens decode steps, sampled by py-spy (a sampling profiler
+that sees every thread; ``ray[default]`` installs it) from the first decode step on, and the samples put
+into the kernels' buckets (the innermost bucket on each stack wins: a truncation inside LayerNorm
+counts as truncation).
+
+    .venv/bin/python scripts/decode_profile.py --model wikitext2 --context 16 --tokens 4
+
+``--raw FILE`` only re-buckets a py-spy raw file. In one process the dealer's key generation and
+the client's half run beside the server's: the table gives each party's share of the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# (bucket, who runs it, function names that mark it on a stack), innermost match first
+BUCKETS = [
+    ("HE rotations: attention folds (q.K window sums, p.V row sums)", "server", ("window_sum", "swap_rows")),
+    ("HE ct x ct: q.K and p.V products", "server", ("mul_ct_ct",)),
+    ("HE ct x pt: linear layers, embedding, LM head", "server", ("matmul_ct_pt_decode", "_apply")),
+    ("HE export: re-randomise and flood, then H2S", "server", ("export", "h2s_server")),
+    ("HE encrypt: S2H uploads, KV appends", "client", ("encrypt_to_bytes", "encrypt_public", "s2h_send")),
+    ("HE decrypt: H2S downloads", "client", ("decrypt",)),
+    ("DCF key generation", "dealer", ("gen", "make")),
+    ("2PC truncation (DCF evaluation)", "both", ("trunc", "trunc_many")),
+    ("2PC comparison (DReLU)", "both", ("drelu", "ge_const")),
+    ("2PC softmax", "both", ("softmax", "softmax_heads")),
+    ("2PC GELU", "both", ("gelu",)),
+    ("2PC LayerNorm", "both", ("layernorm",)),
+    ("waiting for the other party", "both", ("wait", "_wait_for_tstate_lock", "acquire")),
+]
+
+
+def bucket_of(frames: list[str]) -> str:
+    names = [f.split(" (")[0].rsplit(".", 1)[-1] for f in frames]
+    for name in reversed(names):  # leaf first
+        for label, _, marks in BUCKETS:
+            if name in marks:
+                return label
+    return "other (numpy glue, framing, Python)"
+
+
+def report(raw: Path) -> None:
+    counts, total = Counter(), 0
+    for line in raw.read_text().splitlines():
+        stack, n = line.rsplit(" ", 1)
+        counts[bucket_of(stack.split(";"))] += int(n)
+        total += int(n)
+    who = {label: w for label, w, _ in BUCKETS}
+    print(f"\n{total} samples over all threads\n\n| share | who | bucket |\n|---:|---|---|")
+    for label, n in counts.most_common():
+        print(f"| {100 * n / total:.1f} % | {who.get(label, '')} | {label} |")
+
+
+def run(a) -> None:
+    from cryptogen.driver import Driver
+    from cryptogen.model import GPT
+    from cryptogen.plan import make_plan
+    from cryptogen.scheduler.inprocess import InProcessRunner
+
+    folder = ROOT / "models" / a.model if (ROOT / "models" / a.model).is_dir() else Path(a.model)
+    model = GPT.from_pretrained(folder).eval()
+    cfg = model.config
+    prompt = [(7 + 31 * i) % cfg.vocab_size for i in range(a.context)]
+    plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, 1)
+    runner = InProcessRunner(model, plan, prompt)
+    driver = Driver(runner, cfg, plan, "kv-reuse")
+    t0 = time.perf_counter()
+    driver.forward(0, len(prompt), "last")
+    print(f"[prefill of {len(prompt)} tokens: {time.perf_counter() - t0:.1f} s]", flush=True)
+    print("[decode]", flush=True)  # the parent starts sampling here
+    times = []
+    for i in range(a.tokens):
+        t0 = time.perf_counter()
+        driver.forward(len(prompt) + i, 1, "last")
+        times.append(time.perf_counter() - t0)
+    print(f"[decode steps: {', '.join(f'{t:.2f}' for t in times)} s; mean {sum(times) / len(times):.2f} s]",
+          flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="wikitext2", help="a shipped model's name or a checkpoint folder")
+    ap.add_argument("--context", type=int, default=16, help="prompt tokens before the decode steps")
+    ap.add_argument("--tokens", type=int, default=4, help="decode steps sampled")
+    ap.add_argument("--rate", type=int, default=50, help="py-spy samples per second")
+    ap.add_argument("--raw", type=Path, help="only bucket this py-spy raw file")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.raw:
+        if not a.raw.is_file():
+            sys.exit(f"error: no py-spy raw file at {a.raw}")
+        return report(a.raw)
+    if not ((ROOT / "models" / a.model).is_dir() or (Path(a.model) / "config.json").is_file()):
+        sys.exit(f"error: no model {a.model!r}: give a shipped model's name (models/) or a checkpoint folder")
+    if a.child:
+        return run(a)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        sys.exit("error: py-spy not found (ray[default] installs it: run bin/bootstrap), or pass --raw FILE")
+    raw = Path(f"/tmp/decode-profile-{os.getpid()}.raw")
+    child = subprocess.Popen([sys.executable, __file__, "--child", "--model", a.model, "--context", str(a.context),
+                              "--tokens", str(a.tokens)], stdout=subprocess.PIPE, text=True)
+    spy_proc = None
+    for line in child.stdout:
+        print(line, end="", flush=True)
+        if line.startswith("[decode]") and spy_proc is None:
+            spy_proc = subprocess.Popen([spy, "record", "--pid", str(child.pid), "-r", str(a.rate), "-f", "raw",
+                                         "-o", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child.wait()
+    if spy_proc is None or spy_proc.wait(60) != 0 or not raw.exists():
+        sys.exit(f"error: the profile was not recorded (child rc {child.returncode})")
+    print(f"[py-spy raw samples: {raw}]")
+    report(raw)
+
+
+if __name__ == "__main__":
+    main()

@@ -66,10 +66,10 @@ def run(a) -> None:
     from cryptogen.driver import Driver
     from cryptogen.model import GPT
     from cryptogen.plan import make_plan
+    from cryptogen.registry import resolve_model
     from cryptogen.scheduler.inprocess import InProcessRunner
 
-    folder = ROOT / "models" / a.model if (ROOT / "models" / a.model).is_dir() else Path(a.model)
-    model = GPT.from_pretrained(folder).eval()
+    model = GPT.from_pretrained(resolve_model(a.model)).eval()
     cfg = model.config
     prompt = [(7 + 31 * i) % cfg.vocab_size for i in range(a.context)]
     plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, 1)
@@ -101,8 +101,11 @@ def main() -> None:
         if not a.raw.is_file():
             sys.exit(f"error: no py-spy raw file at {a.raw}")
         return report(a.raw)
-    if not ((ROOT / "models" / a.model).is_dir() or (Path(a.model) / "config.json").is_file()):
-        sys.exit(f"error: no model {a.model!r}: give a shipped model's name (models/) or a checkpoint folder")
+    from cryptogen.registry import ModelNotFound, checkpoint_folder
+    try:
+        checkpoint_folder(a.model)
+    except ModelNotFound as e:
+        sys.exit(f"error: {e}")
     if a.child:
         return run(a)
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")

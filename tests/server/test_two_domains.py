@@ -26,9 +26,10 @@ SECOND = [9]  # the no-Ray client's second prompt
 @pytest.fixture(scope="module")
 def no_ray_client(server):
     """One run of a client process where Ray cannot be imported, default provider (dealer-free he):
-    the first prompt a prefill and a decode step, the second (one token: its margin is 0.21) a second
-    session on the same connection (its prefill). Every byte the client sends is tapped (``SEND_TAP``) and searched
-    there for its secret key; the process prints its tokens and what the search found."""
+    the first prompt a prefill and a decode step, the second (one token: its margin is 0.21) a
+    second session on the same connection (its prefill). Every byte the client sends is tapped
+    (``SEND_TAP``) and searched there for its secret key; the process prints its tokens and what
+    the search found."""
     code = f"""
 import json
 from cryptogen.net import channel

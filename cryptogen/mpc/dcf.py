@@ -42,15 +42,23 @@ the dealer 12 L blocks to generate.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from ..field import mul_const
 
 # fixed public PRG key (any constant works: the PRG is AES as a public random permutation)
 _PRG_KEY = bytes(range(16))
 OUT = 2  # output group Z_t^OUT
 _TWEAKS = np.array([[i, 0] for i in range(2 + 2 * OUT)], np.uint64)
 _TWEAKS_LEAF = np.array([[16 + j, 0] for j in range(OUT)], np.uint64)
+# evaluation on side 0 (L) uses blocks 0, 2 .. 1 + OUT; on side 1 (R) blocks 1, 2 + OUT .. 1 + 2 OUT:
+# low tweak words _TWEAK_LOW + side * _TWEAK_STEP
+_TWEAK_LOW = np.array([0] + [2 + j for j in range(OUT)], np.uint64)
+_TWEAK_STEP = np.array([1] + [OUT] * OUT, np.uint64)
+_ONE = np.uint64(1)
 
 
 def key_words(L: int) -> int:
@@ -58,11 +66,16 @@ def key_words(L: int) -> int:
     return 2 + L * (2 + OUT + 1) + OUT
 
 
+_ENCRYPTORS = threading.local()  # one ECB context per thread: ECB blocks are independent
+
+
 def _aes(blocks: np.ndarray) -> np.ndarray:
-    """Fixed-key AES-128 on (..., 2) uint64 blocks."""
-    enc = Cipher(algorithms.AES(_PRG_KEY), modes.ECB()).encryptor()
-    raw = enc.update(np.ascontiguousarray(blocks).tobytes()) + enc.finalize()
-    return np.frombuffer(raw, np.uint64).reshape(blocks.shape)
+    """Fixed-key AES-128 on (..., 2) uint64 blocks (a fresh, writable array)."""
+    enc = getattr(_ENCRYPTORS, "enc", None)
+    if enc is None:
+        enc = _ENCRYPTORS.enc = Cipher(algorithms.AES(_PRG_KEY), modes.ECB()).encryptor()
+    raw = enc.update(np.ascontiguousarray(blocks).tobytes())
+    return np.frombuffer(bytearray(raw), np.uint64).reshape(blocks.shape)
 
 
 def _to_field(lo: np.ndarray, hi: np.ndarray, t: int) -> np.ndarray:
@@ -75,36 +88,6 @@ def _to_field(lo: np.ndarray, hi: np.ndarray, t: int) -> np.ndarray:
     acc = (h0 * np.uint64(m)) % T  # < 2^21 * 2^42
     acc = (acc + (h1 * np.uint64(m21)) % T) % T  # h1 < 2^21
     return ((acc + lo % T) % T).astype(np.int64)
-
-
-def _expand(s: np.ndarray, t: int):
-    """G(s) for seeds (n, 2) uint64 -> (sL, tL, vL, sR, tR, vR); v are Z_t^OUT (n, OUT).
-
-    Blocks: 0 / 1 -> (s, t) of L / R; 2 + j / 2 + OUT + j -> v_j of L / R (one block per value)."""
-    x = s[:, None, :] ^ _TWEAKS[None, : 2 + 2 * OUT, :]
-    y = _aes(x) ^ x
-    sL, tL = _seed_bit(y[:, 0])
-    sR, tR = _seed_bit(y[:, 1])
-    vL = _to_field(y[:, 2:2 + OUT, 0], y[:, 2:2 + OUT, 1], t)
-    vR = _to_field(y[:, 2 + OUT:, 0], y[:, 2 + OUT:, 1], t)
-    return sL, tL, vL, sR, tR, vR
-
-
-def _expand_side(s: np.ndarray, side: np.ndarray, t: int):
-    """The half of G(s) on ``side`` (0 = L, 1 = R) per seed: (s, t, v) with 1 + OUT AES blocks."""
-    idx = np.concatenate([side[:, None], 2 + side[:, None] * OUT + np.arange(OUT)[None, :]], 1)
-    x = s[:, None, :] ^ _TWEAKS[idx]
-    y = _aes(x) ^ x
-    sn, tn = _seed_bit(y[:, 0])
-    return sn, tn, _to_field(y[:, 1:, 0], y[:, 1:, 1], t)
-
-
-def _seed_bit(block: np.ndarray):
-    """(seed with its low bit cleared, that bit) from a (n, 2) uint64 block."""
-    one = np.uint64(1)
-    seed = block.copy()
-    seed[:, 0] &= ~one
-    return seed, (block[:, 0] & one).astype(np.int64)
 
 
 def _convert(s: np.ndarray, t: int) -> np.ndarray:
@@ -121,74 +104,97 @@ def _bits_msb(a: np.ndarray, L: int) -> np.ndarray:
 def gen(alpha: np.ndarray, beta: np.ndarray, L: int, t: int):
     """Keys (k0, k1), each (n, key_words(L)) int64, for f(x) = beta * [x < alpha].
 
-    alpha: (n,) int64 in [0, 2^L); beta: (n, OUT) int64 in [0, t)."""
+    alpha: (n,) int64 in [0, 2^L); beta: (n, OUT) int64 in [0, t). Both parties' seeds are
+    expanded in one AES call per level (arrays lead with the party axis b)."""
     n = len(alpha)
     a = _bits_msb(np.asarray(alpha, np.int64), L)
-    s = [np.frombuffer(os.urandom(16 * n), np.uint64).reshape(n, 2).copy() for _ in range(2)]
-    for b in (0, 1):
-        s[b][:, 0] &= ~np.uint64(1)
-    s_init = [s[0].copy(), s[1].copy()]
-    tb = [np.zeros(n, np.int64), np.ones(n, np.int64)]
+    beta = np.asarray(beta, np.int64)
+    s = np.frombuffer(os.urandom(32 * n), np.uint64).reshape(2, n, 2).copy()
+    s[:, :, 0] &= ~_ONE
+    s_init = s.copy()
+    tb = np.array([np.zeros(n, np.uint64), np.ones(n, np.uint64)])  # (2, n)
     V = np.zeros((n, OUT), np.int64)
-    key = [np.empty((n, key_words(L)), np.int64) for _ in (0, 1)]  # item-major: no transposes at the end
-    scw = np.empty((n, L, 2), np.uint64)
-    vcw = np.empty((n, L, OUT), np.int64)
-    tcw = np.empty((n, L), np.int64)
+    scw = np.empty((L, n, 2), np.uint64)  # level-major while generating, item-major in the key
+    vcw = np.empty((L, n, OUT), np.int64)
+    tcw = np.empty((L, n), np.int64)
     for i in range(L):
-        g = [_expand(s[b], t) for b in (0, 1)]
-        ai = a[:, i]
-        keepR = ai == 1
-        sgn = (1 - 2 * tb[1])[:, None]
-        sLose = [np.where(keepR[:, None], g[b][0], g[b][3]) for b in (0, 1)]
-        vLose = [np.where(keepR[:, None], g[b][2], g[b][5]) for b in (0, 1)]
-        vKeep = [np.where(keepR[:, None], g[b][5], g[b][2]) for b in (0, 1)]
+        x = np.repeat(s[:, :, None, :], 2 + 2 * OUT, 2)  # (2, n, 2 + 2 OUT, 2)
+        x[..., 0] ^= _TWEAKS[:, 0]  # tweaks have zero high words
+        y = _aes(x)
+        y ^= x
+        tLR = y[:, :, :2, 0] & _ONE  # (2, n, side): t^L, t^R
+        y[:, :, :2, 0] ^= tLR  # seeds with their t bit cleared
+        v = _to_field(y[:, :, 2:, 0], y[:, :, 2:, 1], t).reshape(2, n, 2, OUT)  # (2, n, side, OUT)
+        keep = a[:, i]  # alpha_i = 1: keep R (side 1), lose L
+        ku = keep.astype(np.uint64)
+        sdiff = y[:, :, 0] ^ y[:, :, 1]
+        sKeep = y[:, :, 0] ^ (sdiff & (0 - ku)[None, :, None])  # branch-free select of the kept side
+        sLose = sKeep ^ sdiff
+        vKeep = v[:, :, 0] + (v[:, :, 1] - v[:, :, 0]) * keep[None, :, None]
+        vLose = v[:, :, 0] + v[:, :, 1] - vKeep
+        tKeep = tLR[:, :, 0] ^ ((tLR[:, :, 0] ^ tLR[:, :, 1]) & ku)  # (2, n)
+        sgn = (1 - 2 * tb[1].astype(np.int64))[:, None]
         s_cw = sLose[0] ^ sLose[1]
-        v_cw = np.mod(sgn * np.mod(vLose[1] - vLose[0] - V, t), t)
-        v_cw = np.mod(v_cw + np.where(keepR[:, None], sgn * beta, 0), t)  # Lose = L when alpha_i = 1
+        v_cw = np.mod(sgn * (vLose[1] - vLose[0] - V + keep[:, None] * beta), t)  # + beta when Lose = L
         V = np.mod(V - vKeep[1] + vKeep[0] + sgn * v_cw, t)
-        tcwL = g[0][1] ^ g[1][1] ^ ai ^ 1
-        tcwR = g[0][4] ^ g[1][4] ^ ai
-        tcwK = np.where(keepR, tcwR, tcwL)
-        for b in (0, 1):
-            sK = np.where(keepR[:, None], g[b][3], g[b][0])
-            tK = np.where(keepR, g[b][4], g[b][1])
-            s[b] = sK ^ (s_cw * tb[b][:, None].astype(np.uint64))
-            tb[b] = tK ^ (tb[b] * tcwK)
-        scw[:, i], vcw[:, i], tcw[:, i] = s_cw, v_cw, tcwL | (tcwR << 1)
-    sgn = (1 - 2 * tb[1])[:, None]
-    cw_last = np.mod(sgn * np.mod(_convert(s[1], t) - _convert(s[0], t) - V, t), t)
-    o = 2
-    for part in (scw.view(np.int64).reshape(n, -1), vcw.reshape(n, -1), tcw, cw_last):
-        w = part.shape[1]
-        for b in (0, 1):
-            key[b][:, o:o + w] = part
-        o += w
-    for b in (0, 1):
-        key[b][:, :2] = s_init[b].view(np.int64)
-    return key[0], key[1]
+        tcwL = tLR[0, :, 0] ^ tLR[1, :, 0] ^ ku ^ _ONE
+        tcwR = tLR[0, :, 1] ^ tLR[1, :, 1] ^ ku
+        tcwK = tcwL ^ ((tcwL ^ tcwR) & ku)
+        s = sKeep ^ (s_cw[None] & (0 - tb)[:, :, None])  # + s_CW where t_b = 1
+        tb = tKeep ^ (tb & tcwK[None])
+        scw[i], vcw[i], tcw[i] = s_cw, v_cw, tcwL | (tcwR << _ONE)
+    sgn = (1 - 2 * tb[1].astype(np.int64))[:, None]
+    conv = _convert(s.reshape(2 * n, 2), t).reshape(2, n, OUT)
+    cw_last = np.mod(sgn * (conv[1] - conv[0] - V), t)
+    body = np.concatenate([scw.view(np.int64).transpose(1, 0, 2).reshape(n, -1),
+                           vcw.transpose(1, 0, 2).reshape(n, -1), tcw.T, cw_last], 1)
+    return tuple(np.concatenate([s_init[b].view(np.int64), body], 1) for b in (0, 1))
 
 
 def eval_(b: int, key: np.ndarray, x: np.ndarray, L: int, t: int) -> np.ndarray:
-    """Party b's shares (n, OUT) of beta * [x < alpha] at public x (n,) int64 in [0, 2^L)."""
+    """Party b's shares (n, OUT) of beta * [x < alpha] at public x (n,) int64 in [0, 2^L).
+
+    The same sum as the construction's (-1)^b (sum_i (v_i + t_i V_CW_i) + Convert(s) + t CW_{L+1}),
+    reduced once: the v blocks are added as 32-bit limbs (42 levels stay below 2^38 per limb) and
+    the t_i V_CW_i terms as one product at the end, so a level is one AES call and a few
+    vector operations (path: 1 + OUT blocks per level, as before)."""
     key = np.ascontiguousarray(key, np.int64)
     n = len(key)
     s = key[:, :2].view(np.uint64).copy()
     o = 2
-    scw = key[:, o:o + 2 * L].view(np.uint64).reshape(n, L, 2)
+    scw = np.ascontiguousarray(key[:, o:o + 2 * L].view(np.uint64).reshape(n, L, 2).transpose(1, 0, 2))
     o += 2 * L
     vcw = key[:, o:o + OUT * L].reshape(n, L, OUT)
     o += OUT * L
     tcw = key[:, o:o + L]
     cw_last = key[:, o + L:o + L + OUT]
     xb = _bits_msb(np.asarray(x, np.int64), L)
-    tt = np.full(n, b, np.int64)
-    V = np.zeros((n, OUT), np.int64)
+    side = np.ascontiguousarray(xb.T, np.uint64)  # (L, n): x's side per level
+    tcw_path = np.ascontiguousarray(((tcw >> xb) & 1).T, np.uint64)  # (L, n): t_CW on x's side
+    vblocks = np.empty((L + 1, n, OUT, 2), np.uint64)  # the v blocks of each level, then Convert(s)
+    ts = np.empty((L + 1, n), np.uint64)  # t before each level, then at the leaf
+    tt = np.full(n, b, np.uint64)
     for i in range(L):
-        side = xb[:, i]
-        sn, tn, v = _expand_side(s, side, t)  # only the half of G(s) on x's path
-        s = sn ^ (scw[:, i] * tt[:, None].astype(np.uint64))
-        tnew = tn ^ (tt & ((tcw[:, i] >> side) & 1))
-        V = np.mod(V + v + tt[:, None] * vcw[:, i], t)
-        tt = tnew
-    V = np.mod(V + _convert(s, t) + tt[:, None] * cw_last, t)
-    return V if b == 0 else np.mod(-V, t)
+        ts[i] = tt
+        xi = np.repeat(s[:, None, :], 1 + OUT, 1)
+        xi[:, :, 0] ^= _TWEAK_LOW + side[i][:, None] * _TWEAK_STEP  # tweaks have zero high words
+        y = _aes(xi)
+        y ^= xi
+        vblocks[i] = y[:, 1:]
+        tn = y[:, 0, 0] & _ONE
+        s = y[:, 0, :]
+        s[:, 0] ^= tn  # the seed with its t bit cleared
+        s ^= scw[i] & (0 - tt)[:, None]  # + s_CW when t = 1 (0 - 1 = all ones)
+        tt = tn ^ (tt & tcw_path[i])
+    ts[L] = tt
+    xl = s[:, None, :] ^ _TWEAKS_LEAF[None]
+    y = _aes(xl)
+    y ^= xl
+    vblocks[L] = y  # Convert(s)
+    limbs = vblocks.view(np.uint32).sum(0, dtype=np.uint64)  # (n, OUT, 4), each < (L + 1) 2^32
+    v = np.zeros((n, OUT), np.int64)
+    for j in range(4):
+        v = np.mod(v + mul_const(limbs[..., j].astype(np.int64), pow(2, 32 * j, t), t), t)
+    ts = ts.astype(np.int64)
+    v = np.mod(v + np.einsum("ln,nlo->no", ts[:L], vcw) + ts[L][:, None] * cw_last, t)  # < (L + 2) t
+    return v if b == 0 else np.mod(-v, t)

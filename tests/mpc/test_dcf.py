@@ -49,3 +49,43 @@ def test_one_key_alone_looks_uniform():
         seeds = k0[:, :2].view(np.uint64)
         frac = np.unpackbits(seeds.view(np.uint8)).mean()
         assert abs(frac - 0.5) < 0.01 or abs(frac - (127 / 256)) < 0.01  # low bit of a seed is 0
+
+
+def _eval_reference(b, key, x, L, t):
+    """BCG+21 Fig. 1 evaluation as written, one reduction per level: the specification that
+    ``dcf.eval_`` (limb sums, one reduction at the end) must match share for share."""
+    n = len(key)
+    s = key[:, :2].view(np.uint64).copy()
+    scw = key[:, 2:2 + 2 * L].view(np.uint64).reshape(n, L, 2)
+    vcw = key[:, 2 + 2 * L:2 + 4 * L].reshape(n, L, dcf.OUT)
+    tcw = key[:, 2 + 4 * L:2 + 5 * L]
+    cw_last = key[:, 2 + 5 * L:]
+    tt = np.full(n, b, np.int64)
+    V = np.zeros((n, dcf.OUT), np.int64)
+    for i in range(L):
+        side = (x >> (L - 1 - i)) & 1
+        blocks = np.stack([side, 2 + side * dcf.OUT, 3 + side * dcf.OUT], 1).astype(np.uint64)  # OUT = 2
+        xi = np.repeat(s[:, None, :], 3, 1)
+        xi[:, :, 0] ^= blocks
+        y = dcf._aes(xi) ^ xi
+        tn = (y[:, 0, 0] & np.uint64(1)).astype(np.int64)
+        sn = y[:, 0].copy()
+        sn[:, 0] &= ~np.uint64(1)
+        v = dcf._to_field(y[:, 1:, 0], y[:, 1:, 1], t)
+        s = sn ^ (scw[:, i] * tt[:, None].astype(np.uint64))
+        V = np.mod(V + v + tt[:, None] * vcw[:, i], t)
+        tt = tn ^ (tt & ((tcw[:, i] >> side) & 1))
+    V = np.mod(V + dcf._convert(s, t) + tt[:, None] * cw_last, t)
+    return V if b == 0 else np.mod(-V, t)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 300), st.sampled_from([(42, T), (10, 1021), (20, (1 << 20) + 7)]), st.integers(0, 2**32))
+def test_eval_equals_the_per_level_construction_share_for_share(n, shape, seed):
+    L_, t = shape
+    rng = np.random.default_rng(seed)
+    alpha, x = rng.integers(0, min(t, 1 << L_), (2, n))
+    x[: n // 3] = alpha[: n // 3]  # x = alpha: the path never leaves alpha's
+    k = dcf.gen(alpha, rng.integers(0, t, (n, dcf.OUT)), L_, t)
+    for b in (0, 1):
+        assert np.array_equal(dcf.eval_(b, k[b], x, L_, t), _eval_reference(b, k[b], x, L_, t))

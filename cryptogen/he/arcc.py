@@ -10,15 +10,17 @@ Decode q K^T (server):
      c*tpc + b lands in the first slot of block b. Output: one ciphertext per K_c -> H2S.
 Decode p V (server):
   1. sum_c Enc(p_c) * V_c (one ct x ct per cache ciphertext);
-  2. window-sum over the tpr blocks of a row (stride d_head), then add the row-swapped copy:
+  2. window-sum over the blocks of a row (stride d_head), then add the row-swapped copy:
      out[j] lands in slot j (log2(n / d_head) rotations in total). Output: one ciphertext.
+     Below tpc tokens the fold covers only the used blocks (``pv_fold``): up to tpr tokens
+     ceil(log2 T) rotations and no row swap.
 Prefill (causal, all pairs): the same per query token i against cache ciphertexts
 c <= i // tpc; entries j > i are masked later by the 2PC softmax.
 Noise: before each product the static estimate is checked; if the result could not be
 flooded and sent, the cache operand is refreshed through the client (lazy refresh).
 Who learns what: server sees ciphertexts only; outputs leave through H2S (masked).
 Cost per decoded token per head with T cached tokens: 2 * ceil(T / tpc) ct x ct,
-ceil(T / tpc) * log2(d_head) + log2(n / d_head) rotations.
+ceil(T / tpc) * log2(d_head) + log2(n / d_head) rotations (p.V: ceil(log2 T) for T <= tpr).
 """
 from __future__ import annotations
 
@@ -78,9 +80,29 @@ def _fits_qk(e: ServerEngine, lay: KVLayout, q: Cipher, k: Cipher) -> bool:
     return e.noise.can_send(e.noise.after_fold(b, _fold_steps(lay.d_head)))
 
 
-def _pv_budget(e: ServerEngine, lay: KVLayout, ps: list[Cipher], vs: list[Cipher]) -> float:
+def pv_fold(lay: KVLayout, length: int) -> tuple[int, bool]:
+    """The p.V fold over ``length`` cached tokens: (blocks summed per row, add the swapped row?).
+
+    Probabilities of tokens not yet cached are zero, so only the blocks that hold tokens need
+    summing: up to tpr tokens all sit in row 0 (no row swap), and while one ciphertext holds
+    them all the fold narrows to the next power of two of its used blocks (rotation steps
+    2^j * d_head, a subset of the full fold's keys). From tpr + 1 tokens the rows are added;
+    from tpc + 1 every block is used."""
+    used = min(length, lay.tpr)
+    width = 1 << max(0, used - 1).bit_length()
+    return (width if width < lay.tpr else lay.tpr), length > lay.tpr
+
+
+def _pv_budget(e: ServerEngine, lay: KVLayout, ps: list[Cipher], vs: list[Cipher], length: int) -> float:
     b = e.noise.add(*[e.noise.after_ct_ct(p.budget, v.budget) for p, v in zip(ps, vs)])
-    return e.noise.after_fold(b, _fold_steps(lay.tpr) + 1)
+    width, swap = pv_fold(lay, length)
+    return e.noise.after_fold(b, _fold_steps(width) + swap)
+
+
+def _pv_fold(e: ServerEngine, lay: KVLayout, acc: Cipher, length: int) -> Cipher:
+    width, swap = pv_fold(lay, length)
+    acc = e.window_sum(acc, width, lay.d_head)
+    return e.add_ct_ct(acc, e.swap_rows(acc)) if swap else acc
 
 
 def _refresh_cache(e: ServerEngine, store: list[Cipher], i: int, client: ClientRole | None, what: str) -> None:
@@ -109,14 +131,12 @@ def pv_decode(e: ServerEngine, cache: EncryptedKVCache, ps: list[Cipher], client
     lay = cache.layout
     if len(ps) != len(cache.v):
         raise ShapeError(f"p.V needs {len(cache.v)} probability ciphertexts, got {len(ps)}")
-    while not e.noise.can_send(_pv_budget(e, lay, ps, cache.v)):
+    while not e.noise.can_send(_pv_budget(e, lay, ps, cache.v, cache.length)):
         i = min(range(len(cache.v)), key=lambda j: cache.v[j].budget)
         if cache.v[i].budget >= e.noise.fresh:
             raise NoiseBudgetError("p.V: too many cache ciphertexts for one fold; shard the sequence")
         _refresh_cache(e, cache.v, i, client, "p.V")
-    acc = e.sum([e.mul_ct_ct(p, v) for p, v in zip(ps, cache.v)])
-    acc = e.window_sum(acc, lay.tpr, lay.d_head)
-    return e.add_ct_ct(acc, e.swap_rows(acc))
+    return _pv_fold(e, lay, e.sum([e.mul_ct_ct(p, v) for p, v in zip(ps, cache.v)]), cache.length)
 
 
 # ---------------- prefill --------------------------------------------------------
@@ -147,11 +167,10 @@ def pv_prefill(e: ServerEngine, cache: EncryptedKVCache, ps: list[list[Cipher]],
         need = (start + i) // lay.tpc + 1
         if len(row) != need:
             raise ShapeError(f"query {start + i} needs {need} probability ciphertexts, got {len(row)}")
-        while not e.noise.can_send(_pv_budget(e, lay, row, cache.v[:need])):
+        while not e.noise.can_send(_pv_budget(e, lay, row, cache.v[:need], start + i + 1)):
             j = min(range(need), key=lambda m: cache.v[m].budget)
             if cache.v[j].budget >= e.noise.fresh:
                 raise NoiseBudgetError("prefill p.V: too many cache ciphertexts for one fold")
             _refresh_cache(e, cache.v, j, client, "prefill p.V")
-        acc = e.window_sum(e.sum([e.mul_ct_ct(p, v) for p, v in zip(row, cache.v)]), lay.tpr, lay.d_head)
-        out.append(e.add_ct_ct(acc, e.swap_rows(acc)))
+        out.append(_pv_fold(e, lay, e.sum([e.mul_ct_ct(p, v) for p, v in zip(row, cache.v)]), start + i + 1))
     return out

@@ -68,6 +68,25 @@ def test_decode_attention_random_lengths(cfg, engine, client, keys, T, split, se
     assert np.array_equal(out, matmul(p[None], V, cfg.t)[0])
 
 
+def test_pv_fold_covers_only_the_used_blocks(cfg, engine, client, keys, rng):
+    """p.V over T tokens still equals p V exactly when the fold narrows to the blocks that hold
+    tokens (d = 32 at n = 16384: tpr = 256 blocks per row, tpc = 512 per ciphertext): ceil(log2 T)
+    rotations while row 0 holds them all, the full fold plus the row swap after."""
+    d = 32
+    for T, rotations in ((1, 0), (3, 2), (5, 3), (256, 8), (257, 9), (600, 9)):
+        cache = EncryptedKVCache(engine, d)
+        lay = cache.layout
+        assert (lay.tpr, lay.tpc) == (256, 512)
+        K, V = random_elements((T, d), cfg.t, rng), random_elements((T, d), cfg.t, rng)
+        _fill(engine, client, cache, K, V, rng, cfg.t, prefill=T)
+        p = random_elements(T, cfg.t, rng)
+        ps = [engine.receive(client.s2h_send(probs_slots(lay, p, c))) for c in range(len(cache.v))]
+        before = engine.stats.rotations
+        out = pv_decode(engine, cache, ps, client)
+        assert engine.stats.rotations - before == rotations, T
+        assert np.array_equal(read_pv(lay, keys.decrypt(out.ct)), matmul(p[None], V, cfg.t)[0]), T
+
+
 def test_prefill_attention_causal(cfg, engine, client, keys, rng):
     d, T = 48, 175  # crosses a ciphertext boundary (tpc = 170)
     cache = EncryptedKVCache(engine, d)

@@ -21,7 +21,7 @@ from cryptogen.mpc.compare import trunc
 from cryptogen.mpc.gelu import gelu
 from cryptogen.mpc.layernorm import layernorm
 from cryptogen.sampling import Sampler, SamplingConfig
-from cryptogen.twoparty import (PROBS_EXTRA_BITS, kv_append_client, kv_prefill_client, linear_client,
+from cryptogen.twoparty import (PROBS_EXTRA_BITS, kv_append_client, kv_prefill_client, linear_many_client,
                                 scores_client, scores_prefill_client, softmax_heads, values_client,
                                 values_prefill_client)
 
@@ -155,7 +155,7 @@ class ClientSession:
         return trunc(p, self._linear(p, lay.fc2, gelu(p, h)), fw)
 
     def _linear(self, p, plan, X_c) -> np.ndarray:
-        return np.stack([linear_client(p.chan, self.role, plan, x) for x in X_c])
+        return linear_many_client(p.chan, self.role, plan, X_c)
 
     def _scores(self, p, start, Q, K, V) -> np.ndarray:
         if Q.shape[0] == 1:

@@ -5,7 +5,8 @@ key, never a weight), run over one ``Channel`` (in-memory in tests, Ray in produ
 Construction: CryptoGen 2026 §3 data flow; S2H -> ct x pt / ct x ct (ARCC) -> H2S, with the
 conversions of ``cryptogen.he.convert`` (shares and plaintexts share the field Z_t).
 
-Steps of ``linear`` (y = x W + b for one token; x shared at scale 2^f):
+Steps of ``linear`` (y = x W + b per token; x shared at scale 2^f; ``linear_many_*``: T tokens,
+step 1 for all of them first, so the T tokens cost one round trip):
   1. client: Enc(layout(x_c)) -> server (S2H);
   2. server: Enc(x) = Enc(x_c) + layout(x_s); Enc(y') = matmul_ct_pt_decode(W at 2^f);
   3. server: H2S of each output ciphertext (mask r, re-randomise + flood, send), keeps r;
@@ -79,18 +80,36 @@ def _h2s_send(chan, engine: ServerEngine, cipher, what: str) -> np.ndarray:
 
 
 # ---- linear: y = x W (+ b) ---------------------------------------------------------
+def linear_many_server(chan, engine: ServerEngine, enc: EncodedLinear, X_s: np.ndarray,
+                       bias_2f: np.ndarray | None = None) -> np.ndarray:
+    """T tokens (rows of X_s) in one flight each way: all T uploads first, then the results of
+    each token as it is done (decode encoding per token: ``plan.decode_ct_pt`` ct x pt each).
+    Round trips: 1 for the T tokens, not T."""
+    plan = enc.plan
+    uploads = [recv_ct(chan) for _ in range(len(X_s))]
+    Y_s = []
+    for data, x_s in zip(uploads, X_s):
+        x = s2h_server(engine, data, plan.input_slots_decode(x_s))
+        shares = [_h2s_send(chan, engine, y, "linear output") for y in matmul_ct_pt_decode(enc, x, engine)]
+        y_s = plan.read_output_decode(shares)
+        Y_s.append(y_s if bias_2f is None else np.mod(y_s + bias_2f, engine.config.t))
+    return np.stack(Y_s)
+
+
+def linear_many_client(chan, role: ClientRole, plan: LinearPlan, X_c: np.ndarray) -> np.ndarray:
+    for x_c in X_c:
+        send_ct(chan, role.s2h_send(plan.input_slots_decode(x_c)))
+    return np.stack([plan.read_output_decode([role.h2s_receive(recv_ct(chan, role)) for _ in range(plan.decode_outputs)])
+                     for _ in X_c])
+
+
 def linear_server(chan, engine: ServerEngine, enc: EncodedLinear, x_s: np.ndarray,
                   bias_2f: np.ndarray | None = None) -> np.ndarray:
-    plan = enc.plan
-    x = s2h_server(engine, recv_ct(chan), plan.input_slots_decode(x_s))
-    shares = [_h2s_send(chan, engine, y, "linear output") for y in matmul_ct_pt_decode(enc, x, engine)]
-    y_s = plan.read_output_decode(shares)
-    return y_s if bias_2f is None else np.mod(y_s + bias_2f, engine.config.t)
+    return linear_many_server(chan, engine, enc, np.asarray(x_s)[None], bias_2f)[0]
 
 
 def linear_client(chan, role: ClientRole, plan: LinearPlan, x_c: np.ndarray) -> np.ndarray:
-    send_ct(chan, role.s2h_send(plan.input_slots_decode(x_c)))
-    return plan.read_output_decode([role.h2s_receive(recv_ct(chan, role)) for _ in range(plan.decode_outputs)])
+    return linear_many_client(chan, role, plan, np.asarray(x_c)[None])[0]
 
 
 # ---- KV append (slot-aware, no server rotation) --------------------------------------
@@ -133,7 +152,8 @@ def values_client(chan, role: ClientRole, layout: KVLayout, length: int, p_c: np
 
 # ---- prefill (many tokens at once: ``lanes`` tokens per ciphertext, causal attention) ----------
 # Shares are (T, width) matrices for tokens start .. start+T-1. The KV cache and attention use
-# the prefill encodings (KVLayout.run_slots; arcc.*_prefill); linear layers go token by token.
+# the prefill encodings (KVLayout.run_slots; arcc.*_prefill); linear layers use the decode encoding
+# per token, the T tokens in one round trip (``linear_many_*``).
 def kv_prefill_server(chan, cache: EncryptedKVCache, start: int, K_s: np.ndarray, V_s: np.ndarray) -> None:
     n = len(cache.layout.run_slots(start, K_s))
     k_c = [recv_ct(chan) for _ in range(n)]

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 # (bucket, who runs it, function names that mark it on a stack), innermost match first
 BUCKETS = [
+    ("HE rotations: linear layers (baby/giant steps, copy folds)", "server", ("_linear_rotations",)),
     ("HE rotations: attention folds (q.K window sums, p.V row sums)", "server", ("window_sum", "swap_rows")),
     ("HE ct x ct: q.K and p.V products", "server", ("mul_ct_ct",)),
     ("HE ct x pt: linear layers, embedding, LM head", "server", ("matmul_ct_pt_decode", "_apply")),
@@ -43,6 +44,9 @@ BUCKETS = [
 
 def bucket_of(frames: list[str]) -> str:
     names = [f.split(" (")[0].rsplit(".", 1)[-1] for f in frames]
+    if names and names[-1] in ("rotate", "window_sum") or "window_sum" in names[-3:]:
+        if any(n in ("_apply", "_babies") for n in names):  # a linear layer's rotation, not attention's
+            return BUCKETS[0][0]
     for name in reversed(names):  # leaf first
         for label, _, marks in BUCKETS:
             if name in marks:

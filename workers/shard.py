@@ -36,7 +36,7 @@ from cryptogen.mpc.compare import trunc
 from cryptogen.mpc.gelu import gelu
 from cryptogen.mpc.layernorm import layernorm
 from cryptogen.plan import WorkerPlan
-from cryptogen.twoparty import (PROBS_EXTRA_BITS, kv_append_server, kv_prefill_server, linear_server,
+from cryptogen.twoparty import (PROBS_EXTRA_BITS, kv_append_server, kv_prefill_server, linear_many_server,
                                 scores_prefill_server, scores_server, softmax_heads, values_prefill_server,
                                 values_server)
 
@@ -211,11 +211,10 @@ class ServerShard:
 
     # ---- kernels: decode (one token) or prefill (many) ----------------------------------
     def _linear(self, p, sid, enc, X_s, bias=None) -> np.ndarray:
-        """Token by token with the decode encoding also in prefill: it needs the same ct x pt per
-        token as the lane-packed prefill encoding at full occupancy, and far fewer at small T
-        (docs/DESIGN-NOTES.md, "prefill linear layers")."""
-        eng = self._engine(sid)
-        return np.stack([linear_server(p.chan, eng, enc, x, bias) for x in X_s])
+        """The decode encoding per token also in prefill, the T tokens in one round trip: it needs
+        the same ct x pt per token as the lane-packed prefill encoding at full occupancy, and far
+        fewer at small T (docs/DESIGN-NOTES.md, "Prefill")."""
+        return linear_many_server(p.chan, self._engine(sid), enc, X_s, bias)
 
     def _scores(self, p, sid, cache, start, Q, K, V) -> np.ndarray:
         if Q.shape[0] == 1:

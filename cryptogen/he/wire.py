@@ -137,9 +137,22 @@ def _words(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, np.uint64, offset=PREFIX).reshape(head["size"], head["k"], head["n"])
 
 
+def _runs(widths, rows: int) -> list[tuple[int, int]]:
+    """[(first, last + 1)] of consecutive primes with one width: each run packs in one call (the
+    bytes are the same as prime by prime, as every row holds a multiple of 64 values)."""
+    runs = []
+    for i in range(rows):
+        if runs and widths[i] == widths[runs[-1][0]]:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
 def _pack(words: np.ndarray, widths) -> bytes:
     """(size, rows, n) residues -> each prime's rows (all polynomials) in that prime's width."""
-    return b"".join(pack_bits(words[:, i], widths[i]) for i in range(words.shape[1]))
+    return b"".join(pack_bits(words[:, a:b].transpose(1, 0, 2), widths[a])
+                    for a, b in _runs(widths, words.shape[1]))
 
 
 def _unpack(payload: bytes, off: int, shape: tuple[int, int, int], widths, form: str) -> np.ndarray:
@@ -149,9 +162,10 @@ def _unpack(payload: bytes, off: int, shape: tuple[int, int, int], widths, form:
     if len(payload) != off + sum(lens):
         raise SerializationError(f"ciphertext: {form} payload of {len(payload)} bytes, expected {off + sum(lens)}")
     out = np.empty(shape, np.uint64)
-    for i in range(rows):
-        out[:, i] = unpack_bits(payload[off:off + lens[i]], widths[i], size * n).reshape(size, n)
-        off += lens[i]
+    for a, b in _runs(widths, rows):
+        end = off + sum(lens[a:b])
+        out[:, a:b] = unpack_bits(payload[off:end], widths[a], (b - a) * size * n).reshape(b - a, size, n).transpose(1, 0, 2)
+        off = end
     return out
 
 

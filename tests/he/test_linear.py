@@ -49,6 +49,27 @@ def test_prefill_many_tokens(cfg, engine, keys, client, plans, rng):
     assert np.array_equal(Y, matmul(X, W, cfg.t))
 
 
+def test_many_tokens_in_one_round_trip(cfg, engine, client, plans, rng):
+    """``linear_many_*`` (prefill's linear layers): T tokens' shares of X W + b equal the field
+    product exactly, and the client's T uploads go in one flight (one round, not T)."""
+    import threading
+
+    from cryptogen.mpc.channel import channel_pair
+    from cryptogen.twoparty import linear_many_client, linear_many_server
+    plan, T, t = plans[(100, 37)], 5, cfg.t
+    W, X, b = random_elements((100, 37), t, rng), random_elements((T, 100), t, rng), random_elements(37, t, rng)
+    Xs = random_elements(X.shape, t, rng)
+    enc = EncodedLinear(engine, W, plan)
+    cc, sc = channel_pair(timeout=60)
+    out = {}
+    server = threading.Thread(target=lambda: out.setdefault("s", linear_many_server(sc, engine, enc, Xs, b)))
+    server.start()
+    Yc = linear_many_client(cc, client, plan, (X - Xs) % t)
+    server.join()
+    assert np.array_equal((Yc + out["s"]) % t, (matmul(X, W, t) + b) % t)
+    assert cc.stats["online"].rounds == 1 and cc.stats["online"].msgs_sent == T
+
+
 def test_row_and_column_shards(cfg, ctx, keys, client, rng):
     from cryptogen.he import ClientKeys, ClientRole, ServerEngine
     d_in, d_out = 100, 37

@@ -23,6 +23,19 @@ def test_pack_bits_round_trip(bits, groups, seed):
     assert np.array_equal(wire.unpack_bits(data, bits, values.size), values)
 
 
+@settings(max_examples=20, deadline=None)
+@given(widths=st.lists(st.sampled_from([40, 54, 60]), min_size=1, max_size=5), size=st.integers(1, 2),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_rows_of_one_width_pack_as_prime_by_prime(widths, size, seed):
+    """Runs of primes with one width are packed in one call: the bytes must be those of packing
+    each (prime, all polynomials) row on its own, in prime order, and unpack to the words."""
+    rng = np.random.default_rng(seed)
+    words = np.stack([rng.integers(0, 2 ** 63, (size, 128), dtype=np.uint64) >> np.uint64(64 - w) for w in widths], 1)
+    spec = b"".join(wire.pack_bits(words[:, i].reshape(-1), w) for i, w in enumerate(widths))
+    assert wire._pack(words, widths) == spec
+    assert np.array_equal(wire._unpack(spec, 0, words.shape, widths, "packed"), words)
+
+
 def test_expand_seed_is_deterministic_and_uniform(ctx):
     qi, n = ctx.qi[:-1], ctx.config.n
     a, b = wire.expand_seed(b"\1" * 32, qi, n), wire.expand_seed(b"\1" * 32, qi, n)

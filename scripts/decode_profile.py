@@ -23,33 +23,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# (bucket, who runs it, function names that mark it on a stack), innermost match first
+# (bucket, who runs it, function names that mark it on a stack, and, if not empty, the outer functions
+# one of which must be below that frame), innermost match first
 BUCKETS = [
-    ("HE rotations: linear layers (baby/giant steps, copy folds)", "server", ("_linear_rotations",)),
-    ("HE rotations: attention folds (q.K window sums, p.V row sums)", "server", ("window_sum", "swap_rows")),
-    ("HE ct x ct: q.K and p.V products", "server", ("mul_ct_ct",)),
-    ("HE ct x pt: linear layers, embedding, LM head", "server", ("matmul_ct_pt_decode", "_apply")),
-    ("HE export: re-randomise and flood, then H2S", "server", ("export", "h2s_server")),
-    ("HE encrypt: S2H uploads, KV appends", "client", ("encrypt_to_bytes", "encrypt_public", "s2h_send")),
-    ("HE decrypt: H2S downloads", "client", ("decrypt",)),
-    ("DCF key generation", "dealer", ("gen", "make")),
-    ("2PC truncation (DCF evaluation)", "both", ("trunc", "trunc_many")),
-    ("2PC comparison (DReLU)", "both", ("drelu", "ge_const")),
-    ("2PC softmax", "both", ("softmax", "softmax_heads")),
-    ("2PC GELU", "both", ("gelu",)),
-    ("2PC LayerNorm", "both", ("layernorm",)),
-    ("waiting for the other party", "both", ("wait", "_wait_for_tstate_lock", "acquire")),
+    ("HE rotations: linear layers (baby/giant steps, copy folds)", "server", ("rotate", "window_sum"),
+     ("_apply", "_babies")),
+    ("HE rotations: attention folds (q.K window sums, p.V row sums)", "server", ("window_sum", "swap_rows"), ()),
+    ("HE ct x ct: q.K and p.V products", "server", ("mul_ct_ct",), ()),
+    ("HE ct x pt: linear layers, embedding, LM head", "server", ("matmul_ct_pt_decode", "_apply"), ()),
+    ("HE export: re-randomise and flood, then H2S", "server", ("export", "h2s_server"), ()),
+    ("HE encrypt: S2H uploads, KV appends", "client", ("encrypt_to_bytes", "encrypt_public", "s2h_send"), ()),
+    ("HE decrypt: H2S downloads", "client", ("decrypt",), ()),
+    ("DCF key generation", "dealer", ("gen", "make"), ()),
+    ("2PC truncation (DCF evaluation)", "both", ("trunc", "trunc_many"), ()),
+    ("2PC comparison (DReLU)", "both", ("drelu", "ge_const"), ()),
+    ("2PC softmax", "both", ("softmax", "softmax_heads"), ()),
+    ("2PC GELU", "both", ("gelu",), ()),
+    ("2PC LayerNorm", "both", ("layernorm",), ()),
+    ("waiting for the other party", "both", ("wait", "_wait_for_tstate_lock", "acquire"), ()),
 ]
 
 
 def bucket_of(frames: list[str]) -> str:
-    names = [f.split(" (")[0].rsplit(".", 1)[-1] for f in frames]
-    if names and names[-1] in ("rotate", "window_sum") or "window_sum" in names[-3:]:
-        if any(n in ("_apply", "_babies") for n in names):  # a linear layer's rotation, not attention's
-            return BUCKETS[0][0]
-    for name in reversed(names):  # leaf first
-        for label, _, marks in BUCKETS:
-            if name in marks:
+    names = [f.split(" (")[0].rsplit(".", 1)[-1] for f in frames]  # outermost first
+    for i in range(len(names) - 1, -1, -1):  # leaf first
+        for label, _, marks, under in BUCKETS:
+            if names[i] in marks and (not under or any(n in under for n in names[:i])):
                 return label
     return "other (numpy glue, framing, Python)"
 
@@ -60,7 +59,7 @@ def report(raw: Path) -> None:
         stack, n = line.rsplit(" ", 1)
         counts[bucket_of(stack.split(";"))] += int(n)
         total += int(n)
-    who = {label: w for label, w, _ in BUCKETS}
+    who = {label: w for label, w, _, _ in BUCKETS}
     print(f"\n{total} samples over all threads\n\n| share | who | bucket |\n|---:|---|---|")
     for label, n in counts.most_common():
         print(f"| {100 * n / total:.1f} % | {who.get(label, '')} | {label} |")

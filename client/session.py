@@ -41,7 +41,6 @@ class ClientSession:
         self.role = ClientRole(keys)
         self.n = keys.config.n
         self.fp = keys.config.fixed_point
-        self.layout = sp.kv_layout(cfg, self.n)
         self.x_c = None
         self.partials: list[np.ndarray] = []
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(shard_plan.workers)))
@@ -141,10 +140,11 @@ class ClientSession:
         f, dh, nh, T = self.fp.frac_bits, self.cfg.d_head, len(shard.heads), self.h_c.shape[0]
         fw = f + sp.WEIGHT_EXTRA_BITS  # the layers' weights' scale (secure_plan)
         qkv = trunc(p, self._linear(p, lay.qkv, self.h_c), fw)
-        Q, K, V = qkv.reshape(T, 3, nh, dh).transpose(1, 2, 0, 3)  # each (heads, T, d_head)
-        scores = np.stack([self._scores(p, start, Q[i], K[i], V[i]) for i in range(nh)])
-        probs = softmax_heads(p, trunc(p, scores, f), start)
-        ctx = np.stack([self._values(p, start, probs[i]) for i in range(nh)])
+        Q, K, V = qkv.reshape(T, 3, nh, dh).transpose(1, 0, 2, 3)  # each (T, heads, d_head)
+        groups = sp.head_groups(nh, dh)  # the worker's KV-cache head groups
+        scores = np.concatenate([self._scores(p, start, Q[:, a:b], K[:, a:b], V[:, a:b]) for a, b in groups])
+        probs = softmax_heads(p, trunc(p, scores, f), start)  # (heads, T, start+T)
+        ctx = np.concatenate([self._values(p, start, probs[a:b]) for a, b in groups])  # (heads, T, d_head)
         ctx = trunc(p, ctx.transpose(1, 0, 2).reshape(T, nh * dh), f + PROBS_EXTRA_BITS)
         return trunc(p, self._linear(p, lay.o, ctx), fw)
 
@@ -158,16 +158,20 @@ class ClientSession:
         return linear_many_client(p.chan, self.role, plan, X_c)
 
     def _scores(self, p, start, Q, K, V) -> np.ndarray:
+        """One head group's KV write and scores: Q, K, V (T, heads, d_head) -> (heads, T, start+T)."""
+        lay = sp.kv_layout(self.cfg, self.n, Q.shape[1])
         if Q.shape[0] == 1:
-            kv_append_client(p.chan, self.role, self.layout, start, K[0], V[0])
-            return scores_client(p.chan, self.role, self.layout, start + 1, Q[0])[None]
-        kv_prefill_client(p.chan, self.role, self.layout, start, K, V)
-        return scores_prefill_client(p.chan, self.role, self.layout, start, Q)
+            kv_append_client(p.chan, self.role, lay, start, K[0], V[0])
+            return scores_client(p.chan, self.role, lay, start + 1, Q[0])[:, None]
+        kv_prefill_client(p.chan, self.role, lay, start, K, V)
+        return scores_prefill_client(p.chan, self.role, lay, start, Q)
 
     def _values(self, p, start, P) -> np.ndarray:
-        if P.shape[0] == 1:
-            return values_client(p.chan, self.role, self.layout, start + 1, P[0])[None]
-        return values_prefill_client(p.chan, self.role, self.layout, start, P)
+        """One head group's p.V: P (heads, T, start+T) -> (heads, T, d_head)."""
+        lay = sp.kv_layout(self.cfg, self.n, P.shape[0])
+        if P.shape[1] == 1:
+            return values_client(p.chan, self.role, lay, start + 1, P[:, 0])[:, None]
+        return values_prefill_client(p.chan, self.role, lay, start, P)
 
     def _fan_out(self, parties: dict, layer: int, fn) -> list[np.ndarray]:
         owners = self.plan.owners(layer)

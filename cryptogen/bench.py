@@ -262,13 +262,15 @@ def machine() -> dict:
             "platform": platform.platform(), "python": platform.python_version()}
 
 
-def kv_summary(kv: dict, context: int, cfg) -> dict:
+def kv_summary(kv: dict, context: int, cfg, workers: int) -> dict:
     """Allocated bytes (whole ciphertexts) and the layout's marginal bytes per token per layer."""
-    from .he.kvcache import KVLayout
     from .he.params import HEConfig
-    tpc = KVLayout(cfg.d_head, HEConfig().n).tpc
+    from .plan import make_plan
+    from .secure_plan import kv_layouts
+    lays = kv_layouts(cfg, make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, workers), HEConfig().n)
+    tpc = min(lay.tpc for lay in lays)
     ct = kv["bytes"] / kv["ciphertexts"] if kv["ciphertexts"] else 0
-    marginal = 2 * ct * cfg.n_head / tpc  # K and V, all heads, one layer
+    marginal = 2 * ct * sum(1 / lay.tpc for lay in lays) / cfg.n_layer  # K and V, every head group, one layer
     return {**kv, "ciphertext_bytes": ct, "tokens_per_ciphertext": tpc,
             "bytes_per_token_per_layer": kv["bytes"] / (context * cfg.n_layer),
             "marginal_bytes_per_token_per_layer": marginal, "bytes_used": marginal * cfg.n_layer * context}
@@ -332,7 +334,7 @@ def run(opts: BenchOptions) -> dict:
                   else {"skipped": "too slow (--recompute-max-context)"})
             rows.append({"context": ctx, "kv-reuse": kv, "recompute": rc, "ratio": _ratio(rc, kv)})
             if kv.get("kv_cache_after_prefill"):
-                rows[-1]["kv_cache"] = kv_summary(kv["kv_cache_after_prefill"], ctx, cfg)
+                rows[-1]["kv_cache"] = kv_summary(kv["kv_cache_after_prefill"], ctx, cfg, main_w)
         sweep = []
         for w in (workers if opts.sweep_backend != "none" else []):  # one backend at a time (frees memory and worker processes); results are cached
             for key in list(backends):

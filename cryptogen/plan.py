@@ -69,7 +69,7 @@ class ShardPlan:
         return self
 
 
-def _split(n: int, parts: int) -> list[tuple[int, int]]:
+def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
     base, extra = divmod(n, parts)
     bounds, start = [], 0
     for i in range(parts):
@@ -85,15 +85,15 @@ def make_plan(n_layer: int, n_head: int, d_ff: int, n_workers: int, layer_groups
         raise PlanError(f"need at least one worker, got {n_workers}")
     if not 1 <= layer_groups <= min(n_layer, n_workers):
         raise PlanError(f"layer_groups={layer_groups} must be between 1 and min(layers={n_layer}, workers={n_workers})")
-    groups = _split(n_workers, layer_groups)
-    layer_ranges = _split(n_layer, layer_groups)
+    groups = split_evenly(n_workers, layer_groups)
+    layer_ranges = split_evenly(n_layer, layer_groups)
     shards: dict[int, list[LayerShard]] = {w: [] for w in range(n_workers)}
     for (w0, w1), (l0, l1) in zip(groups, layer_ranges):
         size = w1 - w0
         if size > n_head:
             raise PlanError(f"{size} workers share a layer but it has only {n_head} heads; "
                             "use fewer workers or more layer groups")
-        cols = _split(d_ff, size)
+        cols = split_evenly(d_ff, size)
         for layer in range(l0, l1):
             for i, w in enumerate(range(w0, w1)):
                 heads = tuple(range(i, n_head, size))

@@ -14,6 +14,7 @@ from functools import lru_cache
 from .he.kvcache import KVLayout
 from .he.linear import LinearPlan, pad_rows, plan_linear, shard_cols
 from .model import GPTConfig
+from .plan import split_evenly
 
 EMBED_ROWS = 1024  # vocabulary rows per embedding shard: one output ciphertext each
 # The layers' weight matrices (W_qkv with its d_head^-1/4 attention scale, W_o, c_fc, c_proj) are encoded
@@ -21,6 +22,10 @@ EMBED_ROWS = 1024  # vocabulary rows per embedding shard: one output ciphertext 
 # W_q and W_k was a wide head's largest logit error, and GPT-2's residual projections (std 0.02/sqrt(24))
 # are ~16 ulps (docs/BENCHMARKS.md, "Accuracy"). Public: both parties truncate by the same amount.
 WEIGHT_EXTRA_BITS = 4
+# A worker's heads of a layer share KV-cache ciphertexts in groups of at most this many slots per token
+# (kvcache.py): one product, fold and export then serve the group. Wider groups leave fewer tokens per
+# ciphertext and gain little (docs/HE.md, "Head groups").
+KV_GROUP_SLOTS = 256
 
 
 @lru_cache(maxsize=None)
@@ -71,22 +76,34 @@ def head_columns(cfg: GPTConfig, shard_plan) -> dict[int, tuple[int, int]]:
     return dict(zip((w.worker for w in shard_plan.workers), shard_cols(cfg.vocab_size, len(shard_plan.workers))))
 
 
-def kv_layout(cfg: GPTConfig, n: int) -> KVLayout:
-    return KVLayout(cfg.d_head, n)
+def head_groups(n_heads: int, d_head: int) -> list[tuple[int, int]]:
+    """A worker's ``n_heads`` heads of a layer (in its shard order) cut into near-equal contiguous
+    groups of at most ``KV_GROUP_SLOTS // d_head`` heads (at least one): [start, stop) per group."""
+    per = max(1, min(n_heads, KV_GROUP_SLOTS // d_head))
+    return split_evenly(n_heads, -(-n_heads // per))
 
 
-def kv_cache_bytes(cfg: GPTConfig, he_config, positions: int) -> int:
+def kv_layout(cfg: GPTConfig, n: int, heads: int = 1) -> KVLayout:
+    return KVLayout(cfg.d_head, n, heads)
+
+
+def kv_layouts(cfg: GPTConfig, shard_plan, n: int) -> list[KVLayout]:
+    """The KV layout of every (worker, layer, head group) of the plan."""
+    return [kv_layout(cfg, n, hi - lo) for w in shard_plan.workers for s in w.shards
+            for lo, hi in head_groups(len(s.heads), cfg.d_head)]
+
+
+def kv_cache_bytes(cfg: GPTConfig, he_config, positions: int, shard_plan) -> int:
     """Bytes of one session's encrypted KV cache at ``positions`` tokens, all workers (an upper
     bound: fresh-level ciphertexts, 2 polynomials x data primes x n words of 8 bytes each, one for K
-    and one for V per (layer, head) per ``tpc`` tokens)."""
+    and one for V per (layer, head group) per ``tpc`` tokens)."""
     per_ct = 2 * (len(he_config.qi_sizes) - 1) * he_config.n * 8 + 256
-    per_head = 2 * -(-positions // kv_layout(cfg, he_config.n).tpc)
-    return cfg.n_layer * cfg.n_head * per_head * per_ct
+    return sum(2 * -(-positions // lay.tpc) for lay in kv_layouts(cfg, shard_plan, he_config.n)) * per_ct
 
 
 def rotation_steps(cfg: GPTConfig, shard_plan, n: int) -> set[int]:
     """Every Galois step any worker's kernels use (the client generates exactly these)."""
-    steps = set(kv_layout(cfg, n).rotation_steps())
+    steps = set().union(*(lay.rotation_steps() for lay in kv_layouts(cfg, shard_plan, n)))
     steps |= embed_plan(cfg, n).rotation_steps()
     for cols in head_columns(cfg, shard_plan).values():
         steps |= head_plan(cfg, n, cols).rotation_steps()

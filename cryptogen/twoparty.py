@@ -123,7 +123,8 @@ def kv_append_client(chan, role: ClientRole, layout: KVLayout, position: int, k_
     send_ct(chan, role.s2h_send(layout.token_slots(position, v_c)))
 
 
-# ---- ARCC: scores = q K^T and out = p V over the cache --------------------------------
+# ---- ARCC: scores = q K^T and out = p V over a head group's cache -----------------------
+# Shares per token are (heads, d_head) for the group's heads; scores (heads, length), p.V (heads, d_head).
 def scores_server(chan, engine: ServerEngine, cache: EncryptedKVCache, q_s: np.ndarray) -> np.ndarray:
     lay = cache.layout
     q = s2h_server(engine, recv_ct(chan), query_slots(lay, q_s))
@@ -151,7 +152,8 @@ def values_client(chan, role: ClientRole, layout: KVLayout, length: int, p_c: np
 
 
 # ---- prefill (many tokens at once: ``lanes`` tokens per ciphertext, causal attention) ----------
-# Shares are (T, width) matrices for tokens start .. start+T-1. The KV cache and attention use
+# Shares are (T, heads, d_head) for tokens start .. start+T-1; scores and probabilities
+# (heads, T, start+T), p.V outputs (heads, T, d_head). The KV cache and attention use
 # the prefill encodings (KVLayout.run_slots; arcc.*_prefill); linear layers use the decode encoding
 # per token, the T tokens in one round trip (``linear_many_*``).
 def kv_prefill_server(chan, cache: EncryptedKVCache, start: int, K_s: np.ndarray, V_s: np.ndarray) -> None:
@@ -168,14 +170,15 @@ def kv_prefill_client(chan, role: ClientRole, layout: KVLayout, start: int, K_c,
 
 
 def _pad_scores(rows: list[np.ndarray], length: int) -> np.ndarray:
-    out = np.zeros((len(rows), length), np.int64)
+    """(heads, T, length) from per-query (heads, start+i+1) rows."""
+    out = np.zeros((rows[0].shape[0], len(rows), length), np.int64)
     for i, r in enumerate(rows):
-        out[i, : len(r)] = r
+        out[:, i, : r.shape[1]] = r
     return out
 
 
 def scores_prefill_server(chan, engine: ServerEngine, cache: EncryptedKVCache, start: int, Q_s) -> np.ndarray:
-    """(T, start+T) score shares; entries after each query's own position are junk (masked)."""
+    """(heads, T, start+T) score shares; entries after each query's own position are junk (masked)."""
     lay = cache.layout
     qs = [s2h_server(engine, recv_ct(chan), query_slots(lay, q)) for q in Q_s]
     out = qk_prefill(engine, cache, qs, start, RemoteRefresh(chan))
@@ -196,17 +199,18 @@ def scores_prefill_client(chan, role: ClientRole, layout: KVLayout, start: int, 
 
 def values_prefill_server(chan, engine: ServerEngine, cache: EncryptedKVCache, start: int, P_s) -> np.ndarray:
     lay = cache.layout
-    ps = [[s2h_server(engine, recv_ct(chan), probs_slots(lay, p, c)) for c in range((start + i) // lay.tpc + 1)]
-          for i, p in enumerate(P_s)]
+    ps = [[s2h_server(engine, recv_ct(chan), probs_slots(lay, P_s[:, i], c)) for c in range((start + i) // lay.tpc + 1)]
+          for i in range(P_s.shape[1])]
     outs = pv_prefill(engine, cache, ps, start, RemoteRefresh(chan))
-    return np.stack([read_pv(lay, _h2s_send(chan, engine, o, "attention output")) for o in outs])
+    return np.stack([read_pv(lay, _h2s_send(chan, engine, o, "attention output")) for o in outs], axis=1)
 
 
 def values_prefill_client(chan, role: ClientRole, layout: KVLayout, start: int, P_c) -> np.ndarray:
-    for i, p in enumerate(P_c):
+    T = P_c.shape[1]
+    for i in range(T):
         for c in range((start + i) // layout.tpc + 1):
-            send_ct(chan, role.s2h_send(probs_slots(layout, p, c)))
-    return np.stack([read_pv(layout, role.h2s_receive(recv_ct(chan, role))) for _ in range(len(P_c))])
+            send_ct(chan, role.s2h_send(probs_slots(layout, P_c[:, i], c)))
+    return np.stack([read_pv(layout, role.h2s_receive(recv_ct(chan, role))) for _ in range(T)], axis=1)
 
 
 # Attention probabilities are shared at 2^(f + PROBS_EXTRA_BITS); p.V is truncated by as many bits.

@@ -253,6 +253,7 @@ def zero_caches(gw, positions: int) -> None:
     client gets its links, so no step's time includes it."""
     import numpy as np
 
+    from cryptogen import secure_plan as sp
     from cryptogen.he.engine import ServerEngine
     from cryptogen.he.keys import PublicContext
     from cryptogen.he.kvcache import EncryptedKVCache
@@ -267,13 +268,13 @@ def zero_caches(gw, positions: int) -> None:
         for wp in gw.plan.workers:
             blobs = {}
             for sh in wp.shards:
-                for h in sh.heads:
-                    cache = EncryptedKVCache(engine, gw.cfg.d_head, sh.layer, h)
+                for g, (lo, hi) in enumerate(sp.head_groups(len(sh.heads), gw.cfg.d_head)):
+                    cache = EncryptedKVCache(engine, gw.cfg.d_head, sh.layer, g, hi - lo)
                     n_ct = -(-positions // cache.layout.tpc)
                     cache.k = [engine.encrypt(zero) for _ in range(n_ct)]
                     cache.v = [engine.encrypt(zero) for _ in range(n_ct)]
                     cache.length = positions
-                    blobs[f"{sh.layer}/{h}"] = cache.to_bytes()
+                    blobs[f"{sh.layer}/{g}"] = cache.to_bytes()
             out.append(({"exports": 0}, blobs))
         return out
 

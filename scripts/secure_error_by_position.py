@@ -46,7 +46,7 @@ def main() -> None:
     from cryptogen.model import GPT, GPTConfig
     from cryptogen.plan import make_plan
     from cryptogen.scheduler.inprocess import InProcessRunner
-    from cryptogen.secure_plan import kv_layout
+    from cryptogen.secure_plan import head_groups, kv_layout
 
     cfg = GPTConfig(vocab_size=a.vocab, n_positions=max(64, a.prompt + a.tokens), n_embd=a.n_embd,
                     n_layer=a.n_layer, n_head=a.n_head, n_inner=a.n_inner)
@@ -58,7 +58,8 @@ def main() -> None:
     tokens = runner.client.generated
     with torch.no_grad():
         full = model(torch.tensor([prompt + tokens]))[0][0].numpy()
-    tpc = kv_layout(cfg, HEConfig().n).tpc
+    lo, hi = head_groups(cfg.n_head, cfg.d_head)[0]  # one worker: its first head group
+    tpc = kv_layout(cfg, HEConfig().n, hi - lo).tpc
     rows = []
     for i, lg in enumerate(runner.client.logit_history):
         pos = len(prompt) - 1 + i

@@ -322,7 +322,7 @@ class Gateway:
         elif step.start != sess.cached:
             raise control.ProtocolError(f"the step starts at position {step.start} but the session's cache "
                                         f"holds {sess.cached} positions")
-        need = sp.kv_cache_bytes(self.cfg, self.he_config, step.start + step.T)
+        need = sp.kv_cache_bytes(self.cfg, self.he_config, step.start + step.T, self.plan)
         if need > self.options.kv_budget:
             raise control.ProtocolError(
                 f"the session's KV cache would need {need / 2**20:.0f} MiB at {step.start + step.T} positions, over "

@@ -79,7 +79,10 @@ class ServerShard:
         self.weights = model_weights(model, plan, self.fp, holds_ends, frozenset(lead_layers),
                                      self.embed_idx, head_cols)
         self.linears = {name: EncodedLinear(self.engine, w) for name, w in self.weights.encodable().items()}
-        self.required_steps = set(sp.kv_layout(self.cfg, self.n).rotation_steps())
+        self.required_steps = {0}
+        for shard in plan.shards:
+            for a, b in sp.head_groups(len(shard.heads), self.cfg.d_head):
+                self.required_steps |= sp.kv_layout(self.cfg, self.n, b - a).rotation_steps()
         for enc in self.linears.values():
             self.required_steps |= enc.plan.rotation_steps()
         self.sessions: dict[str, dict] = {}
@@ -106,9 +109,9 @@ class ServerShard:
 
     # ---- per-step checkpoints (workers/actor.py; the gateway keeps them, RELIABILITY.md) --------
     def checkpoint(self, sid: str) -> tuple[dict, int]:
-        """The session's encrypted KV cache as bytes per (layer, head), and this key's export count."""
+        """The session's encrypted KV cache as bytes per (layer, head group), and this key's export count."""
         session = self._session(sid)
-        blobs = {f"{layer}/{head}": c.to_bytes() for (layer, head), c in session["caches"].items()}
+        blobs = {f"{layer}/{group}": c.to_bytes() for (layer, group), c in session["caches"].items()}
         return blobs, exports_of(session["engine"].ctx.key_id)
 
     def key_id(self, sid: str) -> bytes:
@@ -119,8 +122,8 @@ class ServerShard:
         session = self._session(sid)
         caches = {}
         for key, data in blobs.items():
-            layer, head = (int(v) for v in key.split("/"))
-            caches[(layer, head)] = EncryptedKVCache.from_bytes(session["engine"], data)
+            layer, group = (int(v) for v in key.split("/"))
+            caches[(layer, group)] = EncryptedKVCache.from_bytes(session["engine"], data)
         session["caches"] = caches
 
     def reset_cache(self, sid: str) -> None:
@@ -134,11 +137,11 @@ class ServerShard:
     def _engine(self, sid: str) -> ServerEngine:
         return self._session(sid)["engine"]
 
-    def _cache(self, sid: str, layer: int, head: int) -> EncryptedKVCache:
+    def _cache(self, sid: str, layer: int, group: int, heads: int) -> EncryptedKVCache:
         session = self._session(sid)
-        caches, key = session["caches"], (layer, head)
+        caches, key = session["caches"], (layer, group)
         if key not in caches:
-            caches[key] = EncryptedKVCache(session["engine"], self.cfg.d_head, layer, head)
+            caches[key] = EncryptedKVCache(session["engine"], self.cfg.d_head, layer, group, heads)
         return caches[key]
 
     def cache_stats(self, sid: str | None = None) -> dict:
@@ -172,11 +175,14 @@ class ServerShard:
         lw, f, fw = self.weights.layer(layer), self.fp.frac_bits, self.fp.frac_bits + sp.WEIGHT_EXTRA_BITS
         T, nh, dh = ln["h"].shape[0], len(lw.heads), self.cfg.d_head
         qkv = trunc(p, self._linear(p, sid, self.linears[f"qkv{layer}"], ln["h"], lw.b_qkv), fw)
-        Q, K, V = qkv.reshape(T, 3, nh, dh).transpose(1, 2, 0, 3)  # each (heads, T, d_head)
-        caches = [self._cache(sid, layer, h) for h in lw.heads]
-        scores = np.stack([self._scores(p, sid, c, start, Q[i], K[i], V[i]) for i, c in enumerate(caches)])
+        Q, K, V = qkv.reshape(T, 3, nh, dh).transpose(1, 0, 2, 3)  # each (T, heads, d_head)
+        groups = sp.head_groups(nh, dh)  # heads sharing KV-cache ciphertexts (secure_plan)
+        caches = [self._cache(sid, layer, g, b - a) for g, (a, b) in enumerate(groups)]
+        scores = np.concatenate([self._scores(p, sid, c, start, Q[:, a:b], K[:, a:b], V[:, a:b])
+                                 for c, (a, b) in zip(caches, groups)])
         probs = softmax_heads(p, trunc(p, scores, f), start)  # (heads, T, start+T)
-        ctx = np.stack([self._values(p, sid, c, start, probs[i]) for i, c in enumerate(caches)])  # (heads, T, dh)
+        ctx = np.concatenate([self._values(p, sid, c, start, probs[a:b])
+                              for c, (a, b) in zip(caches, groups)])  # (heads, T, dh)
         ctx = trunc(p, ctx.transpose(1, 0, 2).reshape(T, nh * dh), f + PROBS_EXTRA_BITS)
         return {"o": trunc(p, self._linear(p, sid, self.linears[f"o{layer}"], ctx, lw.b_o), fw)}
 
@@ -217,15 +223,17 @@ class ServerShard:
         return linear_many_server(p.chan, self._engine(sid), enc, X_s, bias)
 
     def _scores(self, p, sid, cache, start, Q, K, V) -> np.ndarray:
+        """One head group: Q, K, V (T, heads, d_head) -> score shares (heads, T, start+T)."""
         if Q.shape[0] == 1:
             kv_append_server(p.chan, cache, start, K[0], V[0])
-            return scores_server(p.chan, self._engine(sid), cache, Q[0])[None]
+            return scores_server(p.chan, self._engine(sid), cache, Q[0])[:, None]
         kv_prefill_server(p.chan, cache, start, K, V)
         return scores_prefill_server(p.chan, self._engine(sid), cache, start, Q)
 
     def _values(self, p, sid, cache, start, P) -> np.ndarray:
-        if P.shape[0] == 1:
-            return values_server(p.chan, self._engine(sid), cache, P[0])[None]
+        """One head group: P (heads, T, start+T) -> (heads, T, d_head)."""
+        if P.shape[1] == 1:
+            return values_server(p.chan, self._engine(sid), cache, P[:, 0])[:, None]
         return values_prefill_server(p.chan, self._engine(sid), cache, start, P)
 
     def _residual(self, x: dict, partials) -> np.ndarray:

@@ -1,26 +1,30 @@
 """ARCC kernels: autoregressive ciphertext-ciphertext attention over the encrypted KV cache
-(CryptoGen 2026 §ARCC; rotate-and-add folds as in Halevi-Shoup/BOLT).
+(CryptoGen 2026 §ARCC; rotate-and-add folds as in Halevi-Shoup/BOLT), for a head group.
 
+A cache holds a group of heads per token block (kvcache.py: head h at offset h * d_head of
+a ``width = heads * d_head`` block), so every step below serves all the group's heads at once.
 Client-side layouts (applied by each party to its own share before S2H):
-  * ``query_slots(layout, q)``: q replicated into every token block;
-  * ``probs_slots(layout, p, c)``: p[token] replicated over token's block, for cache ct c.
+  * ``query_slots(layout, q)``: q (heads, d_head) replicated into every token block;
+  * ``probs_slots(layout, p, c)``: p[h, token] (p: (heads, T)) over head h's d_head slots of
+    token's block, for cache ct c.
 Decode q K^T (server):
   1. per cache ciphertext K_c: Enc(q_rep) * K_c (1 ct x ct + relin);
-  2. window-sum of width d_head (log2 d_head + popcount - 1 rotations): the score of token
-     c*tpc + b lands in the first slot of block b. Output: one ciphertext per K_c -> H2S.
+  2. window-sum of width d_head (log2 d_head + popcount - 1 rotations): the score of head h
+     for token c*tpc + b lands in slot h * d_head of block b. Output: one ciphertext per K_c -> H2S.
 Decode p V (server):
   1. sum_c Enc(p_c) * V_c (one ct x ct per cache ciphertext);
-  2. window-sum over the blocks of a row (stride d_head), then add the row-swapped copy:
-     out[j] lands in slot j (log2(n / d_head) rotations in total). Output: one ciphertext.
-     Below tpc tokens the fold covers only the used blocks (``pv_fold``): up to tpr tokens
-     ceil(log2 T) rotations and no row swap.
+  2. window-sum over the blocks of a row (stride width), then add the row-swapped copy:
+     out[h, j] lands in slot h * d_head + j (log2(n / width) rotations in total). Output: one
+     ciphertext. Below tpc tokens the fold covers only the used blocks (``pv_fold``): up to
+     tpr tokens ceil(log2 T) rotations and no row swap.
 Prefill (causal, all pairs): the same per query token i against cache ciphertexts
 c <= i // tpc; entries j > i are masked later by the 2PC softmax.
 Noise: before each product the static estimate is checked; if the result could not be
 flooded and sent, the cache operand is refreshed through the client (lazy refresh).
 Who learns what: server sees ciphertexts only; outputs leave through H2S (masked).
-Cost per decoded token per head with T cached tokens: 2 * ceil(T / tpc) ct x ct,
-ceil(T / tpc) * log2(d_head) + log2(n / d_head) rotations (p.V: ceil(log2 T) for T <= tpr).
+Cost per decoded token per head group with T cached tokens: 2 * ceil(T / tpc) ct x ct,
+ceil(T / tpc) * log2(d_head) + log2(n / width) rotations (p.V: ceil(log2 T) for T <= tpr),
+ceil(T / tpc) + 1 exports -- the same as one head's when the group fits one ciphertext.
 """
 from __future__ import annotations
 
@@ -34,23 +38,26 @@ from .kvcache import EncryptedKVCache, KVLayout
 
 # ---------------- layouts (both parties) ---------------------------------------
 def query_slots(layout: KVLayout, q) -> np.ndarray:
-    q = np.asarray(q, np.int64)
-    if q.shape != (layout.d_head,):
-        raise ShapeError(f"query must have shape ({layout.d_head},), got {q.shape}")
+    """q (heads, d_head) in every token block."""
+    q = layout.flat(q, "query")
     out = np.zeros(layout.n, np.int64)
     for b in range(layout.tpc):
         s = layout.block_start(b)
-        out[s:s + layout.d_head] = q
+        out[s:s + layout.width] = q
     return out
 
 
 def probs_slots(layout: KVLayout, p, c: int) -> np.ndarray:
-    """Slots for cache ciphertext c: p[c*tpc + b] repeated over block b."""
+    """Slots for cache ciphertext c: p[h, c*tpc + b] repeated over head h's slots of block b
+    (``p``: (heads, T); a 1-D p is one head's)."""
     p = np.asarray(p, np.int64)
+    p = p[None] if p.ndim == 1 else p
+    if p.ndim != 2 or p.shape[0] != layout.heads:
+        raise ShapeError(f"probabilities must have shape ({layout.heads}, T), got {p.shape}")
     out = np.zeros(layout.n, np.int64)
-    for b, val in enumerate(p[c * layout.tpc:(c + 1) * layout.tpc]):
+    for b, vals in enumerate(p[:, c * layout.tpc:(c + 1) * layout.tpc].T):
         s = layout.block_start(b)
-        out[s:s + layout.d_head] = val
+        out[s:s + layout.width] = np.repeat(vals, layout.d_head)
     return out
 
 
@@ -59,15 +66,17 @@ def probs_cts_needed(layout: KVLayout, length: int) -> int:
 
 
 def read_scores(layout: KVLayout, slot_arrays: list[np.ndarray], length: int) -> np.ndarray:
-    """Scores (or their shares) for tokens 0..length-1 from qk outputs."""
-    out = np.zeros(length, np.int64)
+    """Scores (or their shares), (heads, length), for tokens 0..length-1 from qk outputs."""
+    out = np.zeros((layout.heads, length), np.int64)
+    heads = np.arange(layout.heads) * layout.d_head
     for p in range(length):
-        out[p] = slot_arrays[p // layout.tpc][layout.block_start(p % layout.tpc)]
+        out[:, p] = slot_arrays[p // layout.tpc][layout.block_start(p % layout.tpc) + heads]
     return out
 
 
 def read_pv(layout: KVLayout, slots: np.ndarray) -> np.ndarray:
-    return np.asarray(slots[: layout.d_head], np.int64)
+    """The p.V output, (heads, d_head)."""
+    return np.asarray(slots[: layout.width], np.int64).reshape(layout.heads, layout.d_head)
 
 
 # ---------------- noise checks ---------------------------------------------------
@@ -86,7 +95,7 @@ def pv_fold(lay: KVLayout, length: int) -> tuple[int, bool]:
     Probabilities of tokens not yet cached are zero, so only the blocks that hold tokens need
     summing: up to tpr tokens all sit in row 0 (no row swap), and while one ciphertext holds
     them all the fold narrows to the next power of two of its used blocks (rotation steps
-    2^j * d_head, a subset of the full fold's keys). From tpr + 1 tokens the rows are added;
+    2^j * width, a subset of the full fold's keys). From tpr + 1 tokens the rows are added;
     from tpc + 1 every block is used."""
     used = min(length, lay.tpr)
     width = 1 << max(0, used - 1).bit_length()
@@ -101,7 +110,7 @@ def _pv_budget(e: ServerEngine, lay: KVLayout, ps: list[Cipher], vs: list[Cipher
 
 def _pv_fold(e: ServerEngine, lay: KVLayout, acc: Cipher, length: int) -> Cipher:
     width, swap = pv_fold(lay, length)
-    acc = e.window_sum(acc, width, lay.d_head)
+    acc = e.window_sum(acc, width, lay.width)
     return e.add_ct_ct(acc, e.swap_rows(acc)) if swap else acc
 
 
@@ -127,7 +136,7 @@ def qk_decode(e: ServerEngine, cache: EncryptedKVCache, q: Cipher, client: Clien
 
 
 def pv_decode(e: ServerEngine, cache: EncryptedKVCache, ps: list[Cipher], client: ClientRole | None = None) -> Cipher:
-    """Server: Enc(sum_p p[p] v_p) in slots 0..d_head-1; ``ps[c]`` in ``probs_slots(.., c)``."""
+    """Server: Enc(sum_p p[h, p] v_p[h]) in slots h * d_head + j; ``ps[c]`` in ``probs_slots(.., c)``."""
     lay = cache.layout
     if len(ps) != len(cache.v):
         raise ShapeError(f"p.V needs {len(cache.v)} probability ciphertexts, got {len(ps)}")
@@ -161,7 +170,7 @@ def qk_prefill(e: ServerEngine, cache: EncryptedKVCache, qs: list[Cipher], start
 def pv_prefill(e: ServerEngine, cache: EncryptedKVCache, ps: list[list[Cipher]], start: int = 0,
                client: ClientRole | None = None) -> list[Cipher]:
     """Server: output of query start+i from ``ps[i][c] = probs_slots(layout, p_i, c)`` for
-    c <= (start+i)//tpc; one ciphertext per query (out[j] in slot j)."""
+    c <= (start+i)//tpc; one ciphertext per query (out[h, j] in slot h * d_head + j)."""
     lay, out = cache.layout, []
     for i, row in enumerate(ps):
         need = (start + i) // lay.tpc + 1

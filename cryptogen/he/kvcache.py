@@ -1,9 +1,12 @@
 """Encrypted KV cache with slot-aware concatenation (CryptoGen 2026 §encrypted KV cache).
 
-Layout (public): per (layer, head) a list of ciphertexts for K and one for V. Each batching
-row holds ``tpr = (n/2) // d_head`` token blocks of d_head contiguous slots, so a
-ciphertext holds ``tpc = 2 * tpr`` tokens (= floor(n / d_head) for power-of-two d_head).
-Token p lives in ciphertext p // tpc, block p % tpc. The same layout serves decode and
+Layout (public): per (layer, head group) a list of ciphertexts for K and one for V. A head
+group is a run of one worker's heads of a layer (``secure_plan.head_groups``); a token's block
+holds the group's heads side by side, ``width = heads * d_head`` contiguous slots (head h at
+offset h * d_head). Each batching row holds ``tpr = (n/2) // width`` token blocks, so a
+ciphertext holds ``tpc = 2 * tpr`` tokens. Token p lives in ciphertext p // tpc, block p % tpc.
+Packing the heads makes one ciphertext product, fold and export serve all of them (per-head
+caches needed one each: docs/HE.md, "Head groups"). The same layout serves decode and
 prefill (ARCC kernels in arcc.py); nothing is ever re-encrypted to change layout.
 
 Steps of a decode append at position p (no server-side rotation):
@@ -14,7 +17,7 @@ Steps of a decode append at position p (no server-side rotation):
      or starts a new ciphertext when p % tpc == 0.
 Prefill writes a run of tokens with one client ciphertext per touched cache ciphertext.
 Who learns what: server sees ciphertexts and the (public) token count. Cost per append:
-two ciphertexts client->server, 4 additions; memory 2 * ct_bytes / tpc per token per head.
+two ciphertexts client->server, 4 additions; memory 2 * ct_bytes / tpc per token per group.
 """
 from __future__ import annotations
 
@@ -32,56 +35,66 @@ from .errors import CachePositionError, SerializationError, ShapeError
 class KVLayout:
     d_head: int
     n: int
+    heads: int = 1  # heads packed side by side in each token block
 
     def __post_init__(self):
-        if not 1 <= self.d_head <= self.n // 2:
-            raise ShapeError(f"d_head={self.d_head} must be in [1, n/2]")
+        if self.heads < 1 or not 1 <= self.d_head * self.heads <= self.n // 2:
+            raise ShapeError(f"{self.heads} head(s) of d_head={self.d_head} must fill between 1 and n/2 slots")
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.d_head
 
     @property
     def tpr(self) -> int:
-        return (self.n // 2) // self.d_head
+        return (self.n // 2) // self.width
 
     @property
     def tpc(self) -> int:
         return 2 * self.tpr
 
     def block_start(self, block: int) -> int:
-        return (block // self.tpr) * (self.n // 2) + (block % self.tpr) * self.d_head
+        return (block // self.tpr) * (self.n // 2) + (block % self.tpr) * self.width
+
+    def flat(self, vec, what: str = "token vector") -> np.ndarray:
+        """One token's (heads, d_head) values (or already flat, ``width``) as ``width`` values."""
+        vec = np.asarray(vec, np.int64)
+        if vec.shape not in ((self.width,), (self.heads, self.d_head)):
+            raise ShapeError(f"{what} must have shape ({self.heads}, {self.d_head}), got {vec.shape}")
+        return vec.reshape(self.width)
 
     def token_slots(self, position: int, vec) -> np.ndarray:
-        """Slots with ``vec`` at the block of ``position`` (either party, own share)."""
-        vec = np.asarray(vec, np.int64)
-        if vec.shape != (self.d_head,):
-            raise ShapeError(f"token vector must have shape ({self.d_head},), got {vec.shape}")
+        """Slots with ``vec`` (heads, d_head) at the block of ``position`` (either party, own share)."""
+        vec = self.flat(vec)
         out = np.zeros(self.n, np.int64)
         s = self.block_start(position % self.tpc)
-        out[s:s + self.d_head] = vec
+        out[s:s + self.width] = vec
         return out
 
     def run_slots(self, start: int, mat) -> list[tuple[int, np.ndarray]]:
-        """Prefill: [(ciphertext index, slots)] for tokens start .. start+T-1."""
+        """Prefill: [(ciphertext index, slots)] for tokens start .. start+T-1 (``mat``: (T, heads, d_head))."""
         mat = np.asarray(mat, np.int64)
-        if mat.ndim != 2 or mat.shape[1] != self.d_head:
-            raise ShapeError(f"token matrix must have shape (T, {self.d_head}), got {mat.shape}")
+        if mat.ndim not in (2, 3) or mat.shape[0] < 1:
+            raise ShapeError(f"token matrix must have shape (T, {self.heads}, {self.d_head}), got {mat.shape}")
         out: dict[int, np.ndarray] = {}
         for i, vec in enumerate(mat):
             p = start + i
             slots = out.setdefault(p // self.tpc, np.zeros(self.n, np.int64))
             s = self.block_start(p % self.tpc)
-            slots[s:s + self.d_head] = vec
+            slots[s:s + self.width] = self.flat(vec, "each token's row")
         return sorted(out.items())
 
     def rotation_steps(self) -> set[int]:
         return (ServerEngine.window_sum_steps(self.d_head, 1)
-                | ServerEngine.window_sum_steps(self.tpr, self.d_head) | {0})
+                | ServerEngine.window_sum_steps(self.tpr, self.width) | {0})
 
 
 class EncryptedKVCache:
-    """Server: one head's encrypted K and V for one layer."""
+    """Server: one head group's encrypted K and V for one layer (``group``: its index in the layer)."""
 
-    def __init__(self, engine: ServerEngine, d_head: int, layer: int = 0, head: int = 0):
-        self.engine, self.layout = engine, KVLayout(d_head, engine.config.n)
-        self.layer, self.head = layer, head
+    def __init__(self, engine: ServerEngine, d_head: int, layer: int = 0, group: int = 0, heads: int = 1):
+        self.engine, self.layout = engine, KVLayout(d_head, engine.config.n, heads)
+        self.layer, self.group = layer, group
         self.k: list[Cipher] = []
         self.v: list[Cipher] = []
         self.length = 0
@@ -89,7 +102,7 @@ class EncryptedKVCache:
     def _check_position(self, position: int) -> None:
         if position != self.length:
             raise CachePositionError(
-                f"layer {self.layer} head {self.head}: write at position {position}, next free is {self.length}")
+                f"layer {self.layer} head group {self.group}: write at position {position}, next free is {self.length}")
 
     def _write(self, store: list[Cipher], idx: int, c: Cipher) -> None:
         if idx == len(store):
@@ -112,7 +125,7 @@ class EncryptedKVCache:
         """Write tokens start .. start+T-1; one client ciphertext per touched cache ciphertext."""
         self._check_position(start)
         K_server, V_server = np.asarray(K_server), np.asarray(V_server)
-        if K_server.shape != V_server.shape:
+        if K_server.shape != V_server.shape or K_server.ndim not in (2, 3):
             raise ShapeError(f"K share {K_server.shape} and V share {V_server.shape} differ")
         runs_k, runs_v = self.layout.run_slots(start, K_server), self.layout.run_slots(start, V_server)
         if len(k_client) != len(runs_k) or len(v_client) != len(runs_v):
@@ -133,7 +146,8 @@ class EncryptedKVCache:
 
     def to_bytes(self) -> bytes:
         ctx = self.engine.ctx
-        meta = {"d_head": self.layout.d_head, "length": self.length, "layer": self.layer, "head": self.head,
+        meta = {"d_head": self.layout.d_head, "heads": self.layout.heads, "length": self.length,
+                "layer": self.layer, "group": self.group,
                 "k_budget": [c.budget for c in self.k], "v_budget": [c.budget for c in self.v]}
         blobs = [c.ct.to_bytes("none") for c in self.k + self.v]
         return serialize.pack("kv_cache", ctx.config.fingerprint, ctx.key_id, meta, serialize.join_blobs(blobs))
@@ -142,7 +156,10 @@ class EncryptedKVCache:
     def from_bytes(cls, engine: ServerEngine, data: bytes) -> "EncryptedKVCache":
         ctx = engine.ctx
         meta, payload, _, _ = serialize.unpack(data, "kv_cache", ctx.config.fingerprint, ctx.key_id)
-        cache = cls(engine, int(meta["d_head"]), int(meta["layer"]), int(meta["head"]))
+        try:
+            cache = cls(engine, int(meta["d_head"]), int(meta["layer"]), int(meta["group"]), int(meta["heads"]))
+        except (KeyError, TypeError, ValueError, ShapeError) as exc:
+            raise SerializationError("kv cache metadata lacks a valid head-group layout") from exc
         blobs = serialize.split_blobs(payload)
         nk = len(meta["k_budget"])
         expected = -(-int(meta["length"]) // cache.layout.tpc)

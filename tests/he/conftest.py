@@ -7,6 +7,7 @@ from cryptogen.he import (ClientKeys, ClientRole, HEConfig, KVLayout, ServerEngi
 
 SHAPES = [(100, 37), (128, 384), (64, 130)]
 D_HEADS = [32, 48]
+HEAD_GROUPS = [(32, 4), (48, 3)]  # (d_head, heads) packed per KV block: the shipped model's, an odd one
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +22,7 @@ def plans(cfg):
 
 @pytest.fixture(scope="session")
 def keys(cfg, plans):
-    lays = [KVLayout(d, cfg.n) for d in D_HEADS]
+    lays = [KVLayout(d, cfg.n) for d in D_HEADS] + [KVLayout(d, cfg.n, h) for d, h in HEAD_GROUPS]
     return ClientKeys.generate(cfg, required_rotation_steps(plans.values(), lays))
 
 

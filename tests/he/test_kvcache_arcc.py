@@ -4,6 +4,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cryptogen.field import matmul, random_elements
+
+HEAD_GROUPS = [(32, 4), (48, 3)]  # as in conftest.py, which generates their Galois keys
 from cryptogen.he import (CachePositionError, h2s_server, EncryptedKVCache, KeyMismatchError, KVLayout, NoiseBudgetError,
                           SerializationError, ShapeError, probs_slots, pv_decode, pv_prefill, qk_decode,
                           qk_prefill, query_slots, read_pv, read_scores)
@@ -41,9 +43,69 @@ def test_append_crosses_ciphertext_boundary(cfg, engine, client, keys, rng):
     q, p = random_elements(d, cfg.t, rng), random_elements(T, cfg.t, rng)
     before = engine.stats.rotations
     scores, out = _decode_attn(engine, client, keys, cache, q, p)
-    assert np.array_equal(scores, matmul(K, q[:, None], cfg.t)[:, 0])
-    assert np.array_equal(out, matmul(p[None], V, cfg.t)[0])
+    assert np.array_equal(scores[0], matmul(K, q[:, None], cfg.t)[:, 0])
+    assert np.array_equal(out[0], matmul(p[None], V, cfg.t)[0])
     assert engine.stats.refreshes == 0 and engine.stats.rotations > before
+
+
+def _per_head(K, q, t):
+    """Plaintext reference for a head group: (heads, T) scores of q (heads, d) against K (T, heads, d)."""
+    return np.stack([matmul(K[:, h], q[h][:, None], t)[:, 0] for h in range(K.shape[1])])
+
+
+def _per_head_pv(p, V, t):
+    """(heads, d) outputs of p (heads, T) over V (T, heads, d)."""
+    return np.stack([matmul(p[h][None], V[:, h], t)[0] for h in range(V.shape[1])])
+
+
+@pytest.mark.parametrize("d, heads", HEAD_GROUPS)
+def test_head_group_decode_across_a_boundary_equals_each_head(cfg, engine, client, keys, rng, d, heads):
+    """Heads packed side by side in each token block: one q.K^T and one p.V serve the whole group,
+    and every head's scores and outputs equal its own plaintext ones (tpc = 128 at d = 32 x 4,
+    112 at d = 48 x 3: the cache crosses into a second ciphertext)."""
+    cache = EncryptedKVCache(engine, d, heads=heads)
+    lay = cache.layout
+    assert lay.tpc == 2 * ((cfg.n // 2) // (d * heads))
+    T = lay.tpc + 3
+    K, V = random_elements((T, heads, d), cfg.t, rng), random_elements((T, heads, d), cfg.t, rng)
+    _fill(engine, client, cache, K, V, rng, cfg.t, prefill=lay.tpc - 2)
+    assert len(cache.k) == 2
+    q, p = random_elements((heads, d), cfg.t, rng), random_elements((heads, T), cfg.t, rng)
+    before = engine.stats.ct_ct_mul
+    scores, out = _decode_attn(engine, client, keys, cache, q, p)
+    assert engine.stats.ct_ct_mul - before == 2 * 2  # q.K^T and p.V, per cache ciphertext, for all heads
+    assert np.array_equal(scores, _per_head(K, q, cfg.t))
+    assert np.array_equal(out, _per_head_pv(p, V, cfg.t))
+
+
+@pytest.mark.parametrize("d, heads", HEAD_GROUPS)
+def test_head_group_prefill_attention_causal(cfg, engine, client, keys, rng, d, heads):
+    cache = EncryptedKVCache(engine, d, heads=heads)
+    lay = cache.layout
+    T = lay.tpc + 2
+    K, V = random_elements((T, heads, d), cfg.t, rng), random_elements((T, heads, d), cfg.t, rng)
+    _fill(engine, client, cache, K, V, rng, cfg.t, prefill=T)
+    for i in (0, 5, lay.tpr, lay.tpc - 1, lay.tpc + 1):
+        qs = [engine.receive(client.s2h_send(query_slots(lay, K[i])))]
+        rows = qk_prefill(engine, cache, qs, start=i)
+        sc = read_scores(lay, [keys.decrypt(c.ct) for c in rows[0]], i + 1)
+        assert np.array_equal(sc, _per_head(K[: i + 1], K[i], cfg.t)), i
+        p = random_elements((heads, i + 1), cfg.t, rng)
+        ps = [[engine.receive(client.s2h_send(probs_slots(lay, p, c))) for c in range(i // lay.tpc + 1)]]
+        out = read_pv(lay, keys.decrypt(pv_prefill(engine, cache, ps, start=i)[0].ct))
+        assert np.array_equal(out, _per_head_pv(p, V[: i + 1], cfg.t)), i
+
+
+def test_head_group_shapes_are_checked(cfg):
+    lay = KVLayout(48, cfg.n, 3)
+    assert lay.token_slots(0, np.ones((3, 48), np.int64)).sum() == 144
+    for bad in (np.ones(48), np.ones((4, 48)), np.ones((3, 47))):
+        with pytest.raises(ShapeError, match=r"shape \(3, 48\)"):
+            lay.token_slots(0, bad)
+    with pytest.raises(ShapeError, match=r"\(3, T\)"):
+        probs_slots(lay, np.ones((2, 5)), 0)
+    with pytest.raises(ShapeError, match="n/2"):
+        KVLayout(64, cfg.n, cfg.n // 64)
 
 
 def test_append_does_not_rotate(cfg, engine, client, rng):
@@ -64,8 +126,8 @@ def test_decode_attention_random_lengths(cfg, engine, client, keys, T, split, se
     assert len(cache.k) == -(-T // cache.layout.tpc)
     q, p = random_elements(d, cfg.t, rng), random_elements(T, cfg.t, rng)
     scores, out = _decode_attn(engine, client, keys, cache, q, p)
-    assert np.array_equal(scores, matmul(K, q[:, None], cfg.t)[:, 0])
-    assert np.array_equal(out, matmul(p[None], V, cfg.t)[0])
+    assert np.array_equal(scores[0], matmul(K, q[:, None], cfg.t)[:, 0])
+    assert np.array_equal(out[0], matmul(p[None], V, cfg.t)[0])
 
 
 def test_pv_fold_covers_only_the_used_blocks(cfg, engine, client, keys, rng):
@@ -84,7 +146,7 @@ def test_pv_fold_covers_only_the_used_blocks(cfg, engine, client, keys, rng):
         before = engine.stats.rotations
         out = pv_decode(engine, cache, ps, client)
         assert engine.stats.rotations - before == rotations, T
-        assert np.array_equal(read_pv(lay, keys.decrypt(out.ct)), matmul(p[None], V, cfg.t)[0]), T
+        assert np.array_equal(read_pv(lay, keys.decrypt(out.ct))[0], matmul(p[None], V, cfg.t)[0]), T
 
 
 def test_prefill_attention_causal(cfg, engine, client, keys, rng):
@@ -98,11 +160,11 @@ def test_prefill_attention_causal(cfg, engine, client, keys, rng):
         qs = [engine.receive(client.s2h_send(query_slots(lay, K[i])))]
         rows = qk_prefill(engine, cache, qs, start=i)
         sc = read_scores(lay, [keys.decrypt(c.ct) for c in rows[0]] + [None], i + 1)
-        assert np.array_equal(sc, matmul(K[: i + 1], K[i][:, None], cfg.t)[:, 0])
+        assert np.array_equal(sc[0], matmul(K[: i + 1], K[i][:, None], cfg.t)[:, 0])
         p = random_elements(i + 1, cfg.t, rng)
         ps = [[engine.receive(client.s2h_send(probs_slots(lay, p, c))) for c in range(i // lay.tpc + 1)]]
         out = read_pv(lay, keys.decrypt(pv_prefill(engine, cache, ps, start=i)[0].ct))
-        assert np.array_equal(out, matmul(p[None], V[: i + 1], cfg.t)[0])
+        assert np.array_equal(out[0], matmul(p[None], V[: i + 1], cfg.t)[0])
 
 
 def test_wrong_position_leaves_cache_unchanged(cfg, engine, client, rng):
@@ -122,12 +184,12 @@ def test_wrong_position_leaves_cache_unchanged(cfg, engine, client, rng):
 
 
 def test_cache_serialization(cfg, engine, client, keys, rng, ctx):
-    cache = EncryptedKVCache(engine, 32, layer=3, head=1)
-    K = random_elements((5, 32), cfg.t, rng)
+    cache = EncryptedKVCache(engine, 32, layer=3, group=1, heads=4)
+    K = random_elements((5, 4, 32), cfg.t, rng)
     _fill(engine, client, cache, K, K, rng, cfg.t)
     data = cache.to_bytes()
     back = EncryptedKVCache.from_bytes(engine, data)
-    assert (back.length, back.layer, back.head) == (5, 3, 1)
+    assert (back.length, back.layer, back.group, back.layout) == (5, 3, 1, cache.layout)
     assert np.array_equal(keys.decrypt(back.k[0].ct), keys.decrypt(cache.k[0].ct))
     assert cache.nbytes() / cache.length > 0
     with pytest.raises(SerializationError):
@@ -162,7 +224,7 @@ def test_lazy_refresh_exactly_at_boundary(cfg, engine, client, keys, rng):
     cache.k[0].budget = lo
     out = qk_decode(engine, cache, qc, client)
     assert engine.stats.refreshes == 1 and cache.k[0].budget == nm.fresh
-    assert np.array_equal(read_scores(cache.layout, [keys.decrypt(out[0].ct)], 4), matmul(K, q[:, None], cfg.t)[:, 0])
+    assert np.array_equal(read_scores(cache.layout, [keys.decrypt(out[0].ct)], 4)[0], matmul(K, q[:, None], cfg.t)[:, 0])
     cache.k[0].budget = lo
     with pytest.raises(NoiseBudgetError, match="refresh"):
         qk_decode(engine, cache, qc, None)
@@ -181,4 +243,4 @@ def test_real_low_budget_triggers_refresh(cfg, engine, client, keys, rng):
     assert engine.stats.refreshes == 1
     data, r = h2s_server(engine, out[0])
     sc = read_scores(cache.layout, [(client.h2s_receive(data) + r) % cfg.t], 3)
-    assert np.array_equal(sc, matmul(K, q[:, None], cfg.t)[:, 0])
+    assert np.array_equal(sc[0], matmul(K, q[:, None], cfg.t)[:, 0])

@@ -29,7 +29,7 @@ def test_decode_across_a_kv_ciphertext_boundary_equals_plaintext():
     prompt = [(5 + 37 * i) % cfg.vocab_size for i in range(15)]
     plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, 1)
     runner = InProcessRunner(model, plan, prompt)
-    tpc = kv_layout(cfg, runner.he_config.n).tpc
+    tpc = kv_layout(cfg, runner.he_config.n, cfg.n_head).tpc  # one worker: all heads in one group
     assert tpc == 16  # positions 0-15 in cache ciphertext 0, position 16 (the last step) in 1
     Driver(runner, cfg, plan).generate(len(prompt), 3)
     tokens = runner.client.generated

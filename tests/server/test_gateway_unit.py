@@ -159,12 +159,15 @@ def test_kv_cache_budget_refuses_the_step_before_any_work():
     error naming the budget, before any worker is called (the pool here has none)."""
     from cryptogen import secure_plan as sp
 
-    tpc = sp.kv_layout(CFG, HEConfig().n).tpc  # tokens per cache ciphertext: the cache grows in steps
+    plan = make_plan(CFG.n_layer, CFG.n_head, CFG.d_ff, 1)
+    lays = sp.kv_layouts(CFG, plan, HEConfig().n)
+    assert [lay.heads for lay in lays] == [CFG.n_head] * CFG.n_layer  # one head group per layer
+    tpc = lays[0].tpc  # tokens per cache ciphertext: the cache grows in steps
     gw = Gateway.__new__(Gateway)
-    gw.cfg, gw.he_config = CFG, HEConfig()
-    gw.options = GatewayConfig(kv_budget=sp.kv_cache_bytes(CFG, HEConfig(), tpc))
+    gw.cfg, gw.he_config, gw.plan = CFG, HEConfig(), plan
+    gw.options = GatewayConfig(kv_budget=sp.kv_cache_bytes(CFG, HEConfig(), tpc, plan))
     sess = ServerSession.new(b"", "kv-reuse", "he")
     gw._check_step(sess, control.Forward(0, tpc, "token"))  # within the budget
     with pytest.raises(control.ProtocolError, match="budget of .* MiB per session"):
         gw._check_step(sess, control.Forward(0, tpc + 1, "token"))
-    assert sp.kv_cache_bytes(CFG, HEConfig(), tpc + 1) == 2 * sp.kv_cache_bytes(CFG, HEConfig(), tpc)
+    assert sp.kv_cache_bytes(CFG, HEConfig(), tpc + 1, plan) == 2 * sp.kv_cache_bytes(CFG, HEConfig(), tpc, plan)

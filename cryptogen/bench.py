@@ -230,7 +230,8 @@ class InProcessBackend:
                 break
             rec = _Recorder(self._totals, self._kv, lambda t, C=C: progress(C, t))
             r.client.tokens = r.client.tokens[:done] + prompt[done:C]  # cached tokens, then more prompt
-            log(f"context {C}: prefill of {C - done} more tokens in one pass (a few seconds per token)...")
+            log(f"context {C}: prefill of {C - done} more tokens in one pass "
+                f"(about a decode step's time per token; no progress lines until it ends)...")
             rec.on_step(driver.extend(done, C - done))
             for i in range(tokens):
                 rec.on_step(driver.decode_one_token(C + i))

@@ -102,9 +102,10 @@ def kv_cache_bytes(cfg: GPTConfig, he_config, positions: int, shard_plan) -> int
 
 
 def rotation_steps(cfg: GPTConfig, shard_plan, n: int) -> set[int]:
-    """Every Galois step any worker's kernels use (the client generates exactly these)."""
-    steps = set().union(*(lay.rotation_steps() for lay in kv_layouts(cfg, shard_plan, n)))
-    steps |= embed_plan(cfg, n).rotation_steps()
+    """Every Galois step any worker's kernels use (the client generates exactly these): the
+    linear layers' baby and giant steps; attention and the linear layers' copy folds rotate
+    nothing (the folds are done in the share domain, he/arcc.py, he/linear.py)."""
+    steps = set(embed_plan(cfg, n).rotation_steps())
     for cols in head_columns(cfg, shard_plan).values():
         steps |= head_plan(cfg, n, cols).rotation_steps()
     for w in shard_plan.workers:

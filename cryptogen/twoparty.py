@@ -10,7 +10,8 @@ step 1 for all of them first, so the T tokens cost one round trip):
   1. client: Enc(layout(x_c)) -> server (S2H);
   2. server: Enc(x) = Enc(x_c) + layout(x_s); Enc(y') = matmul_ct_pt_decode(W at 2^f);
   3. server: H2S of each output ciphertext (mask r, re-randomise + flood, send), keeps r;
-  4. both read their share of y' (scale 2^(2f)) from the public output layout; the server
+  4. both read their share of y' (scale 2^(2f)) from the public output layout, summing the
+     copies' partial sums in their own share (the fold, done in the share domain); the server
      adds b (at 2^(2f)) to its share. Truncation to 2^f is a 2PC protocol (caller).
 Who learns what: the server sees ciphertexts only; the client sees y' - r (uniform).
 Cost: 1 ciphertext up, ``plan.decode_outputs`` down; ct x pt and rotations per ``LinearPlan``.
@@ -91,7 +92,7 @@ def linear_many_server(chan, engine: ServerEngine, enc: EncodedLinear, X_s: np.n
     for data, x_s in zip(uploads, X_s):
         x = s2h_server(engine, data, plan.input_slots_decode(x_s))
         shares = [_h2s_send(chan, engine, y, "linear output") for y in matmul_ct_pt_decode(enc, x, engine)]
-        y_s = plan.read_output_decode(shares)
+        y_s = plan.read_output_decode(shares, engine.config.t)
         Y_s.append(y_s if bias_2f is None else np.mod(y_s + bias_2f, engine.config.t))
     return np.stack(Y_s)
 
@@ -99,8 +100,9 @@ def linear_many_server(chan, engine: ServerEngine, enc: EncodedLinear, X_s: np.n
 def linear_many_client(chan, role: ClientRole, plan: LinearPlan, X_c: np.ndarray) -> np.ndarray:
     for x_c in X_c:
         send_ct(chan, role.s2h_send(plan.input_slots_decode(x_c)))
-    return np.stack([plan.read_output_decode([role.h2s_receive(recv_ct(chan, role)) for _ in range(plan.decode_outputs)])
-                     for _ in X_c])
+    t = role.keys.config.t
+    return np.stack([plan.read_output_decode([role.h2s_receive(recv_ct(chan, role))
+                                              for _ in range(plan.decode_outputs)], t) for _ in X_c])
 
 
 def linear_server(chan, engine: ServerEngine, enc: EncodedLinear, x_s: np.ndarray,
@@ -129,26 +131,28 @@ def scores_server(chan, engine: ServerEngine, cache: EncryptedKVCache, q_s: np.n
     lay = cache.layout
     q = s2h_server(engine, recv_ct(chan), query_slots(lay, q_s))
     outs = qk_decode(engine, cache, q, RemoteRefresh(chan))
-    return read_scores(lay, [_h2s_send(chan, engine, c, "attention scores") for c in outs], cache.length)
+    shares = [_h2s_send(chan, engine, c, "attention scores") for c in outs]
+    return read_scores(lay, shares, cache.length, engine.config.t)
 
 
 def scores_client(chan, role: ClientRole, layout: KVLayout, length: int, q_c: np.ndarray) -> np.ndarray:
     send_ct(chan, role.s2h_send(query_slots(layout, q_c)))
     n_out = probs_cts_needed(layout, length)
-    return read_scores(layout, [role.h2s_receive(recv_ct(chan, role)) for _ in range(n_out)], length)
+    shares = [role.h2s_receive(recv_ct(chan, role)) for _ in range(n_out)]
+    return read_scores(layout, shares, length, role.keys.config.t)
 
 
 def values_server(chan, engine: ServerEngine, cache: EncryptedKVCache, p_s: np.ndarray) -> np.ndarray:
     lay = cache.layout
     ps = [s2h_server(engine, recv_ct(chan), probs_slots(lay, p_s, c)) for c in range(len(cache.v))]
     out = pv_decode(engine, cache, ps, RemoteRefresh(chan))
-    return read_pv(lay, _h2s_send(chan, engine, out, "attention output"))
+    return read_pv(lay, _h2s_send(chan, engine, out, "attention output"), engine.config.t)
 
 
 def values_client(chan, role: ClientRole, layout: KVLayout, length: int, p_c: np.ndarray) -> np.ndarray:
     for c in range(probs_cts_needed(layout, length)):
         send_ct(chan, role.s2h_send(probs_slots(layout, p_c, c)))
-    return read_pv(layout, role.h2s_receive(recv_ct(chan, role)))
+    return read_pv(layout, role.h2s_receive(recv_ct(chan, role)), role.keys.config.t)
 
 
 # ---- prefill (many tokens at once: ``lanes`` tokens per ciphertext, causal attention) ----------
@@ -182,8 +186,8 @@ def scores_prefill_server(chan, engine: ServerEngine, cache: EncryptedKVCache, s
     lay = cache.layout
     qs = [s2h_server(engine, recv_ct(chan), query_slots(lay, q)) for q in Q_s]
     out = qk_prefill(engine, cache, qs, start, RemoteRefresh(chan))
-    rows = [read_scores(lay, [_h2s_send(chan, engine, c, "attention scores") for c in row], start + i + 1)
-            for i, row in enumerate(out)]
+    rows = [read_scores(lay, [_h2s_send(chan, engine, c, "attention scores") for c in row], start + i + 1,
+                        engine.config.t) for i, row in enumerate(out)]
     return _pad_scores(rows, start + len(qs))
 
 
@@ -193,7 +197,8 @@ def scores_prefill_client(chan, role: ClientRole, layout: KVLayout, start: int, 
     rows = []
     for i in range(len(Q_c)):
         n = (start + i) // layout.tpc + 1
-        rows.append(read_scores(layout, [role.h2s_receive(recv_ct(chan, role)) for _ in range(n)], start + i + 1))
+        rows.append(read_scores(layout, [role.h2s_receive(recv_ct(chan, role)) for _ in range(n)], start + i + 1,
+                                role.keys.config.t))
     return _pad_scores(rows, start + len(Q_c))
 
 
@@ -202,7 +207,8 @@ def values_prefill_server(chan, engine: ServerEngine, cache: EncryptedKVCache, s
     ps = [[s2h_server(engine, recv_ct(chan), probs_slots(lay, P_s[:, i], c)) for c in range((start + i) // lay.tpc + 1)]
           for i in range(P_s.shape[1])]
     outs = pv_prefill(engine, cache, ps, start, RemoteRefresh(chan))
-    return np.stack([read_pv(lay, _h2s_send(chan, engine, o, "attention output")) for o in outs], axis=1)
+    return np.stack([read_pv(lay, _h2s_send(chan, engine, o, "attention output"), engine.config.t) for o in outs],
+                    axis=1)
 
 
 def values_prefill_client(chan, role: ClientRole, layout: KVLayout, start: int, P_c) -> np.ndarray:
@@ -210,7 +216,8 @@ def values_prefill_client(chan, role: ClientRole, layout: KVLayout, start: int, 
     for i in range(T):
         for c in range((start + i) // layout.tpc + 1):
             send_ct(chan, role.s2h_send(probs_slots(layout, P_c[:, i], c)))
-    return np.stack([read_pv(layout, role.h2s_receive(recv_ct(chan, role))) for _ in range(T)], axis=1)
+    return np.stack([read_pv(layout, role.h2s_receive(recv_ct(chan, role)), role.keys.config.t) for _ in range(T)],
+                    axis=1)
 
 
 # Attention probabilities are shared at 2^(f + PROBS_EXTRA_BITS); p.V is truncated by as many bits.

@@ -52,7 +52,7 @@ def bench_shape(name, s, cfg, contexts, rng):
     plans = {k: plan_linear(a, b, cfg.n) for k, (a, b) in linears(s).items()}
     lay = KVLayout(s["d_head"], cfg.n)
     t0 = time.perf_counter()
-    keys = ClientKeys.generate(cfg, required_rotation_steps(plans.values(), [lay]))
+    keys = ClientKeys.generate(cfg, required_rotation_steps(plans.values()))
     ctx_bytes = keys.public_context_bytes()
     keygen = time.perf_counter() - t0
     eng, cl = ServerEngine(keys.public_context()), ClientRole(keys)

@@ -79,10 +79,7 @@ class ServerShard:
         self.weights = model_weights(model, plan, self.fp, holds_ends, frozenset(lead_layers),
                                      self.embed_idx, head_cols)
         self.linears = {name: EncodedLinear(self.engine, w) for name, w in self.weights.encodable().items()}
-        self.required_steps = {0}
-        for shard in plan.shards:
-            for a, b in sp.head_groups(len(shard.heads), self.cfg.d_head):
-                self.required_steps |= sp.kv_layout(self.cfg, self.n, b - a).rotation_steps()
+        self.required_steps = set()  # the linear layers' (attention rotates nothing: he/arcc.py)
         for enc in self.linears.values():
             self.required_steps |= enc.plan.rotation_steps()
         self.sessions: dict[str, dict] = {}

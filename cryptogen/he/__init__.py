@@ -21,11 +21,10 @@ from .params import HEConfig
 from .stats import HEStats
 
 
-def required_rotation_steps(plans=(), kv_layouts=()) -> set[int]:
-    """Union of the Galois steps the given linear plans and KV layouts use (client key gen)."""
+def required_rotation_steps(plans=()) -> set[int]:
+    """Union of the Galois steps the given linear plans use (client key gen; the ARCC kernels
+    rotate nothing: their folds are done in the share domain)."""
     steps: set[int] = set()
     for p in plans:
         steps |= p.rotation_steps()
-    for lay in kv_layouts:
-        steps |= lay.rotation_steps()
     return steps

@@ -84,10 +84,6 @@ class KVLayout:
             slots[s:s + self.width] = self.flat(vec, "each token's row")
         return sorted(out.items())
 
-    def rotation_steps(self) -> set[int]:
-        return (ServerEngine.window_sum_steps(self.d_head, 1)
-                | ServerEngine.window_sum_steps(self.tpr, self.width) | {0})
-
 
 class EncryptedKVCache:
     """Server: one head group's encrypted K and V for one layer (``group``: its index in the layer)."""

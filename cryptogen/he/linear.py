@@ -6,14 +6,18 @@ lanes of ``stride = C*P + g - 1`` slots. A lane holds one input vector x (length
 zero-padded to D = C*g) written cyclically: lane slot u holds x[u mod D]. With P = g (mod D)
 the slot ``j + c*P`` of a lane, rotated by k < g, sees x[(j + c*g + k) mod D]; over c < C
 and k < g those indices cover Z_D exactly once. So with diagonal plaintexts
-W_k[j + c*P] = W[(j + c*g + k) mod D, out(j)], sum_k rot(x, k) * W_k followed by a
-window-sum over the C copies (stride P) leaves y[out(j)] at lane slot j.
+W_k[j + c*P] = W[(j + c*g + k) mod D, out(j)], sum_k rot(x, k) * W_k holds in lane slot
+j + c*P copy c's partial sum of y[out(j)], and y[out(j)] = sum_c of them.
 
 Steps of ``matmul_ct_pt`` (server; input from S2H, output goes to H2S):
   1. baby steps: rot(x, a) for a < g1 (g1 - 1 rotations, once per input ciphertext);
   2. per output ciphertext and giant step b: Z_b = sum_a rot(x, a) * W'_{a,b}
      (W' pre-rotated by -b*g1 at set-up), then y = sum_b rot(Z_b, b*g1);
-  3. window-sum over the C copies (log2 C + popcount(C) rotations).
+  3. no fold: the ciphertext goes to H2S with the C copies' partial sums in place, and each
+     party sums them in its own share (``read_output_*``; a sum of shares is a share of the
+     sum). H2S masks every slot with a uniform r, so the client learns nothing more from the
+     unfolded slots; the log2 C + popcount(C) - 1 fold rotations per output of a server-side
+     fold are saved (docs/HE.md, "Folds in the share domain").
 Decode: every lane holds the same token, lane l of output ciphertext m computes output
 chunk m*lanes + l. Prefill: lane l holds token l of a batch; one output ciphertext per
 (batch, chunk). Cost per decode mat-vec: g * ceil(chunks / lanes) ct x pt, close to
@@ -82,12 +86,10 @@ class LinearPlan:
         return (lane // self.lanes_per_row) * (self.n // 2) + (lane % self.lanes_per_row) * self.stride
 
     def rotation_steps(self) -> set[int]:
-        steps = set(range(1, self.g1)) | {b * self.g1 for b in range(1, self.g2)}
-        return steps | ServerEngine.window_sum_steps(self.C, self.P)
+        return set(range(1, self.g1)) | {b * self.g1 for b in range(1, self.g2)}
 
     def decode_rotations(self) -> int:
-        fold = len(ServerEngine.window_sum_steps(self.C, self.P))
-        return (self.g1 - 1) + self.decode_outputs * (self.g2 - 1 + fold)
+        return (self.g1 - 1) + self.decode_outputs * (self.g2 - 1)
 
     # ---- layouts (both parties apply them to their own shares) ---------------
     def _lane_vector(self, x: np.ndarray) -> np.ndarray:
@@ -118,25 +120,26 @@ class LinearPlan:
             outs.append(out)
         return outs
 
-    def read_output_decode(self, slot_arrays: list[np.ndarray]) -> np.ndarray:
+    def _lane_sums(self, arr: np.ndarray, lanes: int, t: int) -> np.ndarray:
+        """(lanes, P): each lane's P outputs, the sum of its C copies' partial sums, mod t."""
+        starts = np.array([self.lane_start(l) for l in range(lanes)])
+        idx = starts[:, None, None] + (np.arange(self.C)[:, None] * self.P + np.arange(self.P))[None]
+        parts = np.asarray(arr, np.int64)[idx]  # (lanes, C, P), slots in [0, t): C * t < 2^13 * 2^42, no overflow
+        return np.mod(parts.sum(axis=1), t)
+
+    def read_output_decode(self, slot_arrays: list[np.ndarray], t: int) -> np.ndarray:
+        """y (d_out,) from the output slot vectors (either party's share: linear in the slots)."""
         if len(slot_arrays) != self.decode_outputs:
             raise ShapeError(f"expected {self.decode_outputs} output slot vectors, got {len(slot_arrays)}")
-        y = np.zeros(self.chunks * self.P, np.int64)
-        for m, arr in enumerate(slot_arrays):
-            for l in range(self.lanes):
-                q = m * self.lanes + l
-                if q < self.chunks:
-                    s = self.lane_start(l)
-                    y[q * self.P:(q + 1) * self.P] = arr[s:s + self.P]
-        return y[: self.d_out]
+        y = np.concatenate([self._lane_sums(arr, self.lanes, t).reshape(-1) for arr in slot_arrays])
+        return y[: self.d_out].astype(np.int64)
 
-    def read_output_prefill(self, slot_arrays: list[list[np.ndarray]], tokens: int) -> np.ndarray:
+    def read_output_prefill(self, slot_arrays: list[list[np.ndarray]], tokens: int, t: int) -> np.ndarray:
         Y = np.zeros((tokens, self.chunks * self.P), np.int64)
         for b, per_chunk in enumerate(slot_arrays):
+            lanes = min(self.lanes, tokens - b * self.lanes)
             for q, arr in enumerate(per_chunk):
-                for l in range(min(self.lanes, tokens - b * self.lanes)):
-                    s = self.lane_start(l)
-                    Y[b * self.lanes + l, q * self.P:(q + 1) * self.P] = arr[s:s + self.P]
+                Y[b * self.lanes:b * self.lanes + lanes, q * self.P:(q + 1) * self.P] = self._lane_sums(arr, lanes, t)
         return Y[:, : self.d_out]
 
     # ---- diagonals --------------------------------------------------------------
@@ -244,7 +247,7 @@ class EncodedLinear:
                 parts.append(e.rotate(e.sum(terms), b * p.g1))
         if not parts:
             raise ShapeError("weight matrix is entirely zero for this output block")
-        return e.window_sum(e.sum(parts), p.C, p.P)
+        return e.sum(parts)  # the copies are summed in the share domain (module doc, step 3)
 
     def _babies(self, x: Cipher, engine: ServerEngine | None = None) -> list[Cipher]:
         e = engine or self.engine

@@ -12,8 +12,8 @@ def _decode(engine, client, plan, enc, x, rng, t):
     xs = random_elements(x.shape, t, rng)
     c = s2h_server(engine, client.s2h_send(plan.input_slots_decode((x - xs) % t)), plan.input_slots_decode(xs))
     shares = [h2s_server(engine, o) for o in matmul_ct_pt_decode(enc, c)]
-    yc = plan.read_output_decode([client.h2s_receive(d) for d, _ in shares])
-    ys = plan.read_output_decode([r for _, r in shares])
+    yc = plan.read_output_decode([client.h2s_receive(d) for d, _ in shares], t)
+    ys = plan.read_output_decode([r for _, r in shares], t)
     return (yc + ys) % t
 
 
@@ -45,7 +45,7 @@ def test_prefill_many_tokens(cfg, engine, keys, client, plans, rng):
     cts = [engine.receive(client.s2h_send(s)) for s in plan.input_slots_prefill(X)]
     assert len(cts) == -(-9 // plan.lanes)
     out = matmul_ct_pt_prefill(enc, cts)
-    Y = plan.read_output_prefill([[keys.decrypt(c.ct) for c in row] for row in out], 9)
+    Y = plan.read_output_prefill([[keys.decrypt(c.ct) for c in row] for row in out], 9, cfg.t)
     assert np.array_equal(Y, matmul(X, W, cfg.t))
 
 
@@ -83,7 +83,7 @@ def test_row_and_column_shards(cfg, ctx, keys, client, rng):
         xin = eng.receive(cl.s2h_send(plan.input_slots_decode(pad_rows(x[lo:hi], plan.d_in))))
         parts.append(matmul_ct_pt_decode(enc, xin))
     summed = [eng.sum([p[m] for p in parts]) for m in range(plan.decode_outputs)]
-    y = plan.read_output_decode([k2.decrypt(c.ct) for c in summed])
+    y = plan.read_output_decode([k2.decrypt(c.ct) for c in summed], cfg.t)
     assert np.array_equal(y, matmul(x[None], W, cfg.t)[0])
     cols = shard_cols(d_out, 3)
     assert cols[0][0] == 0 and cols[-1][1] == d_out and len(cols) == 3
@@ -113,7 +113,7 @@ def test_decode_random_shapes(cfg, engine, keys, d_out, seed):
     W, x = random_elements((100, d_out), cfg.t, rng), random_elements(100, cfg.t, rng)
     c = engine.encrypt(plan.input_slots_decode(x))
     outs = matmul_ct_pt_decode(EncodedLinear(engine, W, plan), c)
-    assert np.array_equal(plan.read_output_decode([keys.decrypt(o.ct) for o in outs]), matmul(x[None], W, cfg.t)[0])
+    assert np.array_equal(plan.read_output_decode([keys.decrypt(o.ct) for o in outs], cfg.t), matmul(x[None], W, cfg.t)[0])
 
 
 def test_shape_errors(cfg, engine, plans):
@@ -123,4 +123,4 @@ def test_shape_errors(cfg, engine, plans):
     with pytest.raises(ShapeError, match="do not match"):
         EncodedLinear(engine, np.zeros((101, 37)), plan)
     with pytest.raises(ShapeError):
-        plan.read_output_decode([])
+        plan.read_output_decode([], cfg.t)

@@ -30,7 +30,7 @@ BACKENDS = ("inprocess", "ray")
 CPU_ROLES = ("client", "workers", "gateway", "ray")  # the ray backend's parties (bench_ray.server_cpu)
 NOTES = ["latency: median over decoded tokens; HE ops (the server's, all workers), client<->server bytes and "
          "rounds: mean per decoded token", "KV cache: allocated = whole ciphertexts after the prefill; marginal = "
-         "the layout's bytes per added token (2 x ciphertext bytes x heads / tokens per ciphertext)",
+         "the layout's bytes per added token (2 x ciphertext bytes x head groups / tokens per ciphertext)",
          "in-process kv-reuse grows one session's cache from context to context (chunked prefill of the "
          "prefill_tokens between them); a decode step at context C is the same as after a fresh prefill of C"]
 

@@ -26,9 +26,8 @@ sys.path.insert(0, str(ROOT))
 # (bucket, who runs it, function names that mark it on a stack, and, if not empty, the outer functions
 # one of which must be below that frame), innermost match first
 BUCKETS = [
-    ("HE rotations: linear layers (baby/giant steps, copy folds)", "server", ("rotate", "window_sum"),
-     ("_apply", "_babies")),
-    ("HE rotations: attention folds (q.K window sums, p.V row sums)", "server", ("window_sum", "swap_rows"), ()),
+    ("HE rotations: linear layers (baby and giant steps; the folds are summed in shares)", "server",
+     ("rotate",), ("_apply", "_babies")),
     ("HE ct x ct: q.K and p.V products", "server", ("mul_ct_ct",), ()),
     ("HE ct x pt: linear layers, embedding, LM head", "server", ("matmul_ct_pt_decode", "_apply"), ()),
     ("HE export: re-randomise and flood, then H2S", "server", ("export", "h2s_server"), ()),

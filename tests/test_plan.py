@@ -67,3 +67,18 @@ def test_embedding_and_head_are_dealt_exactly_once(vocab, workers):
     spans = [cols[w] for w in sorted(cols)]
     assert spans[0][0] == 0 and spans[-1][1] == vocab
     assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(spans, spans[1:]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(heads=st.integers(1, 40), d_head=st.integers(1, 600))
+def test_kv_head_groups_tile_the_heads(heads, d_head):
+    """KV head groups: contiguous, every head exactly once, at most KV_GROUP_SLOTS slots per group
+    (or a single head), near-equal sizes, as few groups as the cap allows."""
+    from cryptogen import secure_plan as sp
+
+    groups = sp.head_groups(heads, d_head)
+    assert groups[0][0] == 0 and groups[-1][1] == heads and all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+    sizes = [b - a for a, b in groups]
+    assert all(s * d_head <= sp.KV_GROUP_SLOTS or s == 1 for s in sizes) and max(sizes) - min(sizes) <= 1
+    per = max(1, sp.KV_GROUP_SLOTS // d_head)
+    assert len(groups) == -(-heads // per)

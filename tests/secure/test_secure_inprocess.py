@@ -40,7 +40,7 @@ def test_secure_greedy_equals_plaintext(tiny_model, workers, mode, tmp_path):
         assert len(set(tokens)) > 3  # a non-degenerate continuation
     assert_logits_close(runner.client.logit_history, tiny_model, PROMPT, tokens, TOL)
     # kv-reuse keeps one cache entry per token; recompute rebuilt it for the last pass only
-    cache = runner.shards[0].sessions[runner.sid]["caches"][(0, runner.shards[0].plan.shards[0].heads[0])]
+    cache = runner.shards[0].sessions[runner.sid]["caches"][(0, 0)]  # layer 0, head group 0
     assert cache.length == len(PROMPT) + n - 1
     if workers == 1:  # and against `transformers` itself: the checkpoint loaded as a GPT2LMHeadModel
         _assert_matches_transformers(tiny_model, tmp_path, tokens, runner.client.logit_history)
@@ -120,6 +120,33 @@ def test_embedding_and_head_sharded_over_two_workers():
     assert_logits_close(runner.client.logit_history, model, prompt, runner.client.generated, TOL)
     held = {w: sorted(k for k in s.linears if k.startswith(("embed", "head"))) for w, s in runner.shards.items()}
     assert held == {0: ["embed0", "embed2", "head"], 1: ["embed1", "head"]}
+
+
+def test_odd_heads_in_unequal_kv_head_groups(monkeypatch):
+    """Three heads of 16 with KV head groups of at most 32 slots: one worker's heads share cache
+    ciphertexts in a group of two (32 slots) and a group of one (16), so the score and p.V reads
+    of differently packed groups sit side by side; vocabulary 101, width 48. Still plaintext."""
+    import torch
+
+    from cryptogen import secure_plan as sp
+    from cryptogen.model import GPT, GPTConfig
+
+    monkeypatch.setattr(sp, "KV_GROUP_SLOTS", 32)  # both parties read it (in one process here)
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(vocab_size=101, n_positions=64, n_embd=48, n_layer=1, n_head=3, n_inner=64)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(6.0)
+    cfg, prompt = model.config, [5, 100, 17, 42, 7]
+    assert sp.head_groups(cfg.n_head, cfg.d_head) == [(0, 2), (2, 3)]
+    plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, 1)
+    runner = InProcessRunner(model, plan, prompt)
+    Driver(runner, cfg, plan).generate(len(prompt), 3)
+    assert runner.client.generated == plain_greedy(model, prompt, 3)
+    assert_logits_close(runner.client.logit_history, model, prompt, runner.client.generated, TOL)
+    caches = runner.shards[0].sessions[runner.sid]["caches"]
+    assert {k: c.layout.heads for k, c in caches.items()} == {(0, 0): 2, (0, 1): 1}
 
 
 @pytest.mark.parametrize("workers", [2])  # one worker: tests/server and the Prometheus test (the default output)

@@ -101,7 +101,8 @@ def _refresh_cache(e: ServerEngine, store: list[Cipher], i: int, client: ClientR
 
 # ---------------- decode ---------------------------------------------------------
 def qk_decode(e: ServerEngine, cache: EncryptedKVCache, q: Cipher, client: ClientRole | None = None) -> list[Cipher]:
-    """Server: Enc(q . k_p) for every cached token p (one ciphertext per K ciphertext)."""
+    """Server: the q.K^T products, one unfolded ciphertext per K ciphertext (``read_scores`` sums
+    each head's d_head slots of a token's block into its score)."""
     if cache.length == 0:
         raise ShapeError("attention over an empty KV cache")
     out = []

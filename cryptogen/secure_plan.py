@@ -23,7 +23,7 @@ EMBED_ROWS = 1024  # vocabulary rows per embedding shard: one output ciphertext 
 # are ~16 ulps (docs/BENCHMARKS.md, "Accuracy"). Public: both parties truncate by the same amount.
 WEIGHT_EXTRA_BITS = 4
 # A worker's heads of a layer share KV-cache ciphertexts in groups of at most this many slots per token
-# (kvcache.py): one product, fold and export then serve the group. Wider groups leave fewer tokens per
+# (kvcache.py): one product and one export then serve the group. Wider groups leave fewer tokens per
 # ciphertext and gain little (docs/HE.md, "Head groups").
 KV_GROUP_SLOTS = 256
 

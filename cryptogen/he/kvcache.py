@@ -5,7 +5,7 @@ group is a run of one worker's heads of a layer (``secure_plan.head_groups``); a
 holds the group's heads side by side, ``width = heads * d_head`` contiguous slots (head h at
 offset h * d_head). Each batching row holds ``tpr = (n/2) // width`` token blocks, so a
 ciphertext holds ``tpc = 2 * tpr`` tokens. Token p lives in ciphertext p // tpc, block p % tpc.
-Packing the heads makes one ciphertext product, fold and export serve all of them (per-head
+Packing the heads makes one ciphertext product and one export serve all of them (per-head
 caches needed one each: docs/HE.md, "Head groups"). The same layout serves decode and
 prefill (ARCC kernels in arcc.py); nothing is ever re-encrypted to change layout.
 
@@ -121,7 +121,7 @@ class EncryptedKVCache:
         """Write tokens start .. start+T-1; one client ciphertext per touched cache ciphertext."""
         self._check_position(start)
         K_server, V_server = np.asarray(K_server), np.asarray(V_server)
-        if K_server.shape != V_server.shape or K_server.ndim not in (2, 3):
+        if K_server.shape != V_server.shape:
             raise ShapeError(f"K share {K_server.shape} and V share {V_server.shape} differ")
         runs_k, runs_v = self.layout.run_slots(start, K_server), self.layout.run_slots(start, V_server)
         if len(k_client) != len(runs_k) or len(v_client) != len(runs_v):

@@ -29,6 +29,8 @@ rotation, ceil(T / tpc) + 1 exports -- the same as one head's when the group fit
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from .convert import ClientRole, refresh
@@ -66,10 +68,15 @@ def probs_cts_needed(layout: KVLayout, length: int) -> int:
     return -(-length // layout.tpc)
 
 
+@lru_cache(maxsize=64)
+def _block_index(layout: KVLayout) -> np.ndarray:
+    """(tpc, width) slot indices of every token block (computed once per layout)."""
+    return np.array([layout.block_start(b) for b in range(layout.tpc)])[:, None] + np.arange(layout.width)
+
+
 def _blocks(layout: KVLayout, slots: np.ndarray) -> np.ndarray:
     """(tpc, heads, d_head): every token block of one ciphertext's slots."""
-    idx = np.array([layout.block_start(b) for b in range(layout.tpc)])[:, None] + np.arange(layout.width)
-    return np.asarray(slots, np.int64)[idx].reshape(layout.tpc, layout.heads, layout.d_head)
+    return np.asarray(slots, np.int64)[_block_index(layout)].reshape(layout.tpc, layout.heads, layout.d_head)
 
 
 def read_scores(layout: KVLayout, slot_arrays: list[np.ndarray], length: int, t: int) -> np.ndarray:

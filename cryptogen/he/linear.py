@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -122,9 +123,7 @@ class LinearPlan:
 
     def _lane_sums(self, arr: np.ndarray, lanes: int, t: int) -> np.ndarray:
         """(lanes, P): each lane's P outputs, the sum of its C copies' partial sums, mod t."""
-        starts = np.array([self.lane_start(l) for l in range(lanes)])
-        idx = starts[:, None, None] + (np.arange(self.C)[:, None] * self.P + np.arange(self.P))[None]
-        parts = np.asarray(arr, np.int64)[idx]  # (lanes, C, P), slots in [0, t): C * t < 2^13 * 2^42, no overflow
+        parts = np.asarray(arr, np.int64)[_copy_index(self, lanes)]  # (lanes, C, P), slots in [0, t): no overflow
         return np.mod(parts.sum(axis=1), t)
 
     def read_output_decode(self, slot_arrays: list[np.ndarray], t: int) -> np.ndarray:
@@ -157,6 +156,14 @@ class LinearPlan:
                 s = self.lane_start(l) + c * self.P
                 out[s + j[ok]] = W[i[ok], cols[ok]]
         return out
+
+
+@lru_cache(maxsize=256)
+def _copy_index(plan: LinearPlan, lanes: int) -> np.ndarray:
+    """(lanes, C, P) slot indices of each lane's copies' partial sums (computed once per plan);
+    C * t < 2^13 * 2^42, so their int64 sum does not overflow."""
+    starts = np.array([plan.lane_start(l) for l in range(lanes)])
+    return starts[:, None, None] + (np.arange(plan.C)[:, None] * plan.P + np.arange(plan.P))[None]
 
 
 def _divisors(x: int) -> list[int]:

@@ -26,13 +26,17 @@ from pathlib import Path
 DEFAULT_CONTEXTS = (64, 128, 256, 512)
 MODES = ("kv-reuse", "recompute")
 OPS = ("ct_pt_mul", "ct_ct_mul", "rotations")
+AHEAD_MARGIN = 1.02  # in process: the next decode step's dealer items, as a multiple of the last step's (+ growth)
 BACKENDS = ("inprocess", "ray")
 CPU_ROLES = ("client", "workers", "gateway", "ray")  # the ray backend's parties (bench_ray.server_cpu)
 NOTES = ["latency: median over decoded tokens; HE ops (the server's, all workers), client<->server bytes and "
          "rounds: mean per decoded token", "KV cache: allocated = whole ciphertexts after the prefill; marginal = "
          "the layout's bytes per added token (2 x ciphertext bytes x head groups / tokens per ciphertext)",
          "in-process kv-reuse grows one session's cache from context to context (chunked prefill of the "
-         "prefill_tokens between them); a decode step at context C is the same as after a fresh prefill of C"]
+         "prefill_tokens between them); a decode step at context C is the same as after a fresh prefill of C",
+         "in process, the dealer makes a decode step's correlated randomness before the step, untimed "
+         "(dealer_ahead_s: its seconds), from what the previous decode step took, as the deployed client's offline "
+         "phase does before a request; the first decode step after a prefill makes its items on demand, inside the step"]
 
 
 class BenchError(ValueError):
@@ -145,27 +149,40 @@ def validate(opts: BenchOptions):
 
 # ---- backends: run one (mode, prompt) and report per-token deltas of cumulative counters ------
 class _Recorder:
-    def __init__(self, totals, kv, progress):
-        self.totals, self.kv, self.progress = totals, kv, progress
+    """Per-token deltas of cumulative counters; ``ahead`` (in process), called after every step with
+    the position of the token it decoded (None after a prefill), makes the next step's correlated
+    randomness and returns the seconds that took (offline: the deployed client does the same before a
+    request, ``client/remote.py``)."""
+
+    def __init__(self, totals, kv, progress, ahead=None):
+        self.totals, self.kv, self.progress, self.ahead = totals, kv, progress, ahead
         self.prefill_s, self.decode_s, self.deltas, self.kv_after, self._before = None, [], [], None, None
+        self.dealer_s, self._made = [], 0.0  # per decode step: dealer seconds spent before it (0: made online)
 
     def on_step(self, timing) -> None:
         now = self.totals()
         if timing.phase == "start":
             self._before = now
+            self._next()
             return
         if timing.phase == "prefill":
             self.prefill_s, self.kv_after = timing.seconds, self.kv()
         else:
             self.decode_s.append(timing.seconds)
+            self.dealer_s.append(self._made)
             self.deltas.append({k: now[k] - self._before[k] for k in now})
-        self._before = now
         self.progress(timing)
+        self._next(timing.position if timing.phase == "decode" else None)
+        self._before = self.totals()
+
+    def _next(self, decoded_at: int | None = None) -> None:
+        self._made = self.ahead(decoded_at) if self.ahead else 0.0
 
     def result(self) -> dict:
         m = {k: sum(d[k] for d in self.deltas) / len(self.deltas) for k in self.deltas[0]}
+        ahead = {"dealer_ahead_s": self.dealer_s} if self.ahead else {}
         return {"prefill_s": self.prefill_s, "decode_s": self.decode_s, "median_decode_s": statistics.median(self.decode_s),
-                "he_ops_per_token": {k: m[k] for k in OPS}, "rounds_per_token": m["rounds"],
+                **ahead, "he_ops_per_token": {k: m[k] for k in OPS}, "rounds_per_token": m["rounds"],
                 "bytes_per_token": {"to_server": m["to_server"], "to_client": m["to_client"],
                                     "total": m["to_server"] + m["to_client"]}, "kv_cache_after_prefill": self.kv_after,
                 **({"cpu_s_per_token": {k[4:]: m[k] for k in m if k.startswith("cpu_")}}
@@ -193,12 +210,36 @@ class InProcessBackend:
     def _kv(self) -> dict:
         return {k: sum(s.cache_stats()[k] for s in self.runner.shards.values()) for k in ("ciphertexts", "bytes")}
 
+    def _consumed(self) -> dict:
+        return {w: dict(p.cr.counters()["consumed"]) for w, p in self.runner.client_parties.items()}
+
+    def _recorder(self, progress) -> _Recorder:
+        """A recorder whose steps find their dealer items made before them, as in deployment: after the
+        decode step at position p the dealer makes what that step took, times ``AHEAD_MARGIN`` + 2 / (p + 1)
+        (the next step sees one more token: a recompute step's attention grows by up to 2 / (p + 1)), for
+        the next step, untimed. The first decode step after a prefill has no such measure and makes its
+        items on demand, inside the step (``dealer_ahead_s`` 0)."""
+        last = {"seen": self._consumed()}
+
+        def ahead(decoded_at: int | None) -> float:
+            now = self._consumed()
+            took, last["seen"] = {w: {k: now[w].get(k, 0) - last["seen"][w].get(k, 0) for k in ("triple", "bits")}
+                                  for w in now}, now
+            if decoded_at is None:
+                return 0.0
+            t0, grow = time.perf_counter(), AHEAD_MARGIN + 2 / (decoded_at + 1)
+            for w, d in took.items():
+                self.runner.client_parties[w].cr.preprocess(triples=int(d["triple"] * grow), bits=int(d["bits"] * grow))
+            last["seen"] = self._consumed()
+            return time.perf_counter() - t0
+        return _Recorder(self._totals, self._kv, progress, ahead)
+
     def run(self, mode: str, prompt: list[int], tokens: int, progress) -> dict:
         from .client.session import ClientSession
         from .driver import Driver, StepTiming
         r, C = self.runner, len(prompt) - 1  # prompt: the C context tokens + the first token to decode
         r.client.close()
-        rec = _Recorder(self._totals, self._kv, progress)
+        rec = self._recorder(progress)
         driver = Driver(r, self.cfg, self.plan, mode)
         if mode == "kv-reuse":
             r.client = ClientSession(self.cfg, self.plan, r.keys, prompt[:C])  # fresh session, same keys and shards
@@ -228,7 +269,7 @@ class InProcessBackend:
         for C in contexts:
             if time.monotonic() > deadline:
                 break
-            rec = _Recorder(self._totals, self._kv, lambda t, C=C: progress(C, t))
+            rec = self._recorder(lambda t, C=C: progress(C, t))
             r.client.tokens = r.client.tokens[:done] + prompt[done:C]  # cached tokens, then more prompt
             log(f"context {C}: prefill of {C - done} more tokens in one pass "
                 f"(about a decode step's time per token; no progress lines until it ends)...")

@@ -6,8 +6,9 @@ encrypted KV cache starts a new ciphertext (every n / d_head positions).
     .venv/bin/python scripts/secure_error_by_position.py --n-embd 512 --n-head 1 --prompt 29 --tokens 5
 
 With ``--model NAME --window T`` (a shipped model): one secure scoring pass over the first T tokens
-of its test split (logits at every position, as ``cryptogen eval --secure``), and the max logit
-error per position range: how the error grows with the context.
+of its test split (logits at every position, as ``cryptogen eval --secure``), the max logit error
+per position range (how the error grows with the context), and where the secure and the plaintext
+greedy next token differ (with the plaintext's top-2 margin there).
 
     .venv/bin/python scripts/secure_error_by_position.py --model wikitext2 --window 140
 """
@@ -37,9 +38,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--model", help="a shipped model: score --window tokens of its test split instead")
     ap.add_argument("--window", type=int, default=140)
+    ap.add_argument("--out", help="with --model: also write the report and every position's error to this JSON file")
     a = ap.parse_args()
     if a.model:
-        return score_window(a.model, a.window)
+        return score_window(a.model, a.window, a.out)
 
     from cryptogen.driver import Driver
     from cryptogen.he.params import HEConfig
@@ -73,7 +75,7 @@ def main() -> None:
                           steps=rows), indent=1))
 
 
-def score_window(name: str, T: int) -> None:
+def score_window(name: str, T: int, out: str | None = None) -> None:
     from cryptogen import registry
     from cryptogen.data import first_tokens
     from cryptogen.driver import Driver
@@ -88,12 +90,21 @@ def score_window(name: str, T: int) -> None:
     Driver(runner, cfg, plan).score(len(ids))
     with torch.no_grad():
         full = model(torch.tensor([ids]))[0][0].double().numpy()
-    err = np.abs(np.stack(runner.client.logit_history)[:len(ids)] - full).max(-1)
-    edges = [0, 10, 32, 64, 100, 128, 256, 512, 1024]
+    secure = np.stack(runner.client.logit_history)[:len(ids)]
+    err = np.abs(secure - full).max(-1)
+    top2 = np.sort(full, -1)[:, -2:]
+    differ = np.flatnonzero(secure.argmax(-1) != full.argmax(-1))  # greedy next token differs here
+    edges = [0, 10, 32, 64, 100, 128, 256, 384, 512, 1024]
     ranges = [(lo, min(hi, len(ids))) for lo, hi in zip(edges, edges[1:]) if lo < len(ids)]
-    print(json.dumps(dict(model=name, tokens=len(ids), max_error=round(float(err.max()), 4),
-                          by_position={f"{lo}-{hi - 1}": round(float(err[lo:hi].max()), 4) for lo, hi in ranges}),
-                     indent=1))
+    report = dict(model=name, tokens=len(ids), max_error=round(float(err.max()), 4),
+                  by_position={f"{lo}-{hi - 1}": round(float(err[lo:hi].max()), 4) for lo, hi in ranges},
+                  greedy_same_at=f"{len(ids) - len(differ)}/{len(ids)}",
+                  greedy_differs=[dict(position=int(i), max_error=round(float(err[i]), 4),
+                                       top2_margin=round(float(top2[i, 1] - top2[i, 0]), 4)) for i in differ])
+    print(json.dumps(report, indent=1))
+    if out:
+        Path(out).write_text(json.dumps(dict(report, command=" ".join(sys.argv), errors=[round(float(e), 4) for e in err]),
+                                        indent=1) + "\n")
 
 
 if __name__ == "__main__":

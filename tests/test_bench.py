@@ -118,3 +118,31 @@ def test_bad_input_errors_before_any_work(checkpoint, tmp_path, args, message):
     lines = [l for l in res.output.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.output
     assert time.monotonic() - t0 < 10 and not out.parent.exists()  # no keys, no encoding, no files
+
+
+@pytest.mark.parametrize("mode", ["kv-reuse", "recompute"])
+def test_in_process_dealer_makes_each_decode_steps_items_before_it(checkpoint, monkeypatch, mode):
+    """After a decode step the dealer makes what it took for the next step, untimed (as the deployed
+    client's offline phase): the first decode step makes its items on demand (dealer_ahead_s 0), every
+    later one finds them all made (nothing produced inside it) and the dealer's seconds are reported."""
+    from cryptogen import bench as bench_mod
+    from cryptogen.driver import Driver
+
+    backend = bench_mod.InProcessBackend(GPT.from_pretrained(checkpoint), 1)
+    made_inside = []
+    real = Driver.decode_one_token
+
+    def counted(self, position):
+        before = sum(sum(p.cr.produced.values()) for p in backend.runner.client_parties.values())
+        timing = real(self, position)
+        made_inside.append(sum(sum(p.cr.produced.values()) for p in backend.runner.client_parties.values()) - before)
+        return timing
+
+    monkeypatch.setattr(Driver, "decode_one_token", counted)
+    try:
+        res = backend.run(mode, list(range(1, 6)), 3, lambda timing: None)
+    finally:
+        backend.close()
+    assert len(res["decode_s"]) == len(res["dealer_ahead_s"]) == 3
+    assert res["dealer_ahead_s"][0] == 0 and made_inside[0] > 0
+    assert all(s > 0 for s in res["dealer_ahead_s"][1:]) and made_inside[1:] == [0, 0]

@@ -89,3 +89,17 @@ def test_eval_equals_the_per_level_construction_share_for_share(n, shape, seed):
     k = dcf.gen(alpha, rng.integers(0, t, (n, dcf.OUT)), L_, t)
     for b in (0, 1):
         assert np.array_equal(dcf.eval_(b, k[b], x, L_, t), _eval_reference(b, k[b], x, L_, t))
+
+
+def test_batches_split_into_chunks_give_the_same_keys_and_shares(monkeypatch):
+    """gen and eval_ work CHUNK items at a time: with CHUNK = 7 over 40 items (5 full chunks and a
+    part) the keys still compare exactly, and one key set evaluates share for share the same in
+    chunks as in one pass."""
+    rng = np.random.default_rng(9)
+    alpha, x = rng.integers(0, T, (2, 40))
+    x[:10] = alpha[:10]
+    k = dcf.gen(alpha, rng.integers(0, T, (40, dcf.OUT)), L, T)
+    whole = [dcf.eval_(b, k[b], x, L, T) for b in (0, 1)]
+    monkeypatch.setattr(dcf, "CHUNK", 7)
+    assert all(np.array_equal(dcf.eval_(b, k[b], x, L, T), whole[b]) for b in (0, 1))
+    _check(alpha, x, rng)

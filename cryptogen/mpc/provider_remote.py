@@ -31,6 +31,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
+import time
+from collections import Counter, deque
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +50,7 @@ OK, ERR = 0, 1
 MAX_REQUEST_BYTES = 32 << 20  # one half of one request; the dealer may announce a smaller cap
 MAX_MATRIX_DIM = 1 << 16
 DEFAULT_TIMEOUT = 900.0       # how long a party waits for one answer of the dealer
+DEFAULT_AHEAD = 64 << 20      # per kind, how far a party's fetches may run ahead of its consumption
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -152,8 +156,9 @@ class RemoteDealerProvider:
 
     name = "dealer"
 
-    def __init__(self, connection, link: str, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, connection, link: str, timeout: float = DEFAULT_TIMEOUT, ahead_bytes: int = DEFAULT_AHEAD):
         self.conn = load_connection(connection)
+        self.ahead_bytes = max(0, int(ahead_bytes))
         if not isinstance(link, str) or not _HEX64.match(link):
             raise ProviderError("the dealer link id must be 64 lowercase hex digits (see link_id)")
         self.link, self.role, self.timeout = link, self.conn["role"], timeout
@@ -174,7 +179,18 @@ class RemoteDealerProvider:
 
 
 class RemoteDealerSource(Source):
-    """Pools filled by fetching this party's halves from the dealer over one TLS link."""
+    """Pools filled by fetching this party's halves from the dealer over one TLS link.
+
+    Fetches run in a background thread, ahead of consumption: the dealer makes and sends the next
+    batches while the online protocol runs. The dealer pairs the two parties' requests by sequence
+    number, so WHAT to fetch is decided in ``_take`` from the consumption alone (both parties consume
+    the same items in the same order, so they make the same requests), never from timing:
+      1. a take the pool plus the fetches already asked for cannot cover asks for the rest
+         (at least one ``min_batch``), as on demand;
+      2. look-ahead: while fewer items are asked for than have been taken so far (up to
+         ``ahead_bytes`` of the kind, the provider's), ask for the difference once it is a batch.
+    The thread sends the requests in that order; a take waits only for the items it needs.
+    """
 
     name = "dealer"
     dcf = True
@@ -184,9 +200,94 @@ class RemoteDealerSource(Source):
         self.provider, self.seq = provider, 0
         self.chan = None
         self.max_request = MAX_REQUEST_BYTES
-        self._closed = False
+        self._closed = self._stopping = False  # closed: the link is down; stopping: close() was called
+        self._cv = threading.Condition()
+        self._jobs: deque = deque()      # ((kind, key), count) to fetch, in request order
+        self._asked: Counter = Counter()  # per (kind, key): items asked for and not taken (pool + in flight)
+        self._taken: Counter = Counter()
+        self._error: BaseException | None = None
+        self._fetcher: threading.Thread | None = None
+        self.asks: Counter = Counter()  # requests queued: "need" (step 1), "ahead" (step 2)
+        self.short_takes, self.wait_s = 0, 0.0  # takes that waited for a fetch, and how long
 
-    # -- link ------------------------------------------------------------------------------
+    # -- consumption -------------------------------------------------------------------------
+    def _take(self, kind, count, key=None):
+        k = (kind, key)
+        if self.chan is None and not self._closed:
+            self._connect()  # in this thread: a refused hello raises its own error here
+        with self._cv:
+            self._check()
+            self._asked[k] -= count
+            self._taken[k] += count
+            if self._asked[k] < 0:  # step 1
+                self._ask(k, max(-self._asked[k], self.min_batch[kind]), "need")
+            if self.provider.ahead_bytes:  # step 2
+                cap = self.provider.ahead_bytes // (8 * item_words(kind, self.t, key))
+                more = min(cap, self._taken[k]) - self._asked[k]
+                if more >= self.min_batch[kind]:
+                    self._ask(k, more, "ahead")
+            pool = self._pool(kind, key)
+            if pool.size < count:
+                self.short_takes += 1
+                t0 = time.monotonic()
+                while pool.size < count:
+                    self._check()
+                    self._cv.wait(1.0)
+                self.wait_s += time.monotonic() - t0
+            self.consumed[kind] += count
+            return pool.take(count)
+
+    def preprocess(self, triples: int = 0, bits: int = 0, matrix: dict | None = None) -> None:
+        """Make the pools hold at least this many items (asked for from what is asked, not what arrived)."""
+        wants = {("triple", None): triples, ("bits", None): bits}
+        wants.update({("matrix", tuple(int(v) for v in k)): n for k, n in (matrix or {}).items()})
+        if self.chan is None and not self._closed and any(n > 0 for n in wants.values()):
+            self._connect()
+        with self._cv:
+            self._check()
+            for k, n in wants.items():
+                if n - self._asked[k] > 0:
+                    self._ask(k, n - self._asked[k], "need")
+            while not all(self._pool(*k).size >= n for k, n in wants.items()):
+                self._check()
+                self._cv.wait(1.0)
+
+    def _ask(self, k, count: int, why: str) -> None:
+        """Queue a request (caller holds the lock)."""
+        self.asks[why] += 1
+        self._asked[k] += count
+        self._jobs.append((k, count))
+        if self._fetcher is None:
+            self._fetcher = threading.Thread(target=self._fetch_loop, name=f"cryptogen-dealer-{self.role}", daemon=True)
+            self._fetcher.start()
+        self._cv.notify_all()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            e = self._error
+            raise (type(e)(str(e)) if isinstance(e, (ProviderError, RoleError)) else
+                   ProviderError(f"the link to the dealer failed ({type(e).__name__})")) from None
+        if self._closed:
+            raise ProviderError("the link to the dealer is closed")
+
+    def _fetch_loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._jobs and not (self._closed or self._stopping):
+                        self._cv.wait()
+                    if self._closed or self._stopping:
+                        return
+                    (kind, key), count = self._jobs[0]
+                self._refill(kind, count, key)
+                with self._cv:
+                    self._jobs.popleft()
+        except BaseException as e:  # noqa: BLE001 - surfaced on the next take
+            with self._cv:
+                if not self._stopping:
+                    self._error = e
+                self._cv.notify_all()
+
     def _connect(self) -> None:
         from ..net.channel import dial
         from ..net.tls import TLSError
@@ -232,10 +333,15 @@ class RemoteDealerSource(Source):
             self.chan.abort()
 
     def close(self) -> None:
-        """Close this party's link to the dealer (later refills fail)."""
-        self._closed = True
+        """Close this party's link to the dealer (later takes fail); stops the fetches in flight."""
+        with self._cv:
+            self._closed = self._stopping = True
+            busy = bool(self._jobs)  # a fetch in flight (a look-ahead no take needed): drop the link
+            self._cv.notify_all()
         if self.chan is not None:
-            self.chan.close()
+            self.chan.abort() if busy else self.chan.close()
+        if self._fetcher is not None and self._fetcher is not threading.current_thread():
+            self._fetcher.join(10)
 
     # -- refill ----------------------------------------------------------------------------
     def _refill(self, kind, count, key=None):
@@ -272,10 +378,12 @@ class RemoteDealerSource(Source):
             if a.shape != want or (f != "key" and a.size and (a.min() < 0 or a.max() >= self.t)):
                 self._drop()
                 raise ProviderError(f"the dealer sent a malformed {kind} batch")
-        self._push(kind, arrays, key)
+        with self._cv:
+            self._push(kind, arrays, key)
+            self._cv.notify_all()
 
     def counters(self) -> dict:
-        out = super().counters()
+        out = dict(super().counters(), asks=dict(self.asks), short_takes=self.short_takes, wait_s=self.wait_s)
         if self.chan is not None:
             out["dealer_link"] = self.chan.stats.as_dict()
         return out

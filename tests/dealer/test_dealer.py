@@ -332,3 +332,49 @@ def test_run_dealer_serves_until_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def test_fetches_run_ahead_of_consumption_and_pair_up_whatever_the_timing(dealer):
+    """Each party's fetches run in the background, ahead of its takes: WHAT is fetched follows from
+    the takes alone, so two parties taking at different paces still send the dealer the same
+    requests (no "different correlated randomness"), and every half pairs up into valid items. After
+    a pause, the next takes up to what was taken before find their items already fetched."""
+    pc, ps = providers(dealer)
+    sc, ss = pc.source("client"), ps.source("server")
+
+    def consume(s):
+        rng = np.random.default_rng(0 if s.role == "client" else 1)  # different paces on the two sides
+        out = []
+        for _ in range(6):
+            out.append(s.triples((5000,)))
+            out.append(s.solved_bits((300,)))
+            time.sleep(rng.uniform(0, 0.05))
+        deadline = time.time() + 30
+        while s._jobs and time.time() < deadline:  # the look-ahead lands during the pause
+            time.sleep(0.02)
+        short = s.short_takes
+        out.append(s.triples((25000,)))
+        return out, short, s.short_takes
+    try:
+        (oc, short_c, after_c), (os_, short_s, after_s) = fetch_both(sc, ss, consume)
+        assert after_c == short_c and after_s == short_s  # 25,000 triples taken without waiting
+        assert sc.asks == ss.asks and sc.asks["ahead"] > 0 and sc.seq == ss.seq
+        for (a, b, c), (a2, b2, c2) in zip(oc[0:13:2], os_[0:13:2]):
+            assert np.array_equal(mul(reconstruct(a, a2), reconstruct(b, b2), T), reconstruct(c, c2))
+        for (bits, r), (bits2, r2) in zip(oc[1:12:2], os_[1:12:2]):
+            R = reconstruct(r, r2)
+            assert np.array_equal((reconstruct(bits, bits2) << np.arange(bits.shape[-1])).sum(-1), R)
+    finally:
+        sc.close(), ss.close()
+
+
+def test_without_look_ahead_every_fetch_is_on_demand(dealer):
+    link = link_id(new_secret())
+    pc = RemoteDealerProvider(dealer.client_file, link, ahead_bytes=0)
+    ps = RemoteDealerProvider(dealer.server_file, link, ahead_bytes=0)
+    sc, ss = pc.source("client"), ps.source("server")
+    try:
+        fetch_both(sc, ss, lambda s: [s.triples((5000,)) for _ in range(6)])
+        assert sc.asks == ss.asks == {"need": sc.short_takes} and sc.short_takes >= 3
+    finally:
+        sc.close(), ss.close()

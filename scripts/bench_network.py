@@ -28,7 +28,8 @@ Modes:
            (token by token, ~7 h here until #11's batched prefill). The tokens are not
            meaningful; dealer provider only (the dealer-free forecast expects a prefill).
 Per step: the client's rounds and payload bytes (its channels' own counters, control connection
-included), the bytes the relays forwarded (TLS records) and the relay process's CPU seconds.
+included), the client's seconds blocked on correlated randomness (``client_cr_wait_s``: dealer fetches
+or short HE pools), the bytes the relays forwarded (TLS records) and the relay process's CPU seconds.
 Model check against the loopback run: predicted = loopback seconds + rounds * RTT + bytes * 8 /
 rate (every round a full RTT, the two directions one after the other), and the overlapped form
 rounds * RTT / 2 + max(bytes each way) * 8 / rate (both parties send, then both receive).
@@ -180,8 +181,11 @@ def run_session(conn_file: str, dealer_file, ids, provider: str, key: str, plan,
     shape_now = [shape_of[0]]
     steps, marks, after_offline = [], [], []
 
+    sessions, waited = [], [0.0]
+
     def offline(session):  # the offline phase (he: the request's randomness), then a snapshot
         orig_offline(session)
+        sessions[:] = [session]
         after_offline.append(snap())
         # the offline links' own counters, as the provider reports them (cryptogen/mpc/pool.py)
         cr = [p.cr.counters().get("offline", {}) for p in session.parties.values()]
@@ -192,8 +196,11 @@ def run_session(conn_file: str, dealer_file, ids, provider: str, key: str, plan,
         marks.append(snap())
         i = len(steps)
         T = len(ids) if i == 0 and not filled else 1
+        # the client's online seconds blocked on correlated randomness (dealer fetches, short HE pools)
+        w = sum(getattr(p.cr, "wait_s", 0.0) for s_ in sessions for p in s_.parties.values())
         steps.append(dict(profile=profile_of[i], phase=t.phase, position=t.position, T=T, seconds=round(t.seconds, 3),
-                          stages=dict(by_stage)))
+                          client_cr_wait_s=round(w - waited[0], 3), stages=dict(by_stage)))
+        waited[0] = w
         by_stage.clear()
         if i + 1 < len(shape_of) and shape_of[i + 1] != shape_now[0]:
             shape_now[0] = shape_of[i + 1]

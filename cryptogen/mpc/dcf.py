@@ -73,13 +73,20 @@ def key_words(L: int) -> int:
 _ENCRYPTORS = threading.local()  # one ECB context per thread: ECB blocks are independent
 
 
-def _aes(blocks: np.ndarray) -> np.ndarray:
-    """Fixed-key AES-128 on (..., 2) uint64 blocks (a fresh, writable array)."""
+def _encryptor():
     enc = getattr(_ENCRYPTORS, "enc", None)
     if enc is None:
         enc = _ENCRYPTORS.enc = Cipher(algorithms.AES(_PRG_KEY), modes.ECB()).encryptor()
-    raw = enc.update(np.ascontiguousarray(blocks).tobytes())
-    return np.frombuffer(bytearray(raw), np.uint64).reshape(blocks.shape)
+    return enc
+
+
+def _aes(blocks: np.ndarray) -> np.ndarray:
+    """Fixed-key AES-128 on (..., 2) uint64 blocks (a fresh, writable array). ``update_into`` a
+    new buffer: ~10x faster than ``update``, which builds its result as a new bytes object."""
+    data = np.ascontiguousarray(blocks)
+    buf = bytearray(data.nbytes + 15)  # update_into wants a block of slack
+    _encryptor().update_into(memoryview(data).cast("B"), buf)
+    return np.frombuffer(buf, np.uint64, data.size).reshape(blocks.shape)
 
 
 def _to_field(lo: np.ndarray, hi: np.ndarray, t: int) -> np.ndarray:
@@ -182,9 +189,7 @@ def eval_(b: int, key: np.ndarray, x: np.ndarray, L: int, t: int) -> np.ndarray:
     xb = _bits_msb(np.asarray(x, np.int64), L)
     side = np.ascontiguousarray(xb.T)  # (L, n): x's side per level
     tcw_path = np.ascontiguousarray(((tcw >> xb) & 1).T, np.uint64)  # (L, n): t_CW on x's side
-    enc = getattr(_ENCRYPTORS, "enc", None)
-    if enc is None:
-        enc = _ENCRYPTORS.enc = Cipher(algorithms.AES(_PRG_KEY), modes.ECB()).encryptor()
+    enc = _encryptor()
     blocks = n * (1 + OUT)
     buf = bytearray(16 * blocks + 15)  # update_into wants a block of slack
     aes_out = np.frombuffer(buf, np.uint64, 2 * blocks).reshape(n, 1 + OUT, 2)

@@ -92,6 +92,34 @@ def server_cpu(root: int) -> dict:
     return cpu
 
 
+def _peak_mib(pid: int) -> float:
+    """The process's peak resident set (VmHWM), MiB; 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def peak_rss(root: int) -> dict:
+    """Peak resident MiB of ``root`` itself (``self``), of its ``WorkerActor`` descendants (``workers``,
+    summed: the server's shards) and of its other descendants (``ray``), for processes alive now.
+    A sum of per-process peaks bounds the processes' simultaneous peak from above."""
+    procs = _procs()
+    children: dict = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    out = {"self": _peak_mib(root), "workers": 0.0, "ray": 0.0}
+    stack = list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        stack += children.get(pid, [])
+        out["workers" if procs[pid][2].startswith("ray::WorkerActor") else "ray"] += _peak_mib(pid)
+    return {k: round(v, 1) for k, v in out.items()}
+
+
 # ---- the backend -------------------------------------------------------------------------------
 def model_folder(opts, model) -> tuple[str, tempfile.TemporaryDirectory | None]:
     """The checkpoint folder the server loads: the named model's, or ``model`` (random weights) saved

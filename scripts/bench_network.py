@@ -27,7 +27,8 @@ Modes:
            not on its values, so this measures GPT-2 base at 128 context without its prefill
            (token by token, ~7 h here until #11's batched prefill). The tokens are not
            meaningful; dealer provider only (the dealer-free forecast expects a prefill).
-Per step: the client's rounds and payload bytes (its channels' own counters, control connection
+Per run: the peak resident memory of the server's worker processes and of this process (client,
+gateway and dealer threads). Per step: the client's rounds and payload bytes (its channels' own counters, control connection
 included), the client's seconds blocked on correlated randomness (``client_cr_wait_s``: dealer fetches
 or short HE pools), the bytes the relays forwarded (TLS records) and the relay process's CPU seconds.
 Model check against the loopback run: predicted = loopback seconds + rounds * RTT + bytes * 8 /
@@ -238,6 +239,16 @@ def run_session(conn_file: str, dealer_file, ids, provider: str, key: str, plan,
                 link_totals={k: dict(_chan_totals(v), links=len(v)) for k, v in links.items()},
                 setup_bytes_to_server=sum(v["sent"] for v in setup.values()),
                 setup_bytes_to_client=sum(v["recv"] for v in setup.values()), steps=steps, consumed=used)
+
+
+def peak_rss_parties() -> dict:
+    """Peak resident MiB per party, at the end of the run (``bench_ray.peak_rss`` of this process):
+    the server's shards (the Ray worker actors, summed), the rest of the embedded Ray, and this
+    process: the client, the gateway and the dealer's threads (the client's keys and public
+    context, its shares and pools; the gateway holds no weights, the dealer only batches in flight)."""
+    from cryptogen.bench_ray import peak_rss
+    p = peak_rss(os.getpid())
+    return {"server_workers": p["workers"], "ray_other": p["ray"], "client_gateway_dealer_process": p["self"]}
 
 
 def _decode_after(c, ids, n: int, on_step) -> list[int]:
@@ -459,7 +470,7 @@ def main() -> None:
                      workers=a.workers, context=a.context, frame_cap_mib=a.frame_cap_mib,
                      decode_tokens_per_profile=a.tokens,
                      profiles={p: dict(rtt_s=shapes[p][0], rate_bps=shapes[p][1]) for p in profiles if p in PROFILES},
-                     same_tokens=same, summary=summary, runs=runs)
+                     same_tokens=same, summary=summary, runs=runs, peak_rss_mib=peak_rss_parties())
         print(json.dumps(entry, indent=1))
         if a.out:
             path = Path(a.out)

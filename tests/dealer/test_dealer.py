@@ -378,3 +378,20 @@ def test_without_look_ahead_every_fetch_is_on_demand(dealer):
         assert sc.asks == ss.asks == {"need": sc.short_takes} and sc.short_takes >= 3
     finally:
         sc.close(), ss.close()
+
+
+def test_preprocess_fills_both_pools_with_the_same_requests(dealer):
+    """``preprocess`` asks for what is not yet asked for (not what has arrived), so two parties
+    calling it alike send the same requests; the takes after it need no fetch."""
+    pc, ps = providers(dealer)
+    sc, ss = pc.source("client"), ps.source("server")
+    try:
+        fetch_both(sc, ss, lambda s: s.preprocess(triples=6000, bits=200))
+        res = fetch_both(sc, ss, lambda s: (s.triples((6000,)), s.solved_bits((200,))))
+        assert sc.short_takes == ss.short_takes == 0 and sc.asks == ss.asks and sc.asks["need"] == 2
+        (a, b, c), (a2, b2, c2) = res[0][0], res[1][0]
+        assert np.array_equal(mul(reconstruct(a, a2), reconstruct(b, b2), T), reconstruct(c, c2))
+        (bits, r), (bits2, r2) = res[0][1], res[1][1]
+        assert np.array_equal((reconstruct(bits, bits2) << np.arange(bits.shape[-1])).sum(-1), reconstruct(r, r2))
+    finally:
+        sc.close(), ss.close()

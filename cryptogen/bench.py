@@ -195,6 +195,31 @@ def _traffic(chans) -> dict:
             "rounds": sum(p.rounds for p in phases)}
 
 
+def dealer_ahead(runner):
+    """The in-process dealer working ahead of the steps, as in deployment: ``ahead(p)``, called after
+    each step with the position it decoded (None after a prefill), makes for the next step what the
+    decode step at p took, times ``AHEAD_MARGIN`` + 2 / (p + 1) (the next step sees one more token: a
+    recompute step's attention grows by up to 2 / (p + 1)), and returns the seconds that took. After a
+    prefill there is no such measure: the next step makes its items on demand, inside it."""
+    parties = runner.client_parties
+
+    def consumed() -> dict:
+        return {w: dict(p.cr.counters()["consumed"]) for w, p in parties.items()}
+    seen = consumed()
+
+    def ahead(decoded_at: int | None) -> float:
+        nonlocal seen
+        now = consumed()
+        took, seen = {w: {k: now[w].get(k, 0) - seen[w].get(k, 0) for k in ("triple", "bits")} for w in now}, now
+        if decoded_at is None:
+            return 0.0
+        t0, grow = time.perf_counter(), AHEAD_MARGIN + 2 / (decoded_at + 1)
+        for w, d in took.items():
+            parties[w].cr.preprocess(triples=int(d["triple"] * grow), bits=int(d["bits"] * grow))
+        return time.perf_counter() - t0
+    return ahead
+
+
 class InProcessBackend:
     def __init__(self, model, workers: int):
         from .scheduler.inprocess import InProcessRunner
@@ -210,29 +235,8 @@ class InProcessBackend:
     def _kv(self) -> dict:
         return {k: sum(s.cache_stats()[k] for s in self.runner.shards.values()) for k in ("ciphertexts", "bytes")}
 
-    def _consumed(self) -> dict:
-        return {w: dict(p.cr.counters()["consumed"]) for w, p in self.runner.client_parties.items()}
-
     def _recorder(self, progress) -> _Recorder:
-        """A recorder whose steps find their dealer items made before them, as in deployment: after the
-        decode step at position p the dealer makes what that step took, times ``AHEAD_MARGIN`` + 2 / (p + 1)
-        (the next step sees one more token: a recompute step's attention grows by up to 2 / (p + 1)), for
-        the next step, untimed. The first decode step after a prefill has no such measure and makes its
-        items on demand, inside the step (``dealer_ahead_s`` 0)."""
-        last = {"seen": self._consumed()}
-
-        def ahead(decoded_at: int | None) -> float:
-            now = self._consumed()
-            took, last["seen"] = {w: {k: now[w].get(k, 0) - last["seen"][w].get(k, 0) for k in ("triple", "bits")}
-                                  for w in now}, now
-            if decoded_at is None:
-                return 0.0
-            t0, grow = time.perf_counter(), AHEAD_MARGIN + 2 / (decoded_at + 1)
-            for w, d in took.items():
-                self.runner.client_parties[w].cr.preprocess(triples=int(d["triple"] * grow), bits=int(d["bits"] * grow))
-            last["seen"] = self._consumed()
-            return time.perf_counter() - t0
-        return _Recorder(self._totals, self._kv, progress, ahead)
+        return _Recorder(self._totals, self._kv, progress, dealer_ahead(self.runner))
 
     def run(self, mode: str, prompt: list[int], tokens: int, progress) -> dict:
         from .client.session import ClientSession

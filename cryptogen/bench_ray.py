@@ -76,19 +76,26 @@ def _procs() -> dict:
     return out
 
 
-def server_cpu(root: int) -> dict:
-    """CPU seconds of the serve process (``gateway``), its ``WorkerActor`` descendants (``workers``)
-    and its other descendants (``ray``): processes alive now (a finished process's time is gone)."""
-    procs = _procs()
+def _descendants(root: int, procs: dict):
+    """(pid, role) of every live descendant of ``root``: ``workers`` for the ``WorkerActor``
+    processes (the server's shards), ``ray`` for the rest."""
     children: dict = {}
     for pid, (ppid, _, _) in procs.items():
         children.setdefault(ppid, []).append(pid)
-    cpu = {"gateway": procs[root][1] if root in procs else 0.0, "workers": 0.0, "ray": 0.0}
     stack = list(children.get(root, []))
     while stack:
         pid = stack.pop()
         stack += children.get(pid, [])
-        cpu["workers" if procs[pid][2].startswith("ray::WorkerActor") else "ray"] += procs[pid][1]
+        yield pid, "workers" if procs[pid][2].startswith("ray::WorkerActor") else "ray"
+
+
+def server_cpu(root: int) -> dict:
+    """CPU seconds of the serve process (``gateway``), its ``WorkerActor`` descendants (``workers``)
+    and its other descendants (``ray``): processes alive now (a finished process's time is gone)."""
+    procs = _procs()
+    cpu = {"gateway": procs[root][1] if root in procs else 0.0, "workers": 0.0, "ray": 0.0}
+    for pid, role in _descendants(root, procs):
+        cpu[role] += procs[pid][1]
     return cpu
 
 
@@ -107,16 +114,9 @@ def peak_rss(root: int) -> dict:
     """Peak resident MiB of ``root`` itself (``self``), of its ``WorkerActor`` descendants (``workers``,
     summed: the server's shards) and of its other descendants (``ray``), for processes alive now.
     A sum of per-process peaks bounds the processes' simultaneous peak from above."""
-    procs = _procs()
-    children: dict = {}
-    for pid, (ppid, _, _) in procs.items():
-        children.setdefault(ppid, []).append(pid)
     out = {"self": _peak_mib(root), "workers": 0.0, "ray": 0.0}
-    stack = list(children.get(root, []))
-    while stack:
-        pid = stack.pop()
-        stack += children.get(pid, [])
-        out["workers" if procs[pid][2].startswith("ray::WorkerActor") else "ray"] += _peak_mib(pid)
+    for pid, role in _descendants(root, _procs()):
+        out[role] += _peak_mib(pid)
     return {k: round(v, 1) for k, v in out.items()}
 
 

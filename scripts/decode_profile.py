@@ -72,6 +72,7 @@ def report(raw: Path) -> None:
 
 
 def run(a) -> None:
+    from cryptogen.bench import dealer_ahead
     from cryptogen.driver import Driver
     from cryptogen.model import GPT
     from cryptogen.plan import make_plan
@@ -87,22 +88,18 @@ def run(a) -> None:
     t0 = time.perf_counter()
     driver.forward(0, len(prompt), "last")
     print(f"[prefill of {len(prompt)} tokens: {time.perf_counter() - t0:.1f} s]", flush=True)
-    sources = [p.cr for p in runner.client_parties.values()]
-    seen = [dict(cr.consumed) for cr in sources]
+    ahead = dealer_ahead(runner)
+    ahead(None)
     driver.forward(len(prompt), 1, "last")  # unsampled: measures one decode step's demand for the dealer
-    took = [{k: cr.consumed[k] - s.get(k, 0) for k in ("triple", "bits")} for cr, s in zip(sources, seen)]
     print("[decode]", flush=True)  # the parent starts sampling here
-    times, ahead = [], []
+    times, made = [], []
     for i in range(a.tokens):
-        t0 = time.perf_counter()  # the dealer makes the step's items before it (offline, as in deployment)
-        for cr, d in zip(sources, took):
-            cr.preprocess(triples=int(d["triple"] * 1.05), bits=int(d["bits"] * 1.05))
-        ahead.append(time.perf_counter() - t0)
+        made.append(ahead(len(prompt) + i))  # the dealer makes the step's items before it (offline, as in deployment)
         t0 = time.perf_counter()
         driver.forward(len(prompt) + 1 + i, 1, "last")
         times.append(time.perf_counter() - t0)
     print(f"[decode steps: {', '.join(f'{t:.2f}' for t in times)} s; mean {sum(times) / len(times):.2f} s; "
-          f"the dealer before each, offline: mean {sum(ahead) / len(ahead):.2f} s]", flush=True)
+          f"the dealer before each, offline: mean {sum(made) / len(made):.2f} s]", flush=True)
 
 
 def main() -> None:

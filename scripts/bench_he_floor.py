@@ -10,7 +10,10 @@ ciphertext is 2 polynomials x L = 4 primes (54 bits) x N). Measures, median of -
     mulmods): Shoup with w' = floor(w 2^64 / q) from 32-bit halves (numpy; torch int64), a float-quotient
     variant, and -- wrong, lower bounds only -- ``(a*b) % q`` with uint64 wrap-around and a bare ``a*b``;
   * a multiply-accumulate of k ciphertexts with k fixed plaintexts (a mat-vec block): Pyfhel ct x pt + add,
-    k times, vs the numpy floor (lazy Shoup, sums, one final reduction) per ciphertext and in one batched call.
+    k times, vs the numpy floor (lazy Shoup, sums, one final reduction) per ciphertext and in one batched call;
+  * the project's NTT-domain kernel (cryptogen/he/ntt.py, _ntt.c; what the linear layers run): one
+    ct x pt as a 1-term multiply-accumulate, the k-term one, a ciphertext's forward and inverse NTTs
+    (2L each), and a ciphertext's words out of and back into Pyfhel.
 
     .venv/bin/python scripts/bench_he_floor.py [--repeats 51] [--mac-repeats 9] [--k 64] [--cpu N] \
         [--out docs/bench/he_floor.json]
@@ -286,6 +289,23 @@ def main(argv=None):
     mf = mac["best_floor"] = min((m for m in mac if m.startswith("numpy")), key=lambda m: mac[m]["median_us"])
     rec["mac"] = mac
 
+    log("the project's NTT-domain kernel (cryptogen/he/ntt.py)")
+    from cryptogen.he import ntt
+    tb = ntt.tables(N, tuple(q), cfg.t)
+    prefix, words = ntt.ct_words(ct)
+    one = ntt.forward(tb, np.array(words)[None])  # (1, 2, L, N)
+    wn = ntt.plain_ntt(tb, ntt.plain_coeffs(pt, N))[None]
+    An = np.ascontiguousarray(A)
+    Wn = np.ascontiguousarray(Wk[:, 0])
+    nk = {"ct_pt_1_term_mac": timed(lambda _: ntt.mac(tb, one, wn, np.zeros(1, np.int64)), R),
+          f"mac_{k}_terms": timed(lambda _: ntt.mac(tb, An, Wn, np.arange(k)), MR, warmup=1),
+          "forward_ntt_ciphertext_2L": timed(lambda c: ntt.forward(tb, c), R, setup=lambda: np.array(words)),
+          "inverse_ntt_ciphertext_2L": timed(lambda c: ntt.inverse(tb, c), R, setup=lambda: np.array(words)),
+          "words_out_of_pyfhel": timed(lambda _: ntt.ct_words(ct), R),
+          "words_into_pyfhel": timed(lambda _: ntt.ct_from_words(he, prefix, words), R)}
+    nk[f"mac_{k}_terms"]["per_ct_pt_us"] = round(nk[f"mac_{k}_terms"]["median_us"] / k, 1)
+    rec["ntt_kernel"] = nk
+
     f, bgv = fl[best]["median_us"], rec["pyfhel_bgv"]
     ops = {n: py[n] for n in ("ct_pt_out_of_place", "ct_pt_in_place", "engine_mul_ct_pt", "rotate_1_out_of_place")}
     ops.update({"bgv_ct_pt_in_place": bgv["ct_pt_in_place"]} if "ct_pt_in_place" in bgv else {})
@@ -294,7 +314,10 @@ def main(argv=None):
                      **{f"{n}_over_floor": round(d["median_us"] / f, 2) for n, d in ops.items()},
                      "ct_ct_add_in_place_over_numpy_add_mod": round(
                          py["ct_ct_add_in_place"]["median_us"] / fl["numpy_add_mod"]["median_us"], 2),
-                     "mac_per_ct_pt_pyfhel_over_floor": round(mac["pyfhel"]["median_us"] / mac[mf]["median_us"], 2)}
+                     "mac_per_ct_pt_pyfhel_over_floor": round(mac["pyfhel"]["median_us"] / mac[mf]["median_us"], 2),
+                     "ntt_kernel_ct_pt_over_floor": round(nk["ct_pt_1_term_mac"]["median_us"] / f, 3),
+                     "ntt_kernel_mac_per_ct_pt_over_floor": round(
+                         nk[f"mac_{k}_terms"]["per_ct_pt_us"] / mac[mf]["per_ct_pt_us"], 3)}
     rec["load_avg_end"] = list(os.getloadavg())
     rec["wall_s"] = round(time.perf_counter() - t_start, 1)
     out_path.write_text(json.dumps(rec, indent=2) + "\n")

@@ -21,20 +21,57 @@ Steps of ``matmul_ct_pt`` (server; input from S2H, output goes to H2S):
 Decode: every lane holds the same token, lane l of output ciphertext m computes output
 chunk m*lanes + l. Prefill: lane l holds token l of a batch; one output ciphertext per
 (batch, chunk). Cost per decode mat-vec: g * ceil(chunks / lanes) ct x pt, close to
-ceil(d_in * d_out / n) (see LinearPlan.ideal_ct_pt). Who learns what: the server sees only
+ceil(d_in * d_out / n) (see LinearPlan.ideal_ct_pt). Kernels: ``ntt`` (default) runs step 2 in the NTT
+domain (he/ntt.py: one forward NTT per baby ciphertext, one inverse per giant step, weights in NTT
+form from set-up), word for word the ciphertexts of ``seal`` (Pyfhel's multiply_plain per term).
+Who learns what: the server sees only
 ciphertexts; weights never leave it. Shards: a column shard is its own layer on
 W[:, cols]; row shards share one plan (``shard_rows``) so their outputs add as ciphertexts.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
+from . import ntt
 from .engine import Cipher, ServerEngine
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
+
+KERNELS = ("ntt", "seal")
+KERNEL_ENV = "CRYPTOGEN_LINEAR_KERNEL"
+
+
+def default_kernel() -> str:
+    """``ntt`` when its compiled part is built (bin/bootstrap builds it), else ``seal``; the
+    environment variable CRYPTOGEN_LINEAR_KERNEL chooses (e.g. ``seal``: 4x less weight memory)."""
+    kernel = os.environ.get(KERNEL_ENV) or ("ntt" if ntt.available() else "seal")
+    if kernel not in KERNELS:
+        raise ConfigError(f"{KERNEL_ENV}={kernel!r} is not a linear-layer kernel; choose one of {', '.join(KERNELS)}")
+    if kernel == "ntt" and not ntt.available():
+        raise ConfigError(f"{KERNEL_ENV}=ntt but cryptogen/he/_ntt.c is not built; run bin/bootstrap "
+                          "(or `pip install -e .`), or set {KERNEL_ENV}=seal")
+    return kernel
+
+
+@dataclass(frozen=True)
+class _NTTBabies:
+    """The baby-step ciphertexts of one input, in NTT form: (babies, 2, k, n) words."""
+
+    prefix: bytes  # SEAL bytes before the coefficient words (all babies share them)
+    words: np.ndarray
+    budgets: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class _NTTTerms:
+    """One giant step's plaintexts in NTT form: the babies they multiply and (terms, k, n) words."""
+
+    idx: np.ndarray
+    words: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -170,9 +207,22 @@ def _divisors(x: int) -> list[int]:
     return [d for d in range(1, x + 1) if x % d == 0]
 
 
-def plan_linear(d_in: int, d_out: int, n: int, rot_cost: float = 2.0, out_cost: float = 4.0) -> LinearPlan:
-    """Search (D, g, P, g1) minimising a cost model (ct x pt = 1, rotation = rot_cost,
-    output ciphertext = out_cost), keeping ct x pt within 1.5x of ceil(d_in*d_out/n)."""
+# Cost model of ``plan_linear`` (ms per operation on this 2-vCPU machine, N = 16384, the ``ntt``
+# kernel; docs/BENCHMARKS.md "NTT-domain linear layers"): a product term in the NTT domain, a
+# rotation (key switch), an output ciphertext (H2S: re-randomise, flood, send, decrypt), a baby
+# step's forward NTTs and a giant step's inverse NTTs. Public constants: both parties plan alike.
+COST_CT_PT, COST_ROTATION, COST_OUTPUT, COST_BABY, COST_GIANT = 0.15, 8.0, 25.0, 1.6, 1.6
+
+
+def plan_cost(p: LinearPlan) -> float:
+    return (COST_CT_PT * p.decode_ct_pt + COST_ROTATION * p.decode_rotations() + COST_OUTPUT * p.decode_outputs
+            + COST_BABY * p.g1 + COST_GIANT * p.decode_outputs * p.g2)
+
+
+def plan_linear(d_in: int, d_out: int, n: int) -> LinearPlan:
+    """Search (D, g, P, g1) minimising ``plan_cost``, keeping ct x pt within 1.5x of
+    ceil(d_in*d_out/n). Baby steps g1 near sqrt(g) and sqrt(g * outputs) (baby-step giant-step
+    balances g1 - 1 baby rotations against outputs * (g/g1 - 1) giant ones), 1 and g."""
     if d_in < 1 or d_out < 1:
         raise ShapeError("linear layer dimensions must be positive")
     best, best_key = None, None
@@ -181,16 +231,18 @@ def plan_linear(d_in: int, d_out: int, n: int, rot_cost: float = 2.0, out_cost: 
         for g in _divisors(D):
             for m in range(3):
                 P = g + m * D
-                if (D // g) * P + g - 1 > n // 2:
+                stride = (D // g) * P + g - 1
+                if stride > n // 2:
                     continue
-                for g1 in sorted({1, max(1, int(math.isqrt(g))), max(1, int(math.isqrt(g)) + 1), g}):
-                    if g1 > g or g1 >= n // 2:
+                outs = -(-(-(-d_out // P)) // (2 * ((n // 2) // stride)))  # decode outputs
+                r = math.isqrt(g * outs)
+                for g1 in sorted({1, math.isqrt(g), math.isqrt(g) + 1, r, r + 1, g}):
+                    if not 1 <= g1 <= g or g1 >= n // 2:
                         continue
                     p = LinearPlan(d_in, d_out, n, g, D // g, P, g1)
                     if max(p.rotation_steps() | {0}) >= n // 2:
                         continue
-                    cost = p.decode_ct_pt + rot_cost * p.decode_rotations() + out_cost * p.decode_outputs
-                    key = (p.decode_ct_pt > 1.5 * ideal, cost, len(p.rotation_steps()))
+                    key = (p.decode_ct_pt > 1.5 * ideal, plan_cost(p), len(p.rotation_steps()))
                     if best_key is None or key < best_key:
                         best, best_key = p, key
     if best is None:
@@ -204,7 +256,8 @@ class EncodedLinear:
     Prefill diagonals (one set per output chunk) are encoded once per prefill call, i.e.
     per prompt, not per token; ``keep_prefill=True`` keeps them for later prompts."""
 
-    def __init__(self, engine: ServerEngine, W, plan: LinearPlan | None = None, keep_prefill: bool = False):
+    def __init__(self, engine: ServerEngine, W, plan: LinearPlan | None = None, keep_prefill: bool = False,
+                 kernel: str | None = None):
         W = np.mod(np.asarray(W, np.int64), engine.config.t)
         if W.ndim != 2:
             raise ShapeError(f"weights must be a matrix, got shape {W.shape}")
@@ -215,6 +268,12 @@ class EncodedLinear:
         if missing and not getattr(engine.ctx, "encoding_only", False):
             raise ShapeError(f"public context lacks Galois keys for steps {sorted(missing)}")
         self.engine, self.W, self.keep_prefill = engine, W, keep_prefill
+        self.kernel = kernel or default_kernel()
+        if self.kernel not in KERNELS:
+            raise ConfigError(f"unknown linear-layer kernel {self.kernel!r}; choose one of {', '.join(KERNELS)}")
+        qi = engine.ctx.qi
+        self._tables = ntt.tables(engine.config.n, tuple(int(q) for q in qi[:len(qi) - 1]),
+                                  engine.config.t) if self.kernel == "ntt" else None
         p = self.plan
         self.decode_pts = [self._encode_set([m * p.lanes + l if m * p.lanes + l < p.chunks else -1
                                              for l in range(p.lanes)]) for m in range(p.decode_outputs)]
@@ -235,7 +294,15 @@ class EncodedLinear:
                 diag = np.roll(diag.reshape(2, half), b * p.g1, axis=1).reshape(-1)
                 row.append(self.engine.encode(diag))
             out.append(row)
-        return out
+        return out if self._tables is None else [self._ntt_terms(row) for row in out]
+
+    def _ntt_terms(self, row: list) -> _NTTTerms | None:
+        idx = [a for a, pt in enumerate(row) if pt is not None]
+        if not idx:
+            return None
+        n = self.engine.config.n
+        return _NTTTerms(np.array(idx, np.int64),
+                         np.stack([ntt.plain_ntt(self._tables, ntt.plain_coeffs(row[a], n)) for a in idx]))
 
     def _prefill_set(self, q: int) -> list[list]:
         if q in self._prefill_pts:
@@ -245,10 +312,14 @@ class EncodedLinear:
             self._prefill_pts[q] = pts
         return pts
 
-    def _apply(self, babies: list[Cipher], pts: list[list], engine: ServerEngine | None = None) -> Cipher:
+    def _apply(self, babies, pts: list, engine: ServerEngine | None = None) -> Cipher:
         e, p = engine or self.engine, self.plan
         parts = []
         for b, row in enumerate(pts):
+            if isinstance(babies, _NTTBabies):
+                if row is not None:
+                    parts.append(e.rotate(self._giant_ntt(e, babies, row), b * p.g1))
+                continue
             terms = [e.mul_ct_pt(babies[a], pt) for a, pt in enumerate(row) if pt is not None]
             if terms:
                 parts.append(e.rotate(e.sum(terms), b * p.g1))
@@ -256,9 +327,27 @@ class EncodedLinear:
             raise ShapeError("weight matrix is entirely zero for this output block")
         return e.sum(parts)  # the copies are summed in the share domain (module doc, step 3)
 
-    def _babies(self, x: Cipher, engine: ServerEngine | None = None) -> list[Cipher]:
+    def _giant_ntt(self, e: ServerEngine, babies: _NTTBabies, terms: _NTTTerms) -> Cipher:
+        """sum_a babies[a] * W'_{a,b}: one multiply-accumulate and 2k inverse NTTs (same ciphertext,
+        same noise bound and op counts as the ``seal`` kernel's products and sums)."""
+        words = ntt.inverse(self._tables, ntt.mac(self._tables, babies.words, terms.words, terms.idx))
+        e.stats.ct_pt_mul += len(terms.idx)
+        e.stats.additions += len(terms.idx) - 1
+        budget = e.noise.add(*[e.noise.after_ct_pt(babies.budgets[a]) for a in terms.idx])
+        return Cipher(ntt.ct_from_words(e.ctx.he, babies.prefix, words), budget)
+
+    def _babies(self, x: Cipher, engine: ServerEngine | None = None):
         e = engine or self.engine
-        return [x] + [e.rotate(x, a) for a in range(1, self.plan.g1)]
+        babies = [x] + [e.rotate(x, a) for a in range(1, self.plan.g1)]
+        return babies if self._tables is None else self._babies_ntt(babies)
+
+    def _babies_ntt(self, babies: list[Cipher]) -> _NTTBabies:
+        prefix, first = ntt.ct_words(babies[0].ct)
+        words = np.empty((len(babies),) + first.shape, np.uint64)
+        words[0] = first
+        for a, c in enumerate(babies[1:], 1):
+            words[a] = ntt.ct_words(c.ct)[1]
+        return _NTTBabies(prefix, ntt.forward(self._tables, words), tuple(c.budget for c in babies))
 
 
 def matmul_ct_pt_decode(enc: EncodedLinear, x: Cipher, engine: ServerEngine | None = None) -> list[Cipher]:

@@ -1,0 +1,213 @@
+/* NTT-domain kernels over SEAL's RNS coefficients (issue #11, "HE kernels at the floor").
+ *
+ * Pyfhel 3.5.0 exposes neither SEAL's NTT nor NTT-form plaintexts, so a BFV ct x pt through it
+ * runs 5L NTTs of size N. These kernels let a linear layer run one forward NTT per input
+ * ciphertext and one inverse NTT per output instead (cryptogen/he/ntt.py holds the tables and the
+ * Python side; cryptogen/he/linear.py uses them):
+ *
+ *   forward(data, tables, qs, size, k, n)                negacyclic NTT of every (polynomial, prime)
+ *                                                        row in place (Cooley-Tukey, Harvey's lazy
+ *                                                        butterflies, Shoup twiddles);
+ *   inverse(data, tables, qs, ninv, size, k, n)          its inverse (Gentleman-Sande), times N^-1;
+ *   mac(out, babies, pts, idx, ratios, qs, ...)          out = sum_t babies[idx[t]] * pts[t] mod q,
+ *                                                        element-wise, 128-bit accumulation and one
+ *                                                        Barrett reduction per coefficient.
+ *
+ * All three work on exact residues: the result of inverse(mac(forward(x), NTT(w))) equals SEAL's
+ * multiply_plain(x, w) summed over the terms, word for word (tests/he/test_ntt.py). Nothing here
+ * is secret-dependent in its control flow beyond public sizes; the server holds only ciphertexts and
+ * its own weights. The GIL is released while a kernel runs.
+ *
+ * Layout: data (size, k, n) uint64, row (s, i) reduced mod qs[i]; tables (k, 4, n) uint64 holding
+ * psi^bitrev(j), its Shoup quotient, psi^-bitrev(j), its Shoup quotient; ninv (k, 2); ratios (k, 2)
+ * = floor(2^128 / q) as (high, low) words.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+typedef unsigned __int128 u128;
+
+static inline uint64_t mulhi(uint64_t a, uint64_t b) { return (uint64_t)(((u128)a * b) >> 64); }
+
+/* a * w mod q in [0, 2q), for any a < 2^64 (Shoup: ws = floor(w 2^64 / q)). */
+static inline uint64_t shoup_lazy(uint64_t a, uint64_t w, uint64_t ws, uint64_t q) {
+    return a * w - mulhi(a, ws) * q;
+}
+
+static void forward_row(uint64_t *a, size_t n, uint64_t q, const uint64_t *w, const uint64_t *ws) {
+    const uint64_t two_q = 2 * q;
+    size_t t = n;
+    for (size_t m = 1; m < n; m <<= 1) {
+        t >>= 1;
+        for (size_t i = 0; i < m; i++) {
+            const uint64_t W = w[m + i], Ws = ws[m + i];
+            uint64_t *x = a + 2 * i * t, *y = x + t;
+            for (size_t j = 0; j < t; j++) {  /* inputs < 4q, outputs < 4q */
+                uint64_t u = x[j];
+                if (u >= two_q) u -= two_q;
+                const uint64_t v = shoup_lazy(y[j], W, Ws, q);
+                x[j] = u + v;
+                y[j] = u + two_q - v;
+            }
+        }
+    }
+    for (size_t j = 0; j < n; j++) {
+        uint64_t u = a[j];
+        if (u >= two_q) u -= two_q;
+        if (u >= q) u -= q;
+        a[j] = u;
+    }
+}
+
+static void inverse_row(uint64_t *a, size_t n, uint64_t q, const uint64_t *iw, const uint64_t *iws,
+                        uint64_t ninv, uint64_t ninvs) {
+    const uint64_t two_q = 2 * q;
+    size_t t = 1;
+    for (size_t m = n; m > 1; m >>= 1) {
+        const size_t h = m >> 1;
+        for (size_t i = 0; i < h; i++) {
+            const uint64_t W = iw[h + i], Ws = iws[h + i];
+            uint64_t *x = a + 2 * i * t, *y = x + t;
+            for (size_t j = 0; j < t; j++) {  /* inputs < 2q, outputs < 2q */
+                const uint64_t u = x[j], v = y[j];
+                uint64_t s = u + v;
+                if (s >= two_q) s -= two_q;
+                x[j] = s;
+                y[j] = shoup_lazy(u + two_q - v, W, Ws, q);
+            }
+        }
+        t <<= 1;
+    }
+    for (size_t j = 0; j < n; j++) {
+        uint64_t u = shoup_lazy(a[j], ninv, ninvs, q);
+        if (u >= q) u -= q;
+        a[j] = u;
+    }
+}
+
+/* x mod q for any 128-bit x, ratio = floor(2^128 / q) = (rh, rl). The estimate qhat =
+   floor(x * ratio / 2^128) is computed exactly (mod 2^64, enough: the remainder is below 2^64) and
+   x/q - 1 < x * ratio / 2^128 <= x/q, so qhat is the quotient or one less: r < 2q. */
+static inline uint64_t barrett128(u128 x, uint64_t q, uint64_t rh, uint64_t rl) {
+    const uint64_t x0 = (uint64_t)x, x1 = (uint64_t)(x >> 64);
+    const u128 p00 = (u128)x0 * rl, p01 = (u128)x0 * rh, p10 = (u128)x1 * rl;
+    const u128 mid = (p00 >> 64) + (uint64_t)p01 + (uint64_t)p10;
+    const uint64_t qhat = x1 * rh + (uint64_t)(p01 >> 64) + (uint64_t)(p10 >> 64) + (uint64_t)(mid >> 64);
+    uint64_t r = x0 - qhat * q;
+    return r >= q ? r - q : r;
+}
+
+static int check_len(Py_buffer *b, Py_ssize_t want, const char *what) {
+    if (b->len != want) {
+        PyErr_Format(PyExc_ValueError, "NTT kernel: %s has %zd bytes, expected %zd", what, b->len, want);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_forward(PyObject *self, PyObject *args) {
+    Py_buffer data, tables, qs;
+    Py_ssize_t size, k, n;
+    if (!PyArg_ParseTuple(args, "w*y*y*nnn", &data, &tables, &qs, &size, &k, &n)) return NULL;
+    PyObject *ret = NULL;
+    if (check_len(&data, size * k * n * 8, "data") || check_len(&tables, k * 4 * n * 8, "tables")
+        || check_len(&qs, k * 8, "primes")) goto done;
+    {
+        uint64_t *d = data.buf;
+        const uint64_t *tb = tables.buf, *q = qs.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t s = 0; s < size; s++)
+            for (Py_ssize_t i = 0; i < k; i++)
+                forward_row(d + (s * k + i) * n, n, q[i], tb + (i * 4) * n, tb + (i * 4 + 1) * n);
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&data); PyBuffer_Release(&tables); PyBuffer_Release(&qs);
+    return ret;
+}
+
+static PyObject *py_inverse(PyObject *self, PyObject *args) {
+    Py_buffer data, tables, qs, ninv;
+    Py_ssize_t size, k, n;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*nnn", &data, &tables, &qs, &ninv, &size, &k, &n)) return NULL;
+    PyObject *ret = NULL;
+    if (check_len(&data, size * k * n * 8, "data") || check_len(&tables, k * 4 * n * 8, "tables")
+        || check_len(&qs, k * 8, "primes") || check_len(&ninv, k * 16, "N^-1")) goto done;
+    {
+        uint64_t *d = data.buf;
+        const uint64_t *tb = tables.buf, *q = qs.buf, *ni = ninv.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t s = 0; s < size; s++)
+            for (Py_ssize_t i = 0; i < k; i++)
+                inverse_row(d + (s * k + i) * n, n, q[i], tb + (i * 4 + 2) * n, tb + (i * 4 + 3) * n,
+                            ni[2 * i], ni[2 * i + 1]);
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&data); PyBuffer_Release(&tables); PyBuffer_Release(&qs); PyBuffer_Release(&ninv);
+    return ret;
+}
+
+static PyObject *py_mac(PyObject *self, PyObject *args) {
+    Py_buffer out, babies, pts, idx, ratios, qs;
+    Py_ssize_t nb, terms, size, k, n;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*y*y*nnnnn", &out, &babies, &pts, &idx, &ratios, &qs,
+                          &nb, &terms, &size, &k, &n)) return NULL;
+    PyObject *ret = NULL;
+    u128 *acc = NULL;
+    if (check_len(&out, size * k * n * 8, "output") || check_len(&babies, nb * size * k * n * 8, "inputs")
+        || check_len(&pts, terms * k * n * 8, "plaintexts") || check_len(&idx, terms * 8, "term indices")
+        || check_len(&ratios, k * 16, "Barrett ratios") || check_len(&qs, k * 8, "primes")) goto done;
+    if (terms < 1 || terms > (1 << 20)) {  /* products < 2^108: 2^20 of them fit in 128 bits */
+        PyErr_Format(PyExc_ValueError, "NTT kernel: %zd terms, expected 1 to 2^20", terms);
+        goto done;
+    }
+    const int64_t *ix = idx.buf;
+    for (Py_ssize_t t = 0; t < terms; t++)
+        if (ix[t] < 0 || ix[t] >= nb) {
+            PyErr_Format(PyExc_ValueError, "NTT kernel: term index %lld outside 0..%zd", (long long)ix[t], nb - 1);
+            goto done;
+        }
+    acc = malloc(sizeof(u128) * (size_t)n);
+    if (!acc) { PyErr_NoMemory(); goto done; }
+    {
+        uint64_t *o = out.buf;
+        const uint64_t *b = babies.buf, *w = pts.buf, *q = qs.buf, *r = ratios.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t s = 0; s < size; s++)
+            for (Py_ssize_t i = 0; i < k; i++) {
+                for (Py_ssize_t j = 0; j < n; j++) acc[j] = 0;
+                for (Py_ssize_t t = 0; t < terms; t++) {
+                    const uint64_t *x = b + ((ix[t] * size + s) * k + i) * n, *y = w + (t * k + i) * n;
+                    for (Py_ssize_t j = 0; j < n; j++) acc[j] += (u128)x[j] * y[j];
+                }
+                uint64_t *dst = o + (s * k + i) * n;
+                for (Py_ssize_t j = 0; j < n; j++) dst[j] = barrett128(acc[j], q[i], r[2 * i], r[2 * i + 1]);
+            }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    free(acc);
+    PyBuffer_Release(&out); PyBuffer_Release(&babies); PyBuffer_Release(&pts);
+    PyBuffer_Release(&idx); PyBuffer_Release(&ratios); PyBuffer_Release(&qs);
+    return ret;
+}
+
+static PyMethodDef methods[] = {
+    {"forward", py_forward, METH_VARARGS, "forward(data, tables, qs, size, k, n): negacyclic NTT in place"},
+    {"inverse", py_inverse, METH_VARARGS, "inverse(data, tables, qs, ninv, size, k, n): inverse NTT in place"},
+    {"mac", py_mac, METH_VARARGS,
+     "mac(out, babies, pts, idx, ratios, qs, nb, terms, size, k, n): out = sum_t babies[idx[t]] * pts[t] mod q"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ntt", "NTT-domain kernels (see _ntt.c)", -1, methods};
+
+PyMODINIT_FUNC PyInit__ntt(void) { return PyModule_Create(&module); }

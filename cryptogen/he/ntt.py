@@ -1,0 +1,160 @@
+"""NTT-domain multiply-accumulate for the linear layers (issue #11, "HE kernels at the floor").
+
+Construction: a BFV ct x pt is, prime by prime, a negacyclic product in Z_q[X]/(X^N + 1). SEAL
+(through Pyfhel 3.5.0) computes each one as 5L NTTs (L on the plaintext, 2L forward and 2L
+inverse on the ciphertext) around a dyadic product. A linear layer's giant step
+Z_b = sum_a rot(x, a) * W'_{a,b} (he/linear.py) needs only:
+  1. each baby ciphertext rot(x, a) in NTT form: 2L forward NTTs, once per input, shared by every
+     output and giant step;
+  2. the weights' plaintexts in NTT form: L forward NTTs each, once at set-up;
+  3. per Z_b a dyadic multiply-accumulate (128-bit sums, one reduction per coefficient) and 2L
+     inverse NTTs (``_ntt.c``).
+The plaintext is lifted to each q_i as SEAL lifts it (coefficients >= (t+1)/2 become c - t, i.e.
+centred), so Z_b is word for word what ``sum_a multiply_plain(rot(x, a), W'_{a,b})`` gives: the same
+ciphertext, the same noise (tests/he/test_ntt.py checks the bytes). The NTT itself is ours, not
+SEAL's (Pyfhel exposes none): psi is the smallest primitive 2N-th root of unity found from 2 up,
+and no one outside this module sees NTT-form values.
+Who learns what: nothing changes; the server computes on the ciphertexts it already holds.
+Cost (N = 16384, 4 primes; docs/BENCHMARKS.md "NTT-domain linear layers"): one NTT ~0.2-0.4 ms,
+one term of the multiply-accumulate ~0.1-0.2 ms, against ~5-6 ms for a Pyfhel ct x pt.
+Memory: an NTT-form plaintext is L words per coefficient (4x a SEAL plaintext's N words).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from Pyfhel import PyCtxt
+
+from .errors import SerializationError
+from .wire import PREFIX
+
+try:  # built by ``pip install -e .`` (setup.py); bin/bootstrap always does
+    from . import _ntt
+except ImportError:  # pragma: no cover - a checkout without the build step
+    _ntt = None
+
+
+def available() -> bool:
+    return _ntt is not None
+
+
+def _bitrev(x: int, bits: int) -> int:
+    return int(format(x, f"0{bits}b")[::-1], 2) if bits else 0
+
+
+def _primitive_2n_root(q: int, n: int) -> int:
+    if (q - 1) % (2 * n):
+        raise ValueError(f"prime {q} is not 1 mod 2N = {2 * n}: no negacyclic NTT")
+    for g in range(2, 1 << 16):
+        psi = pow(g, (q - 1) // (2 * n), q)
+        if pow(psi, n, q) == q - 1:
+            return psi
+    raise ValueError(f"no primitive 2N-th root of unity found mod {q}")
+
+
+@dataclass(frozen=True)
+class Tables:
+    n: int
+    qs: np.ndarray  # (k,) uint64
+    tables: np.ndarray  # (k, 4, n): psi^bitrev, Shoup, psi^-bitrev, Shoup
+    ninv: np.ndarray  # (k, 2): N^-1 mod q and its Shoup quotient
+    ratios: np.ndarray  # (k, 2): floor(2^128 / q) as (high, low)
+    t: int
+
+    @property
+    def k(self) -> int:
+        return len(self.qs)
+
+
+@lru_cache(maxsize=8)
+def tables(n: int, primes: tuple[int, ...], t: int) -> Tables:
+    """Twiddle tables for the data-level primes (a pure function of public parameters)."""
+    bits = n.bit_length() - 1
+    if 1 << bits != n:
+        raise ValueError(f"ring degree {n} is not a power of two")
+    tab = np.empty((len(primes), 4, n), np.uint64)
+    ninv, ratios = np.empty((len(primes), 2), np.uint64), np.empty((len(primes), 2), np.uint64)
+    for i, q in enumerate(primes):
+        if q >= 1 << 61:
+            raise ValueError(f"prime {q} too wide for the lazy NTT (needs < 2^61)")
+        psi = _primitive_2n_root(q, n)
+        ipsi = pow(psi, -1, q)
+        pw, ipw = [1] * n, [1] * n
+        for j in range(1, n):
+            pw[j], ipw[j] = pw[j - 1] * psi % q, ipw[j - 1] * ipsi % q
+        order = [_bitrev(j, bits) for j in range(n)]
+        w = [pw[r] for r in order]
+        iw = [ipw[r] for r in order]
+        tab[i, 0] = w
+        tab[i, 1] = [(x << 64) // q for x in w]
+        tab[i, 2] = iw
+        tab[i, 3] = [(x << 64) // q for x in iw]
+        ni = pow(n, -1, q)
+        ninv[i] = (ni, (ni << 64) // q)
+        r = (1 << 128) // q
+        ratios[i] = (r >> 64, r & ((1 << 64) - 1))
+    return Tables(n, np.array(primes, np.uint64), tab, ninv, ratios, int(t))
+
+
+def forward(tb: Tables, words: np.ndarray) -> np.ndarray:
+    """(..., k, n) residues (C-contiguous) -> NTT form, in place (k <= the tables' primes: the first k)."""
+    k, n = words.shape[-2:]
+    _ntt.forward(words, _sub(tb.tables, k), tb.qs[:k].copy(), words.size // (k * n), k, n)
+    return words
+
+
+def inverse(tb: Tables, words: np.ndarray) -> np.ndarray:
+    k, n = words.shape[-2:]
+    _ntt.inverse(words, _sub(tb.tables, k), tb.qs[:k].copy(), np.ascontiguousarray(tb.ninv[:k]),
+                 words.size // (k * n), k, n)
+    return words
+
+
+def _sub(arr: np.ndarray, k: int) -> np.ndarray:
+    return arr if k == arr.shape[0] else np.ascontiguousarray(arr[:k])
+
+
+def mac(tb: Tables, babies: np.ndarray, pts: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """babies (nb, size, k, n) and pts (terms, k, n) in NTT form -> sum_t babies[idx[t]] * pts[t]."""
+    nb, size, k, n = babies.shape
+    out = np.empty((size, k, n), np.uint64)
+    _ntt.mac(out, babies, _sub(pts, k) if pts.shape[1] != k else pts, np.ascontiguousarray(idx, np.int64),
+             np.ascontiguousarray(tb.ratios[:k]), tb.qs[:k].copy(), nb, len(idx), size, k, n)
+    return out
+
+
+def plain_ntt(tb: Tables, coeffs: np.ndarray) -> np.ndarray:
+    """A BFV plaintext's coefficients (n,) in [0, t) -> (k, n) NTT form, lifted as SEAL lifts them."""
+    c = np.asarray(coeffs, np.uint64)
+    upper = c >= np.uint64((tb.t + 1) // 2)
+    words = np.empty((1, tb.k, tb.n), np.uint64)
+    for i, q in enumerate(tb.qs):
+        words[0, i] = np.where(upper, c + (q - np.uint64(tb.t)), c)
+    return forward(tb, words)[0]
+
+
+def plain_coeffs(pt, n: int) -> np.ndarray:
+    """The n coefficients of a SEAL (non-NTT) plaintext, from its uncompressed bytes."""
+    raw = pt.to_bytes("none")
+    if len(raw) < 16 + 32 + 16 + 24 + 8 * n:
+        raise SerializationError("plaintext: unexpected SEAL layout")
+    (count,) = struct.unpack_from("<Q", raw, len(raw) - 8 * n - 8)
+    if count != n:
+        raise SerializationError(f"plaintext: {count} coefficients, expected {n}")
+    return np.frombuffer(raw, np.uint64, offset=len(raw) - 8 * n).copy()
+
+
+def ct_words(ct) -> tuple[bytes, np.ndarray]:
+    """A 2-polynomial coefficient-form ciphertext -> (its SEAL prefix, a read-only (2, k, n) view of its words)."""
+    raw = ct.to_bytes("none")
+    _parms, ntt, size, n, k = struct.unpack_from("<32sBQQQ", raw, 16)
+    if ntt or size != 2 or len(raw) != PREFIX + 8 * size * k * n:
+        raise SerializationError("ciphertext: expected a 2-polynomial coefficient-form SEAL ciphertext")
+    return raw[:PREFIX], np.frombuffer(raw, np.uint64, offset=PREFIX).reshape(size, k, n)
+
+
+def ct_from_words(he, prefix: bytes, words: np.ndarray):
+    return PyCtxt(pyfhel=he, bytestring=prefix + np.ascontiguousarray(words, np.uint64).tobytes())

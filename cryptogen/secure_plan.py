@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .he.kvcache import KVLayout
-from .he.linear import LinearPlan, pad_rows, plan_linear, shard_cols
+from .he.linear import LinearPlan, pad_rows, plan_cost, plan_linear, shard_cols
 from .model import GPTConfig
 from .plan import split_evenly
 
-EMBED_ROWS = 1024  # vocabulary rows per embedding shard: one output ciphertext each
+# Vocabulary rows per embedding shard (one encrypted one-hot and one output ciphertext each): the
+# candidate with the least ``plan_cost`` over all shards (embed_rows); N = 16384 is the only ring
+# degree the parameters allow (docs/HE.md), so the choice is a function of the model's shape.
+EMBED_ROW_CHOICES = (512, 1024, 1536, 2048, 2560, 3072)
+RING_DEGREE = 16384
 # The layers' weight matrices (W_qkv with its d_head^-1/4 attention scale, W_o, c_fc, c_proj) are encoded
 # at 2^(f + WEIGHT_EXTRA_BITS) and their products truncated by f + WEIGHT_EXTRA_BITS: at 2^f, rounding
 # W_q and W_k was a wide head's largest logit error, and GPT-2's residual projections (std 0.02/sqrt(24))
@@ -49,13 +53,22 @@ def layer_layouts(cfg: GPTConfig, n_heads: int, ff_width: int, n: int) -> LayerL
                         fc1=linear_plan(cfg.n_embd, ff_width, n), fc2=linear_plan(ff_width, cfg.n_embd, n))
 
 
+@lru_cache(maxsize=None)
+def embed_rows(vocab_size: int, n_embd: int) -> int:
+    """Rows per embedding shard (the whole vocabulary if it is no larger than the least choice):
+    GPT-2 base 2560 (20 shards), the shipped models 2048 (2 shards); docs/BENCHMARKS.md."""
+    fits = {r for r in EMBED_ROW_CHOICES if r < vocab_size} | ({vocab_size} if vocab_size <= EMBED_ROW_CHOICES[-1] else set())
+    return min(fits, key=lambda r: (-(-vocab_size // r) * plan_cost(linear_plan(r, n_embd, RING_DEGREE)), r))
+
+
 def embed_shards(cfg: GPTConfig) -> list[tuple[int, int]]:
     """Row ranges of the token-embedding table, one encrypted one-hot ciphertext each."""
-    return [(lo, min(cfg.vocab_size, lo + EMBED_ROWS)) for lo in range(0, cfg.vocab_size, EMBED_ROWS)]
+    rows = embed_rows(cfg.vocab_size, cfg.n_embd)
+    return [(lo, min(cfg.vocab_size, lo + rows)) for lo in range(0, cfg.vocab_size, rows)]
 
 
 def embed_plan(cfg: GPTConfig, n: int) -> LinearPlan:
-    return linear_plan(min(EMBED_ROWS, cfg.vocab_size), cfg.n_embd, n)
+    return linear_plan(embed_rows(cfg.vocab_size, cfg.n_embd), cfg.n_embd, n)
 
 
 def head_plan(cfg: GPTConfig, n: int, cols: tuple[int, int] | None = None) -> LinearPlan:

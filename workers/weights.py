@@ -102,5 +102,5 @@ def model_weights(model: GPT, plan, fp: FixedPoint, holds_ends: bool, lead_layer
 
 
 def _embedding_shards(cfg, wte: np.ndarray, fp: FixedPoint, which) -> dict:
-    rows, bounds = min(sp.EMBED_ROWS, cfg.vocab_size), sp.embed_shards(cfg)
+    rows, bounds = sp.embed_rows(cfg.vocab_size, cfg.n_embd), sp.embed_shards(cfg)
     return {f"embed{i}": pad_rows(fp.encode(wte[bounds[i][0]:bounds[i][1]]), rows) for i in which}

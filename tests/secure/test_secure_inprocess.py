@@ -99,12 +99,17 @@ def test_chunked_prefill_equals_one_pass(tiny_model):
         driver.prefill(len(prompt), chunk=0)
 
 
-def test_embedding_and_head_sharded_over_two_workers():
-    """A vocabulary of 3 embedding shards and a head split in two: worker 0 runs shards 0 and 2 plus
-    the first half of the LM-head columns, worker 1 shard 1 and the second half; still plaintext."""
+def test_embedding_and_head_sharded_over_two_workers(monkeypatch, request):
+    """A vocabulary of 3 embedding shards (1024 rows: the only choice offered here) and a head split
+    in two: worker 0 runs shards 0 and 2 plus the first half of the LM-head columns, worker 1 shard
+    1 and the second half; still plaintext."""
     import torch
 
+    from cryptogen import secure_plan as sp
     from cryptogen.model import GPT, GPTConfig
+    monkeypatch.setattr(sp, "EMBED_ROW_CHOICES", (1024,))
+    sp.embed_rows.cache_clear()
+    request.addfinalizer(sp.embed_rows.cache_clear)  # no cached choice outlives the test
 
     torch.manual_seed(1)
     model = GPT(GPTConfig(vocab_size=2100, n_positions=64, n_embd=64, n_layer=1, n_head=2)).eval()

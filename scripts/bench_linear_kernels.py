@@ -21,13 +21,14 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # (d_in, d_out) per model: qkv, W_o, fc1, fc2 of one layer (one worker), one embedding shard, LM head
+# embedding shards as secure_plan.embed_rows cuts them: 2 x 2048 rows (shipped), 20 x 2560 (GPT-2 base)
 SHAPES = {"shipped": {"qkv": (128, 384), "o": (128, 128), "fc1": (128, 512), "fc2": (512, 128),
-                      "embed shard": (1024, 128), "head": (128, 4096)},
+                      "embed shard": (2048, 128), "head": (128, 4096)},
           "gpt2": {"qkv": (768, 2304), "o": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768),
-                   "embed shard": (1024, 768), "head": (768, 50257)}}
+                   "embed shard": (2560, 768), "head": (768, 50257)}}
 # per token: how often each shape runs (layers; embedding shards)
-COUNTS = {"shipped": {"qkv": 2, "o": 2, "fc1": 2, "fc2": 2, "embed shard": 4, "head": 1},
-          "gpt2": {"qkv": 12, "o": 12, "fc1": 12, "fc2": 12, "embed shard": 50, "head": 1}}
+COUNTS = {"shipped": {"qkv": 2, "o": 2, "fc1": 2, "fc2": 2, "embed shard": 2, "head": 1},
+          "gpt2": {"qkv": 12, "o": 12, "fc1": 12, "fc2": 12, "embed shard": 20, "head": 1}}
 
 
 class Parser(argparse.ArgumentParser):

@@ -51,9 +51,13 @@ def default_kernel() -> str:
     kernel = os.environ.get(KERNEL_ENV) or ("ntt" if ntt.available() else "seal")
     if kernel not in KERNELS:
         raise ConfigError(f"{KERNEL_ENV}={kernel!r} is not a linear-layer kernel; choose one of {', '.join(KERNELS)}")
+    return _built(kernel)
+
+
+def _built(kernel: str) -> str:
     if kernel == "ntt" and not ntt.available():
-        raise ConfigError(f"{KERNEL_ENV}=ntt but cryptogen/he/_ntt.c is not built; run bin/bootstrap "
-                          "(or `pip install -e .`), or set {KERNEL_ENV}=seal")
+        raise ConfigError(f"the ntt kernel's compiled part (cryptogen/he/_ntt.c) is not built; run bin/bootstrap "
+                          f"(or `pip install -e .`), or set {KERNEL_ENV}=seal")
     return kernel
 
 
@@ -271,6 +275,7 @@ class EncodedLinear:
         self.kernel = kernel or default_kernel()
         if self.kernel not in KERNELS:
             raise ConfigError(f"unknown linear-layer kernel {self.kernel!r}; choose one of {', '.join(KERNELS)}")
+        _built(self.kernel)
         qi = engine.ctx.qi
         self._tables = ntt.tables(engine.config.n, tuple(int(q) for q in qi[:len(qi) - 1]),
                                   engine.config.t) if self.kernel == "ntt" else None

@@ -121,7 +121,7 @@ def mac(tb: Tables, babies: np.ndarray, pts: np.ndarray, idx: np.ndarray) -> np.
     """babies (nb, size, k, n) and pts (terms, k, n) in NTT form -> sum_t babies[idx[t]] * pts[t]."""
     nb, size, k, n = babies.shape
     out = np.empty((size, k, n), np.uint64)
-    _ntt.mac(out, babies, _sub(pts, k) if pts.shape[1] != k else pts, np.ascontiguousarray(idx, np.int64),
+    _ntt.mac(out, babies, pts if pts.shape[1] == k else np.ascontiguousarray(pts[:, :k]), np.ascontiguousarray(idx, np.int64),
              np.ascontiguousarray(tb.ratios[:k]), tb.qs[:k].copy(), nb, len(idx), size, k, n)
     return out
 

@@ -128,6 +128,29 @@ def test_bad_kernel_choice_is_one_clear_line(monkeypatch, cfg, odd):
         EncodedLinear(ServerEngine(ctx), np.ones((7, 3), np.int64), plans[(7, 3)], kernel="gpu")
 
 
+def test_missing_build_is_one_clear_line(monkeypatch, cfg, odd):
+    """A checkout without the compiled kernel: the default falls back to ``seal``; asking for
+    ``ntt`` says what to run."""
+    monkeypatch.setattr(ntt, "_ntt", None)
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    assert default_kernel() == "seal"
+    plans, _keys, _client, ctx = odd
+    with pytest.raises(ConfigError, match=r"_ntt.c\) is not built; run bin/bootstrap .* or set CRYPTOGEN_LINEAR_KERNEL=seal"):
+        EncodedLinear(ServerEngine(ctx), np.ones((7, 3), np.int64), plans[(7, 3)], kernel="ntt")
+
+
+def test_lower_level_ciphertexts_use_the_first_primes():
+    """A ciphertext with fewer primes than the tables (k < L): the plaintexts' first k rows."""
+    n, primes = SMALL
+    tb = ntt.tables(n, primes, 17)
+    rng = np.random.default_rng(1)
+    x = np.stack([rng.integers(0, q, n, dtype=np.uint64) for q in primes])
+    w = np.stack([rng.integers(0, q, n, dtype=np.uint64) for q in primes])
+    full = ntt.inverse(tb, ntt.mac(tb, ntt.forward(tb, x.copy()[None, None]), ntt.forward(tb, w.copy()[None]), np.zeros(1)))
+    low = ntt.inverse(tb, ntt.mac(tb, ntt.forward(tb, x[:2].copy()[None, None]), ntt.forward(tb, w.copy()[None]), np.zeros(1)))
+    assert np.array_equal(low[0], full[0, :2])
+
+
 def test_kernel_refuses_mis_sized_buffers():
     n, primes = SMALL
     tb = ntt.tables(n, primes, 17)

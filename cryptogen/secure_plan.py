@@ -55,8 +55,9 @@ def layer_layouts(cfg: GPTConfig, n_heads: int, ff_width: int, n: int) -> LayerL
 
 @lru_cache(maxsize=None)
 def embed_rows(vocab_size: int, n_embd: int) -> int:
-    """Rows per embedding shard (the whole vocabulary if it is no larger than the least choice):
-    GPT-2 base 2560 (20 shards), the shipped models 2048 (2 shards); docs/BENCHMARKS.md."""
+    """Rows per embedding shard: the choice (or the whole vocabulary, if it has at most 3072 rows)
+    with the least plan cost over all shards. GPT-2 base 2560 (20 shards), the shipped models 2048
+    (2 shards); docs/HE.md, "Embedding shards"."""
     fits = {r for r in EMBED_ROW_CHOICES if r < vocab_size} | ({vocab_size} if vocab_size <= EMBED_ROW_CHOICES[-1] else set())
     return min(fits, key=lambda r: (-(-vocab_size // r) * plan_cost(linear_plan(r, n_embd, RING_DEGREE)), r))
 

@@ -69,11 +69,6 @@ def check_context_params(actual: dict, config: HEConfig) -> None:
                                      f"{want if not name.startswith('coeff') else list(config.qi_sizes)}; {fix}")
 
 
-# SEAL plaintext bytes up to its coefficient words: SEAL header (16) | parms_id (32) | coeff_count u64
-# | scale f64 | data array: SEAL header (16) | count u64
-_PLAIN_PREFIX = 16 + 32 + 8 + 8 + 16 + 8
-
-
 def _key_id(public_key_bytes: bytes) -> bytes:
     return hashlib.sha256(public_key_bytes).digest()[:16]
 
@@ -308,16 +303,16 @@ class ClientKeys(_HEBase):
             plain = self.he.decrypt(PyCtxt(pyfhel=self.he, bytestring=raw[:wire.PREFIX] + words.tobytes()),
                                     decode=False).to_bytes("none")
             coeffs = np.zeros(n, np.uint64)  # SEAL drops trailing zero coefficients
-            got = np.frombuffer(plain, np.uint64, offset=_PLAIN_PREFIX)
+            got = np.frombuffer(plain, np.uint64, offset=wire.PLAIN_PREFIX)
             coeffs[:got.size] = got
             if not np.all((coeffs <= 1) | (coeffs == t - 1)):
                 raise SecretKeyError("the secret key is not ternary: seeded encryption needs SEAL's key distribution")
             neg = np.where(coeffs == 0, 0, t - coeffs.astype(np.int64)).astype(np.uint64)  # -s mod t
             proto = self.encode(np.zeros(n, np.int64)).to_bytes("none")
-            if len(proto) != _PLAIN_PREFIX + 8 * n:
+            if len(proto) != wire.PLAIN_PREFIX + 8 * n:
                 raise SerializationError("SEAL plaintext layout differs from the one seeded encryption expects")
             self._ct_template = raw[:wire.PREFIX]
-            self._neg_s = PyPtxt(pyfhel=self.he, bytestring=proto[:_PLAIN_PREFIX] + neg.tobytes())
+            self._neg_s = PyPtxt(pyfhel=self.he, bytestring=proto[:wire.PLAIN_PREFIX] + neg.tobytes())
         return self._neg_s
 
     def decrypt(self, ct: PyCtxt) -> np.ndarray:

@@ -21,7 +21,6 @@ Memory: an NTT-form plaintext is L words per coefficient (4x a SEAL plaintext's 
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -29,7 +28,7 @@ import numpy as np
 from Pyfhel import PyCtxt
 
 from .errors import SerializationError
-from .wire import PREFIX
+from .wire import PLAIN_PREFIX, PREFIX, read_prefix
 
 try:  # built by ``pip install -e .`` (setup.py); bin/bootstrap always does
     from . import _ntt
@@ -101,28 +100,23 @@ def tables(n: int, primes: tuple[int, ...], t: int) -> Tables:
 
 def forward(tb: Tables, words: np.ndarray) -> np.ndarray:
     """(..., k, n) residues (C-contiguous) -> NTT form, in place (k <= the tables' primes: the first k)."""
-    k, n = words.shape[-2:]
-    _ntt.forward(words, _sub(tb.tables, k), tb.qs[:k].copy(), words.size // (k * n), k, n)
+    k, n = words.shape[-2:]  # the tables' first k rows: leading-axis slices stay contiguous, no copy
+    _ntt.forward(words, tb.tables[:k], tb.qs[:k], words.size // (k * n), k, n)
     return words
 
 
 def inverse(tb: Tables, words: np.ndarray) -> np.ndarray:
     k, n = words.shape[-2:]
-    _ntt.inverse(words, _sub(tb.tables, k), tb.qs[:k].copy(), np.ascontiguousarray(tb.ninv[:k]),
-                 words.size // (k * n), k, n)
+    _ntt.inverse(words, tb.tables[:k], tb.qs[:k], tb.ninv[:k], words.size // (k * n), k, n)
     return words
-
-
-def _sub(arr: np.ndarray, k: int) -> np.ndarray:
-    return arr if k == arr.shape[0] else np.ascontiguousarray(arr[:k])
 
 
 def mac(tb: Tables, babies: np.ndarray, pts: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """babies (nb, size, k, n) and pts (terms, k, n) in NTT form -> sum_t babies[idx[t]] * pts[t]."""
     nb, size, k, n = babies.shape
     out = np.empty((size, k, n), np.uint64)
-    _ntt.mac(out, babies, pts if pts.shape[1] == k else np.ascontiguousarray(pts[:, :k]), np.ascontiguousarray(idx, np.int64),
-             np.ascontiguousarray(tb.ratios[:k]), tb.qs[:k].copy(), nb, len(idx), size, k, n)
+    _ntt.mac(out, babies, pts if pts.shape[1] == k else np.ascontiguousarray(pts[:, :k]),
+             np.ascontiguousarray(idx, np.int64), tb.ratios[:k], tb.qs[:k], nb, len(idx), size, k, n)
     return out
 
 
@@ -139,21 +133,18 @@ def plain_ntt(tb: Tables, coeffs: np.ndarray) -> np.ndarray:
 def plain_coeffs(pt, n: int) -> np.ndarray:
     """The n coefficients of a SEAL (non-NTT) plaintext, from its uncompressed bytes."""
     raw = pt.to_bytes("none")
-    if len(raw) < 16 + 32 + 16 + 24 + 8 * n:
-        raise SerializationError("plaintext: unexpected SEAL layout")
-    (count,) = struct.unpack_from("<Q", raw, len(raw) - 8 * n - 8)
-    if count != n:
-        raise SerializationError(f"plaintext: {count} coefficients, expected {n}")
-    return np.frombuffer(raw, np.uint64, offset=len(raw) - 8 * n).copy()
+    if len(raw) != PLAIN_PREFIX + 8 * n:
+        raise SerializationError(f"plaintext: {len(raw)} bytes, expected {n} coefficients")
+    return np.frombuffer(raw, np.uint64, offset=PLAIN_PREFIX).copy()
 
 
 def ct_words(ct) -> tuple[bytes, np.ndarray]:
     """A 2-polynomial coefficient-form ciphertext -> (its SEAL prefix, a read-only (2, k, n) view of its words)."""
     raw = ct.to_bytes("none")
-    _parms, ntt, size, n, k = struct.unpack_from("<32sBQQQ", raw, 16)
-    if ntt or size != 2 or len(raw) != PREFIX + 8 * size * k * n:
+    head = read_prefix(raw)
+    if head["ntt"] or head["size"] != 2:
         raise SerializationError("ciphertext: expected a 2-polynomial coefficient-form SEAL ciphertext")
-    return raw[:PREFIX], np.frombuffer(raw, np.uint64, offset=PREFIX).reshape(size, k, n)
+    return raw[:PREFIX], np.frombuffer(raw, np.uint64, offset=PREFIX).reshape(2, head["k"], head["n"])
 
 
 def ct_from_words(he, prefix: bytes, words: np.ndarray):

@@ -41,6 +41,9 @@ SEED_BYTES = 32
 # | size u64 | degree u64 | coeff_modulus_size u64 | scale f64 | correction factor u64
 # | data array: SEAL header (16) | count u64
 PREFIX = 16 + 32 + 1 + 8 * 5 + 16 + 8
+# SEAL plaintext bytes up to its coefficient words: SEAL header (16) | parms_id (32) | coeff_count u64
+# | scale f64 | data array: SEAL header (16) | count u64
+PLAIN_PREFIX = 16 + 32 + 8 + 8 + 16 + 8
 _FIELDS = struct.Struct("<32sBQQQ")
 _SEAL_HEAD = struct.Struct("<HBBBBHQ")
 FORMS = ("packed", "seeded", "switched")

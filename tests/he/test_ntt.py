@@ -14,7 +14,8 @@ from cryptogen.he.linear import KERNEL_ENV, default_kernel
 
 # small rings for exact checks against Python integers: (n, primes q = 1 mod 2n, up to 60 bits)
 SMALL = (16, (97, 1153, 18014398507220993, 1152921504606748673))  # the last two: SEAL's 54- and 60-bit primes
-ODD_SHAPES = [(7, 3), (37, 101), (130, 5), (61, 257)]
+# the first three plan one product per giant step; the last three 3 to 14 products over 2 to 5 giant steps
+ODD_SHAPES = [(7, 3), (37, 101), (61, 257), (129, 385), (255, 129), (200, 1001)]
 
 
 def _negacyclic(a, b, q):

@@ -27,6 +27,9 @@ DEFAULT_CONTEXTS = (64, 128, 256, 512)
 MODES = ("kv-reuse", "recompute")
 OPS = ("ct_pt_mul", "ct_ct_mul", "rotations")
 AHEAD_MARGIN = 1.02  # in process: the next decode step's dealer items, as a multiple of the last step's (+ growth)
+# ... but at most this many per worker (both parties' halves, with DCF keys, ~3 GB): a recompute step at
+# 128 context takes a whole prefill's, which held ahead did not fit in 23 GB; the rest is made in the step
+AHEAD_MAX = {"triple": 1 << 25, "bits": 1 << 20}
 BACKENDS = ("inprocess", "ray")
 CPU_ROLES = ("client", "workers", "gateway", "ray")  # the ray backend's parties (bench_ray.server_cpu)
 NOTES = ["latency: median over decoded tokens; HE ops (the server's, all workers), client<->server bytes and "
@@ -199,8 +202,8 @@ def dealer_ahead(runner):
     """The in-process dealer working ahead of the steps, as in deployment: ``ahead(p)``, called after
     each step with the position it decoded (None after a prefill), makes for the next step what the
     decode step at p took, times ``AHEAD_MARGIN`` + 2 / (p + 1) (the next step sees one more token: a
-    recompute step's attention grows by up to 2 / (p + 1)), and returns the seconds that took. After a
-    prefill there is no such measure: the next step makes its items on demand, inside it."""
+    recompute step's attention grows by up to 2 / (p + 1)), at most ``AHEAD_MAX``, and returns the seconds
+    that took. After a prefill there is no such measure: the next step makes its items on demand, inside it."""
     parties = runner.client_parties
 
     def consumed() -> dict:
@@ -215,7 +218,8 @@ def dealer_ahead(runner):
             return 0.0
         t0, grow = time.perf_counter(), AHEAD_MARGIN + 2 / (decoded_at + 1)
         for w, d in took.items():
-            parties[w].cr.preprocess(triples=int(d["triple"] * grow), bits=int(d["bits"] * grow))
+            parties[w].cr.preprocess(triples=int(min(d["triple"] * grow, AHEAD_MAX["triple"])),
+                                     bits=int(min(d["bits"] * grow, AHEAD_MAX["bits"])))
         return time.perf_counter() - t0
     return ahead
 

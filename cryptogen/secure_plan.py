@@ -11,6 +11,7 @@ import numpy as np
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .he import required_rotation_steps
 from .he.kvcache import KVLayout
 from .he.linear import LinearPlan, pad_rows, plan_cost, plan_linear, shard_cols
 from .model import GPTConfig
@@ -117,17 +118,14 @@ def kv_cache_bytes(cfg: GPTConfig, he_config, positions: int, shard_plan) -> int
 
 def rotation_steps(cfg: GPTConfig, shard_plan, n: int) -> set[int]:
     """Every Galois step any worker's kernels use (the client generates exactly these): the
-    linear layers' baby and giant steps; attention and the linear layers' copy folds rotate
+    linear layers' baby and giant steps, in decode and in batched prefill (he/blocked.py); attention and the linear layers' copy folds rotate
     nothing (the folds are done in the share domain, he/arcc.py, he/linear.py)."""
-    steps = set(embed_plan(cfg, n).rotation_steps())
-    for cols in head_columns(cfg, shard_plan).values():
-        steps |= head_plan(cfg, n, cols).rotation_steps()
+    plans = [embed_plan(cfg, n)] + [head_plan(cfg, n, cols) for cols in head_columns(cfg, shard_plan).values()]
     for w in shard_plan.workers:
         for s in w.shards:
             lay = layer_layouts(cfg, len(s.heads), s.ff_width, n)
-            for p in (lay.qkv, lay.o, lay.fc1, lay.fc2):
-                steps |= p.rotation_steps()
-    return steps
+            plans += [lay.qkv, lay.o, lay.fc1, lay.fc2]
+    return required_rotation_steps(plans)
 
 
 def embed_onehot_shards(cfg, token: int, n: int) -> list[np.ndarray]:

@@ -15,6 +15,8 @@ step 1 for all of them first, so the T tokens cost one round trip):
      adds b (at 2^(2f)) to its share. Truncation to 2^f is a 2PC protocol (caller).
 Who learns what: the server sees ciphertexts only; the client sees y' - r (uniform).
 Cost: 1 ciphertext up, ``plan.decode_outputs`` down; ct x pt and rotations per ``LinearPlan``.
+Batched prefill: when ``he.blocked.prefill_plan`` finds it cheaper (long prompts), the T tokens go
+in blocks of 64 (``BlockPlan``: U uploads and V outputs per 64 tokens), same steps and round trip.
 
 Server -> client messages carry a one-byte tag so that a lazy noise refresh (the server
 asks the client to re-encrypt a cache ciphertext, ``he.arcc``) can interleave with results.
@@ -25,6 +27,7 @@ import numpy as np
 
 from .he.arcc import (pv_decode, pv_prefill, probs_cts_needed, probs_slots, qk_decode, qk_prefill,
                       query_slots, read_pv, read_scores)
+from .he.blocked import matmul_blocked, prefill_plan
 from .he.convert import ClientRole, h2s_server, s2h_server
 from .he.engine import ServerEngine
 from .he.kvcache import EncryptedKVCache, KVLayout
@@ -86,18 +89,32 @@ def linear_many_server(chan, engine: ServerEngine, enc: EncodedLinear, X_s: np.n
     """T tokens (rows of X_s) in one flight each way: all T uploads first, then the results of
     each token as it is done (decode encoding per token: ``plan.decode_ct_pt`` ct x pt each).
     Round trips: 1 for the T tokens, not T."""
-    plan = enc.plan
+    plan, t = enc.plan, engine.config.t
+    bp = prefill_plan(plan, len(X_s))
+    if bp is not None:  # batched prefill: the T tokens in blocks (he/blocked.py)
+        slots = bp.input_slots(X_s)
+        uploads = [[recv_ct(chan) for _ in chunk] for chunk in slots]
+        xs = [[s2h_server(engine, d, x) for d, x in zip(up, chunk)] for up, chunk in zip(uploads, slots)]
+        Y_s = bp.read_output([_h2s_send(chan, engine, y, "linear output") for y in matmul_blocked(enc, bp, xs, engine)],
+                             len(X_s))
+        return Y_s if bias_2f is None else np.mod(Y_s + bias_2f, t)
     uploads = [recv_ct(chan) for _ in range(len(X_s))]
     Y_s = []
     for data, x_s in zip(uploads, X_s):
         x = s2h_server(engine, data, plan.input_slots_decode(x_s))
         shares = [_h2s_send(chan, engine, y, "linear output") for y in matmul_ct_pt_decode(enc, x, engine)]
         y_s = plan.read_output_decode(shares, engine.config.t)
-        Y_s.append(y_s if bias_2f is None else np.mod(y_s + bias_2f, engine.config.t))
+        Y_s.append(y_s if bias_2f is None else np.mod(y_s + bias_2f, t))
     return np.stack(Y_s)
 
 
 def linear_many_client(chan, role: ClientRole, plan: LinearPlan, X_c: np.ndarray) -> np.ndarray:
+    bp = prefill_plan(plan, len(X_c))
+    if bp is not None:
+        for chunk in bp.input_slots(X_c):
+            for x in chunk:
+                send_ct(chan, role.s2h_send(x))
+        return bp.read_output([role.h2s_receive(recv_ct(chan, role)) for _ in bp.output_order(len(X_c))], len(X_c))
     for x_c in X_c:
         send_ct(chan, role.s2h_send(plan.input_slots_decode(x_c)))
     t = role.keys.config.t

@@ -29,11 +29,13 @@ sys.path.insert(0, str(ROOT))
 # one of which must be below that frame), innermost match first
 BUCKETS = [
     ("HE rotations: linear layers (baby and giant steps; the folds are summed in shares)", "server",
-     ("rotate",), ("_apply", "_babies")),
+     ("rotate",), ("_apply", "_babies", "matmul_blocked")),
+    ("HE encode: batched prefill's diagonals (per call)", "server", ("encode", "ntt_terms", "diagonals"),
+     ("matmul_blocked",)),
     ("HE ct x ct: q.K and p.V products", "server", ("mul_ct_ct",), ()),
     ("HE ct x pt, ntt kernel: NTTs, words in and out of Pyfhel, multiply-accumulate", "server",
-     ("_babies_ntt", "_giant_ntt"), ()),
-    ("HE ct x pt: linear layers, embedding, LM head", "server", ("matmul_ct_pt_decode", "_apply"), ()),
+     ("_babies_ntt", "_giant_ntt", "babies_ntt", "giant_ntt"), ()),
+    ("HE ct x pt: linear layers, embedding, LM head", "server", ("matmul_ct_pt_decode", "_apply", "matmul_blocked"), ()),
     ("HE export: re-randomise and flood, then H2S", "server", ("export", "h2s_server"), ()),
     ("HE encrypt: S2H uploads, KV appends", "client", ("encrypt_to_bytes", "encrypt_public", "s2h_send"), ()),
     ("HE decrypt: H2S downloads", "client", ("decrypt",), ()),

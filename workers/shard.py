@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from cryptogen import secure_plan as sp
+from cryptogen.he import required_rotation_steps
 from cryptogen.he.engine import ServerEngine, exports_of
 from cryptogen.he.keys import PublicContext
 from cryptogen.he.params import HEConfig
@@ -79,9 +80,8 @@ class ServerShard:
         self.weights = model_weights(model, plan, self.fp, holds_ends, frozenset(lead_layers),
                                      self.embed_idx, head_cols)
         self.linears = {name: EncodedLinear(self.engine, w) for name, w in self.weights.encodable().items()}
-        self.required_steps = set()  # the linear layers' (attention rotates nothing: he/arcc.py)
-        for enc in self.linears.values():
-            self.required_steps |= enc.plan.rotation_steps()
+        # the linear layers', decode and batched prefill (attention rotates nothing: he/arcc.py)
+        self.required_steps = required_rotation_steps(enc.plan for enc in self.linears.values())
         self.sessions: dict[str, dict] = {}
 
     # ---- sessions -----------------------------------------------------------------

@@ -6,6 +6,7 @@ Client side (secret key): ClientKeys, ClientRole. Layout helpers (LinearPlan, KV
 query_slots, probs_slots, read_*) are public functions of shapes used by both parties.
 See docs/HE.md.
 """
+from .blocked import BlockPlan, block_plan, matmul_blocked, prefill_plan, prefill_steps
 from .arcc import (probs_slots, pv_decode, pv_prefill, qk_decode, qk_prefill, query_slots, read_pv,
                    read_scores)
 from .convert import ClientRole, h2s_server, reconstruct, refresh, s2h_server
@@ -22,9 +23,9 @@ from .stats import HEStats
 
 
 def required_rotation_steps(plans=()) -> set[int]:
-    """Union of the Galois steps the given linear plans use (client key gen; the ARCC kernels
-    rotate nothing: their folds are done in the share domain)."""
+    """Union of the Galois steps the given linear plans use, in decode and in batched prefill
+    (client key gen; the ARCC kernels rotate nothing: their folds are done in the share domain)."""
     steps: set[int] = set()
     for p in plans:
-        steps |= p.rotation_steps()
+        steps |= p.rotation_steps() | prefill_steps(p)
     return steps

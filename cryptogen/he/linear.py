@@ -302,12 +302,7 @@ class EncodedLinear:
         return out if self._tables is None else [self._ntt_terms(row) for row in out]
 
     def _ntt_terms(self, row: list) -> _NTTTerms | None:
-        idx = [a for a, pt in enumerate(row) if pt is not None]
-        if not idx:
-            return None
-        n = self.engine.config.n
-        return _NTTTerms(np.array(idx, np.int64),
-                         np.stack([ntt.plain_ntt(self._tables, ntt.plain_coeffs(row[a], n)) for a in idx]))
+        return ntt_terms(self._tables, self.engine.config.n, row)
 
     def _prefill_set(self, q: int) -> list[list]:
         if q in self._prefill_pts:
@@ -333,13 +328,7 @@ class EncodedLinear:
         return e.sum(parts)  # the copies are summed in the share domain (module doc, step 3)
 
     def _giant_ntt(self, e: ServerEngine, babies: _NTTBabies, terms: _NTTTerms) -> Cipher:
-        """sum_a babies[a] * W'_{a,b}: one multiply-accumulate and 2k inverse NTTs (same ciphertext,
-        same noise bound and op counts as the ``seal`` kernel's products and sums)."""
-        words = ntt.inverse(self._tables, ntt.mac(self._tables, babies.words, terms.words, terms.idx))
-        e.stats.ct_pt_mul += len(terms.idx)
-        e.stats.additions += len(terms.idx) - 1
-        budget = e.noise.add(*[e.noise.after_ct_pt(babies.budgets[a]) for a in terms.idx])
-        return Cipher(ntt.ct_from_words(e.ctx.he, babies.prefix, words), budget)
+        return giant_ntt(e, self._tables, babies, terms)
 
     def _babies(self, x: Cipher, engine: ServerEngine | None = None):
         e = engine or self.engine
@@ -347,12 +336,36 @@ class EncodedLinear:
         return babies if self._tables is None else self._babies_ntt(babies)
 
     def _babies_ntt(self, babies: list[Cipher]) -> _NTTBabies:
-        prefix, first = ntt.ct_words(babies[0].ct)
-        words = np.empty((len(babies),) + first.shape, np.uint64)
-        words[0] = first
-        for a, c in enumerate(babies[1:], 1):
-            words[a] = ntt.ct_words(c.ct)[1]
-        return _NTTBabies(prefix, ntt.forward(self._tables, words), tuple(c.budget for c in babies))
+        return babies_ntt(self._tables, babies)
+
+
+# ---- the ntt kernel's steps (also used by blocked.py) ------------------------------
+def ntt_terms(tables, n: int, row: list) -> _NTTTerms | None:
+    """A giant step's plaintexts (None: all zero) in NTT form, with the indices of their babies."""
+    idx = [a for a, pt in enumerate(row) if pt is not None]
+    if not idx:
+        return None
+    return _NTTTerms(np.array(idx, np.int64), ntt.plain_ntt(tables, np.stack([ntt.plain_coeffs(row[a], n) for a in idx])))
+
+
+def babies_ntt(tables, babies: list[Cipher]) -> _NTTBabies:
+    """Baby-step ciphertexts out of Pyfhel and into the NTT domain, one forward transform each."""
+    prefix, first = ntt.ct_words(babies[0].ct)
+    words = np.empty((len(babies),) + first.shape, np.uint64)
+    words[0] = first
+    for a, c in enumerate(babies[1:], 1):
+        words[a] = ntt.ct_words(c.ct)[1]
+    return _NTTBabies(prefix, ntt.forward(tables, words), tuple(c.budget for c in babies))
+
+
+def giant_ntt(e: ServerEngine, tables, babies: _NTTBabies, terms: _NTTTerms) -> Cipher:
+    """sum_a babies[a] * W'_{a,b}: one multiply-accumulate and 2k inverse NTTs (same ciphertext,
+    same noise bound and op counts as the ``seal`` kernel's products and sums)."""
+    words = ntt.inverse(tables, ntt.mac(tables, babies.words, terms.words, terms.idx))
+    e.stats.ct_pt_mul += len(terms.idx)
+    e.stats.additions += len(terms.idx) - 1
+    budget = e.noise.add(*[e.noise.after_ct_pt(babies.budgets[a]) for a in terms.idx])
+    return Cipher(ntt.ct_from_words(e.ctx.he, babies.prefix, words), budget)
 
 
 def matmul_ct_pt_decode(enc: EncodedLinear, x: Cipher, engine: ServerEngine | None = None) -> list[Cipher]:

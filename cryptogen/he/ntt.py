@@ -121,13 +121,13 @@ def mac(tb: Tables, babies: np.ndarray, pts: np.ndarray, idx: np.ndarray) -> np.
 
 
 def plain_ntt(tb: Tables, coeffs: np.ndarray) -> np.ndarray:
-    """A BFV plaintext's coefficients (n,) in [0, t) -> (k, n) NTT form, lifted as SEAL lifts them."""
+    """BFV plaintexts' coefficients (..., n) in [0, t) -> (..., k, n) NTT form, lifted as SEAL lifts them."""
     c = np.asarray(coeffs, np.uint64)
     upper = c >= np.uint64((tb.t + 1) // 2)
-    words = np.empty((1, tb.k, tb.n), np.uint64)
+    words = np.empty(c.shape[:-1] + (tb.k, tb.n), np.uint64)
     for i, q in enumerate(tb.qs):
-        words[0, i] = np.where(upper, c + (q - np.uint64(tb.t)), c)
-    return forward(tb, words)[0]
+        words[..., i, :] = np.where(upper, c + (q - np.uint64(tb.t)), c)
+    return forward(tb, words)
 
 
 def plain_coeffs(pt, n: int) -> np.ndarray:

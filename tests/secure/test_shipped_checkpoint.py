@@ -40,3 +40,27 @@ def test_shipped_wikitext2_checkpoint_equals_plaintext():
     assert_logits_close(runner.client.logit_history, model, prompt, tokens, TOL)
 
 
+
+def test_shipped_checkpoint_long_prompt_takes_the_batched_prefill(monkeypatch):
+    """A 48-token prompt: every linear layer of the prefill (qkv, W_o, fc1, fc2 of both layers and
+    the two embedding shards) runs in the blocked layout (he/blocked.py, one 64-token chunk), and
+    the first token and its logits still equal the plaintext model's."""
+    from tokenizers import Tokenizer
+
+    import cryptogen.twoparty as twoparty
+    folder = resolve_model("wikitext2")
+    model = GPT.from_pretrained(folder).eval()
+    text = ("The history of the city begins in the early years of the nineteenth century , when the first "
+            "settlers built a small church near the river . The town grew quickly after the railway reached it , "
+            "and by the end of the century it had a market , two schools and a hospital")
+    prompt = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids[:48]
+    assert len(prompt) == 48
+    shapes, blocked = [], twoparty.matmul_blocked
+    monkeypatch.setattr(twoparty, "matmul_blocked",
+                        lambda enc, bp, xs, engine=None: (shapes.append((bp.d_in, bp.d_out)), blocked(enc, bp, xs, engine))[1])
+    runner = _secure(model, prompt, 1)
+    d, ff = model.config.n_embd, model.config.d_ff
+    assert sorted(shapes) == sorted([(d, 3 * d), (d, d), (d, ff), (ff, d)] * 2 + [(2048, d)] * 2)
+    tokens = runner.client.generated
+    assert tokens == plain_greedy(model, prompt, 1)
+    assert_logits_close(runner.client.logit_history, model, prompt, tokens, TOL)

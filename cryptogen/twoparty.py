@@ -96,7 +96,7 @@ def linear_many_server(chan, engine: ServerEngine, enc: EncodedLinear, X_s: np.n
         uploads = [[recv_ct(chan) for _ in chunk] for chunk in slots]
         xs = [[s2h_server(engine, d, x) for d, x in zip(up, chunk)] for up, chunk in zip(uploads, slots)]
         Y_s = bp.read_output([_h2s_send(chan, engine, y, "linear output") for y in matmul_blocked(enc, bp, xs, engine)],
-                             len(X_s))
+                             len(X_s), t)
         return Y_s if bias_2f is None else np.mod(Y_s + bias_2f, t)
     uploads = [recv_ct(chan) for _ in range(len(X_s))]
     Y_s = []
@@ -114,7 +114,8 @@ def linear_many_client(chan, role: ClientRole, plan: LinearPlan, X_c: np.ndarray
         for chunk in bp.input_slots(X_c):
             for x in chunk:
                 send_ct(chan, role.s2h_send(x))
-        return bp.read_output([role.h2s_receive(recv_ct(chan, role)) for _ in bp.output_order(len(X_c))], len(X_c))
+        return bp.read_output([role.h2s_receive(recv_ct(chan, role)) for _ in bp.output_order(len(X_c))], len(X_c),
+                              role.keys.config.t)
     for x_c in X_c:
         send_ct(chan, role.s2h_send(plan.input_slots_decode(x_c)))
     t = role.keys.config.t

@@ -103,9 +103,9 @@ def main(argv=None):
             cts = [[s2h_server(engine, client.s2h_send(xc), xsv) for xc, xsv in zip(cc, cs)]
                    for cc, cs in zip(bp.input_slots((X - Xs) % t), bp.input_slots(Xs))]
             shares = [h2s_server(engine, y) for y in matmul_blocked(enc, bp, cts)]
-            Yc = bp.read_output([client.h2s_receive(d) for d, _ in shares], T)
+            Yc = bp.read_output([client.h2s_receive(d) for d, _ in shares], T, t)
             blocked_s = time.perf_counter() - s
-            Ys = bp.read_output([r for _, r in shares], T)
+            Ys = bp.read_output([r for _, r in shares], T, t)
             ok = bool(np.array_equal((Yc + Ys) % t, matmul(X, W, t)))
             row = {"model": m, "layer": name, "d_in": plan.d_in, "d_out": plan.d_out, "T": T, "tb": bp.tb, "g1": bp.g1,
                    "blocked_s": round(blocked_s, 2), "per_token_s": round(tok_s * T, 2),

@@ -3,13 +3,16 @@ blocked, "column" packing of BOLT (Pang et al., S&P 2024) and Iron, with Halevi-
 over blocks instead of slots).
 
 Layout (public, a function of shapes and ``tb`` only). A batching row of R = n/2 slots is B = R/tb
-blocks of tb slots; one block holds one feature of tb tokens:
-  input ciphertext u (U = ceil(d_in / B) of them), both rows alike:
-      slot r*R + beta*tb + tau  holds  X[tau, u*B + beta];
-  output ciphertext v (V = ceil(d_out / 2B)), row r:
-      slot r*R + beta*tb + tau  holds  Y[tau, v*2B + r*B + beta].
-Rotating by k*tb slots rotates the blocks of each row by k (cyclically: B*tb = R). So with the
-B x B matrices M_{u,v,r}[i, j] = W[u*B + i, v*2B + r*B + j] and their diagonals
+blocks of tb slots; one block holds one feature of tb tokens, slot r*R + beta*tb + tau of a
+ciphertext holding feature f(beta) of token tau. The two rows either split the outputs (``split``
+"out": both rows of input ciphertext u hold features u*B + beta; row r of output ciphertext v holds
+outputs v*2B + r*B + beta) or the inputs ("in": row r of input u holds features (2u + r)*B + beta;
+both rows of output v hold partial sums of outputs v*B + beta, which each party adds in its own
+share, as linear.py sums its copies). "in" wastes no slots on narrow outputs (d_out <= B), "out"
+none on narrow inputs; ``block_plan`` takes the cheaper. With in(u, r) and out(v, r) the first
+feature of row r's blocks, U input and V output ciphertexts, rotating by k*tb slots rotates the
+blocks of each row by k (cyclically: B*tb = R), so with the B x B matrices
+M_{u,v,r}[i, j] = W[in(u, r) + i, out(v, r) + j] and their diagonals
 diag_{u,v,k}[r, j] = M_{u,v,r}[(j + k) mod B, j] (each value repeated over its block's tb slots),
 Y_v = sum_u sum_k rot(X_u, k*tb) * diag_{u,v,k}; baby-step giant-step with k = a + b*g1:
 Y_v = sum_b rot(sum_u sum_a rot(X_u, a*tb) * diag'_{u,v,a,b}, b*g1*tb), diag' pre-rotated by -b*g1*tb.
@@ -57,6 +60,7 @@ class BlockPlan:
     n: int
     tb: int  # tokens per block
     g1: int  # baby steps
+    split: str = "out"  # what the two rows split: "out" (outputs) or "in" (inputs, summed in shares)
 
     @property
     def B(self) -> int:
@@ -64,11 +68,18 @@ class BlockPlan:
 
     @property
     def U(self) -> int:
-        return -(-self.d_in // self.B)
+        return -(-self.d_in // (self.B if self.split == "out" else 2 * self.B))
 
     @property
     def V(self) -> int:
-        return -(-self.d_out // (2 * self.B))
+        return -(-self.d_out // (2 * self.B if self.split == "out" else self.B))
+
+    def _in(self, u, r):
+        """First input feature of row r of input ciphertext u (u, r: broadcastable arrays)."""
+        return u * self.B if self.split == "out" else (2 * u + r) * self.B
+
+    def _out(self, v, r):
+        return v * 2 * self.B + r * self.B if self.split == "out" else v * self.B
 
     @property
     def g2(self) -> int:
@@ -110,31 +121,33 @@ class BlockPlan:
         X = np.asarray(X, np.int64)
         if X.ndim != 2 or X.shape[1] != self.d_in:
             raise ShapeError(f"prefill input must have shape (T, {self.d_in}), got {X.shape}")
-        B, tb = self.B, self.tb
-        Xp = np.zeros((self.chunks(len(X)) * tb, self.U * B), np.int64)
+        B, tb, rows = self.B, self.tb, 1 if self.split == "out" else 2
+        Xp = np.zeros((self.chunks(len(X)) * tb, self.U * rows * B), np.int64)
         Xp[:len(X), :self.d_in] = X
-        blocks = Xp.reshape(-1, tb, self.U, B).transpose(0, 2, 3, 1)  # (chunk, u, beta, tau)
-        both = np.broadcast_to(blocks[:, :, None], blocks.shape[:2] + (2, B, tb))
+        blocks = Xp.reshape(-1, tb, self.U, rows, B).transpose(0, 2, 3, 4, 1)  # (chunk, u, row, beta, tau)
+        both = np.broadcast_to(blocks, blocks.shape[:2] + (2, B, tb))  # "out": the one row in both
         return [[np.ascontiguousarray(both[c, u]).reshape(-1) for u in range(self.U)] for c in range(len(blocks))]
 
-    def read_output(self, slot_arrays: list[np.ndarray], T: int) -> np.ndarray:
-        """The output slots in ``output_order`` -> Y (T, d_out) (linear in the slots: either share)."""
+    def read_output(self, slot_arrays: list[np.ndarray], T: int, t: int) -> np.ndarray:
+        """The output slots in ``output_order`` -> Y (T, d_out) mod t (linear in the slots: either share)."""
         order = self.output_order(T)
         if len(slot_arrays) != len(order):
             raise ShapeError(f"expected {len(order)} output slot vectors, got {len(slot_arrays)}")
-        B, tb = self.B, self.tb
-        Y = np.zeros((self.chunks(T) * tb, self.V * 2 * B), np.int64)
+        B, tb, width = self.B, self.tb, (2 if self.split == "out" else 1) * self.B
+        Y = np.zeros((self.chunks(T) * tb, self.V * width), np.int64)
         for (c, v), arr in zip(order, slot_arrays):
-            blk = np.asarray(arr, np.int64).reshape(2, B, tb).transpose(2, 0, 1).reshape(tb, 2 * B)
-            Y[c * tb:(c + 1) * tb, v * 2 * B:(v + 1) * 2 * B] = blk
-        return Y[:T, :self.d_out]
+            blk = np.asarray(arr, np.int64).reshape(2, B, tb).transpose(2, 0, 1)  # (tau, row, beta)
+            Y[c * tb:(c + 1) * tb, v * width:(v + 1) * width] = (blk.reshape(tb, 2 * B) if self.split == "out"
+                                                                 else blk.sum(axis=1))  # < 2t: no overflow
+        return np.mod(Y[:T, :self.d_out], t)
 
     def diagonals(self, W: np.ndarray, v: int, b: int) -> np.ndarray:
         """(U, g1, n): giant step b's pre-rotated diagonals diag'_{u,v,a,b} (zeros where k >= B)."""
         B, j = self.B, np.arange(self.B)
         k = np.arange(self.g1) + b * self.g1  # (g1,)
-        i = np.arange(self.U)[:, None, None, None] * B + (j + k[:, None])[None, :, None, :] % B  # (U, g1, 1, B)
-        col = v * 2 * B + np.arange(2)[:, None] * B + j  # (2, B)
+        r = np.arange(2)[:, None]
+        i = self._in(np.arange(self.U)[:, None, None, None], r[None, None]) + ((j + k[:, None]) % B)[None, :, None, :]
+        col = self._out(v, r) + j  # (2, B); i: (U, g1, 2, B)
         ok = (i < self.d_in) & (col < self.d_out)[None, None] & (k < B)[None, :, None, None]
         vals = np.where(ok, W[np.minimum(i, self.d_in - 1), np.minimum(col, self.d_out - 1)], 0)  # (U, g1, 2, B)
         vals = np.roll(vals, b * self.g1, axis=-1)
@@ -143,14 +156,15 @@ class BlockPlan:
 
 @lru_cache(maxsize=512)
 def block_plan(d_in: int, d_out: int, n: int, tb: int = PREFILL_BLOCK) -> BlockPlan:
-    """The baby-step count (a power of two, so that plans share Galois steps) with the least cost
-    per chunk."""
+    """The row split and baby-step count (a power of two, so that plans share Galois steps) with
+    the least cost per chunk."""
     if d_in < 1 or d_out < 1:
         raise ShapeError("linear layer dimensions must be positive")
     if tb < 1 or (n // 2) % tb:
         raise ShapeError(f"tokens per block {tb} must divide the row of {n // 2} slots")
-    plans = [BlockPlan(d_in, d_out, n, tb, g1) for g1 in BABY_CHOICES if g1 <= (n // 2) // tb]
-    return min(plans, key=lambda p: (p.cost(tb), p.g1))
+    plans = [BlockPlan(d_in, d_out, n, tb, g1, split) for split in ("out", "in") for g1 in BABY_CHOICES
+             if g1 <= (n // 2) // tb]
+    return min(plans, key=lambda p: (p.cost(tb), p.split, p.g1))
 
 
 def prefill_plan(plan: LinearPlan, T: int) -> BlockPlan | None:

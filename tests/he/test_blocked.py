@@ -31,17 +31,18 @@ def _simulate(bp: BlockPlan, W, X, t):
                 z = sum(babies[i].astype(object) * diags[i] for i in range(len(diags)))
                 acc = acc + _rot(z, b * bp.g1 * bp.tb, bp.n)
             outs[(c, v)] = np.mod(acc, t).astype(np.int64)
-    return bp.read_output([outs[k] for k in bp.output_order(len(X))], len(X))
+    return bp.read_output([outs[k] for k in bp.output_order(len(X))], len(X), t)
 
 
 @settings(max_examples=40, deadline=None)
 @given(d_in=st.integers(1, 70), d_out=st.integers(1, 90), T=st.integers(1, 13), tb=st.sampled_from([1, 2, 4, 8]),
-       g1=st.sampled_from([1, 2, 4, 8]), seed=st.integers(0, 2 ** 31))
-def test_layout_computes_the_field_product(d_in, d_out, T, tb, g1, seed):
-    """Any shape, token count (partial last block) and baby-step count: several input ciphertexts
-    (d_in > B), several outputs (d_out > 2B) and giant steps past the last diagonal."""
+       g1=st.sampled_from([1, 2, 4, 8]), split=st.sampled_from(["out", "in"]), seed=st.integers(0, 2 ** 31))
+def test_layout_computes_the_field_product(d_in, d_out, T, tb, g1, split, seed):
+    """Any shape, token count (partial last block), baby-step count and row split: several input
+    ciphertexts (d_in > B or 2B), several outputs (d_out > 2B or B) and giant steps past the last
+    diagonal."""
     n, t = 64, 65537
-    bp = BlockPlan(d_in, d_out, n, tb, min(g1, n // 2 // tb))
+    bp = BlockPlan(d_in, d_out, n, tb, min(g1, n // 2 // tb), split)
     rng = np.random.default_rng(seed)
     W, X = random_elements((d_in, d_out), t, rng), random_elements((T, d_in), t, rng)
     assert np.array_equal(_simulate(bp, W, X, t), matmul(X, W, t))
@@ -65,13 +66,15 @@ def test_plan_shapes_and_choice():
 
 
 @pytest.mark.parametrize("kernel", ["ntt", "seal"])
-@pytest.mark.parametrize("shape,T", [((100, 37), 70), ((130, 300), 5)])
-def test_blocked_kernel_equals_field_product(cfg, ctx, keys, client, rng, kernel, shape, T):
-    """Under HE (N = 16384, 64 tokens per block): 2 chunks with a partial one; 2 input ciphertexts
-    and 2 outputs per chunk (d_in > 128 blocks, d_out > 256). Ops as counted by the plan."""
+@pytest.mark.parametrize("shape,T,split", [((100, 37), 70, "in"), ((130, 300), 5, "out"), ((300, 130), 5, "in")])
+def test_blocked_kernel_equals_field_product(cfg, ctx, keys, client, rng, kernel, shape, T, split):
+    """Under HE (N = 16384, 64 tokens per block, 8 baby steps): 2 chunks with a partial one; rows
+    splitting the outputs (2 inputs, 2 outputs per chunk) and the inputs (partial sums of the two
+    rows added in shares; 2 inputs, 2 outputs). Ops as counted by the plan."""
     from cryptogen.he import ServerEngine
     engine = ServerEngine(ctx)
-    bp = block_plan(*shape, cfg.n)
+    bp = BlockPlan(*shape, cfg.n, 64, 8, split)
+    assert (bp.U, bp.V) == ((1, 1) if T == 70 else (2, 2))
     W, X = random_elements(shape, cfg.t, rng), random_elements((T, shape[0]), cfg.t, rng)
     Xs = random_elements(X.shape, cfg.t, rng)
     enc = EncodedLinear(engine, W, kernel=kernel)
@@ -79,8 +82,8 @@ def test_blocked_kernel_equals_field_product(cfg, ctx, keys, client, rng, kernel
           for cc, cs in zip(bp.input_slots((X - Xs) % cfg.t), bp.input_slots(Xs))]
     before = (engine.stats.rotations, engine.stats.ct_pt_mul)
     shares = [h2s_server(engine, y) for y in matmul_blocked(enc, bp, xs)]
-    Yc = bp.read_output([client.h2s_receive(d) for d, _ in shares], T)
-    Ys = bp.read_output([r for _, r in shares], T)
+    Yc = bp.read_output([client.h2s_receive(d) for d, _ in shares], T, cfg.t)
+    Ys = bp.read_output([r for _, r in shares], T, cfg.t)
     assert np.array_equal((Yc + Ys) % cfg.t, matmul(X, W, cfg.t))
     chunks = bp.chunks(T)
     assert engine.stats.rotations - before[0] == chunks * bp.chunk_rotations()

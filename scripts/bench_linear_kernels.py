@@ -47,6 +47,19 @@ def sh(*cmd):
         return None
 
 
+def check_and_pin(p, args, models, shapes, out_path, *extra) -> None:
+    """One-line errors for --models, --cpu, --out and the script's own ``extra`` (bad, message) checks;
+    then pin the process to --cpu."""
+    for bad, msg in ((not models or any(m not in shapes for m in models), f"--models must name some of {', '.join(shapes)}"),
+                     *extra,
+                     (args.cpu is not None and args.cpu not in os.sched_getaffinity(0), f"--cpu {args.cpu} is not available"),
+                     (not out_path.parent.is_dir(), f"--out: directory {out_path.parent} does not exist")):
+        if bad:
+            p.error(msg)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+
+
 def main(argv=None):
     p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="shipped,gpt2", help="comma-separated: shipped, gpt2")
@@ -55,14 +68,7 @@ def main(argv=None):
     p.add_argument("--out", default="docs/bench/linear_kernels.json")
     args = p.parse_args(argv)
     models, out_path = [m for m in args.models.split(",") if m], Path(args.out)
-    for bad, msg in ((not models or any(m not in SHAPES for m in models), f"--models must name some of {', '.join(SHAPES)}"),
-                     (args.repeats < 1, f"--repeats must be at least 1, got {args.repeats}"),
-                     (args.cpu is not None and args.cpu not in os.sched_getaffinity(0), f"--cpu {args.cpu} is not available"),
-                     (not out_path.parent.is_dir(), f"--out: directory {out_path.parent} does not exist")):
-        if bad:
-            p.error(msg)
-    if args.cpu is not None:
-        os.sched_setaffinity(0, {args.cpu})
+    check_and_pin(p, args, models, SHAPES, out_path, (args.repeats < 1, f"--repeats must be at least 1, got {args.repeats}"))
     import numpy as np
     from cryptogen.field import random_elements
     from cryptogen.he import ClientKeys, EncodedLinear, HEConfig, ServerEngine, matmul_ct_pt_decode, plan_linear

@@ -24,7 +24,7 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench_linear_kernels import COUNTS, sh  # noqa: E402
+from bench_linear_kernels import COUNTS, check_and_pin, sh  # noqa: E402
 
 SHAPES = {"shipped": {"qkv": (128, 384), "o": (128, 128), "fc1": (128, 512), "fc2": (512, 128),
                       "embed shard": (2048, 128)},
@@ -61,14 +61,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     models, out_path = [m for m in args.models.split(",") if m], Path(args.out)
     tokens = _ints(args.tokens, "--tokens", p)
-    for bad, msg in ((not models or any(m not in SHAPES for m in models), f"--models must name some of {', '.join(SHAPES)}"),
-                     (args.sample < 1, f"--sample must be at least 1, got {args.sample}"),
-                     (args.cpu is not None and args.cpu not in os.sched_getaffinity(0), f"--cpu {args.cpu} is not available"),
-                     (not out_path.parent.is_dir(), f"--out: directory {out_path.parent} does not exist")):
-        if bad:
-            p.error(msg)
-    if args.cpu is not None:
-        os.sched_setaffinity(0, {args.cpu})
+    check_and_pin(p, args, models, SHAPES, out_path, (args.sample < 1, f"--sample must be at least 1, got {args.sample}"))
     import numpy as np
     from cryptogen.field import matmul, random_elements
     from cryptogen.he import (ClientKeys, ClientRole, EncodedLinear, HEConfig, ServerEngine, block_plan, h2s_server,

@@ -26,6 +26,7 @@ LONGEST_FIRST = (
     "client/test_proxy.py",  # ~230
     "deploy/test_ray_start.py",  # ~150
     "secure/test_kv_boundary.py",  # ~130
+    "secure/test_shipped_checkpoint.py",  # ~120
     "server/test_load.py",  # ~130
     "test_bench.py",  # ~130
     "server/test_server_restart.py",  # ~100
@@ -34,7 +35,6 @@ LONGEST_FIRST = (
     "mpc/test_provider_he_pool.py",  # ~80
     "metrics/test_prometheus_generation.py",  # ~80
     "fuzz/test_fuzz_server.py",  # ~75
-    "secure/test_shipped_checkpoint.py",  # ~60
     "secure/test_ray_multinode.py",  # ~60
     "security/test_e2e_transcripts.py",  # ~55
 )

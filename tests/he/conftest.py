@@ -42,3 +42,19 @@ def client(keys):
 @pytest.fixture()
 def rng():
     return np.random.default_rng(1234)
+
+
+def run_linear_many(engine, client, enc, X, Xs, b, timeout=120):
+    """``linear_many_*`` on two threads over an in-memory channel: (client's Y share, server's, client channel)."""
+    import threading
+
+    from cryptogen.mpc.channel import channel_pair
+    from cryptogen.twoparty import linear_many_client, linear_many_server
+    t = engine.config.t
+    cc, sc = channel_pair(timeout=timeout)
+    out = {}
+    server = threading.Thread(target=lambda: out.setdefault("s", linear_many_server(sc, engine, enc, Xs, b)))
+    server.start()
+    Yc = linear_many_client(cc, client, enc.plan, (X - Xs) % t)
+    server.join()
+    return Yc, out["s"], cc

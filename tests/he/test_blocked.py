@@ -3,8 +3,6 @@
 The layout algebra is checked on a plaintext slot model (SEAL's row rotation: slot i of a row takes
 slot i + s), the kernels under HE on both linear-layer kernels, and the two-party protocol end to end.
 """
-import threading
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -94,19 +92,12 @@ def test_prefill_protocol_uses_blocks_and_one_round_trip(cfg, engine, client, pl
     """``linear_many_*`` at T = 70 on (100, 37) takes the blocked path: shares of X W + b equal the
     field product exactly, with 2 uploads (one per 64-token chunk) in one round, and 2 output
     ciphertexts where 70 decode encodings send 70."""
-    from cryptogen.mpc.channel import channel_pair
-    from cryptogen.twoparty import linear_many_client, linear_many_server
+    from conftest import run_linear_many
     plan, T, t = plans[(100, 37)], 70, cfg.t
     assert prefill_plan(plan, T) is not None
     W, X, b = random_elements((100, 37), t, rng), random_elements((T, 100), t, rng), random_elements(37, t, rng)
     Xs = random_elements(X.shape, t, rng)
-    enc = EncodedLinear(engine, W, plan)
-    cc, sc = channel_pair(timeout=120)
-    out = {}
-    server = threading.Thread(target=lambda: out.setdefault("s", linear_many_server(sc, engine, enc, Xs, b)))
-    server.start()
-    Yc = linear_many_client(cc, client, plan, (X - Xs) % t)
-    server.join()
-    assert np.array_equal((Yc + out["s"]) % t, (matmul(X, W, t) + b) % t)
+    Yc, Ys, cc = run_linear_many(engine, client, EncodedLinear(engine, W, plan), X, Xs, b)
+    assert np.array_equal((Yc + Ys) % t, (matmul(X, W, t) + b) % t)
     assert cc.stats["online"].rounds == 1 and cc.stats["online"].msgs_sent == 2
     assert engine.stats.cts_server_to_client == 2 < T * plan.decode_outputs

@@ -52,21 +52,12 @@ def test_prefill_many_tokens(cfg, engine, keys, client, plans, rng):
 def test_many_tokens_in_one_round_trip(cfg, engine, client, plans, rng):
     """``linear_many_*`` (prefill's linear layers): T tokens' shares of X W + b equal the field
     product exactly, and the client's T uploads go in one flight (one round, not T)."""
-    import threading
-
-    from cryptogen.mpc.channel import channel_pair
-    from cryptogen.twoparty import linear_many_client, linear_many_server
+    from conftest import run_linear_many
     plan, T, t = plans[(100, 37)], 5, cfg.t
     W, X, b = random_elements((100, 37), t, rng), random_elements((T, 100), t, rng), random_elements(37, t, rng)
     Xs = random_elements(X.shape, t, rng)
-    enc = EncodedLinear(engine, W, plan)
-    cc, sc = channel_pair(timeout=60)
-    out = {}
-    server = threading.Thread(target=lambda: out.setdefault("s", linear_many_server(sc, engine, enc, Xs, b)))
-    server.start()
-    Yc = linear_many_client(cc, client, plan, (X - Xs) % t)
-    server.join()
-    assert np.array_equal((Yc + out["s"]) % t, (matmul(X, W, t) + b) % t)
+    Yc, Ys, cc = run_linear_many(engine, client, EncodedLinear(engine, W, plan), X, Xs, b, timeout=60)
+    assert np.array_equal((Yc + Ys) % t, (matmul(X, W, t) + b) % t)
     assert cc.stats["online"].rounds == 1 and cc.stats["online"].msgs_sent == T
 
 

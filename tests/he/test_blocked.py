@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import run_linear_many
 from cryptogen.field import matmul, random_elements
 from cryptogen.he import (BlockPlan, EncodedLinear, ShapeError, block_plan, h2s_server, matmul_blocked,
                           prefill_plan, s2h_server)
@@ -92,7 +93,6 @@ def test_prefill_protocol_uses_blocks_and_one_round_trip(cfg, engine, client, pl
     """``linear_many_*`` at T = 70 on (100, 37) takes the blocked path: shares of X W + b equal the
     field product exactly, with 2 uploads (one per 64-token chunk) in one round, and 2 output
     ciphertexts where 70 decode encodings send 70."""
-    from conftest import run_linear_many
     plan, T, t = plans[(100, 37)], 70, cfg.t
     assert prefill_plan(plan, T) is not None
     W, X, b = random_elements((100, 37), t, rng), random_elements((T, 100), t, rng), random_elements(37, t, rng)

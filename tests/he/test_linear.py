@@ -3,6 +3,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import run_linear_many
 from cryptogen.field import FixedPoint, matmul, random_elements
 from cryptogen.he import (EncodedLinear, ShapeError, h2s_server, matmul_ct_pt_decode, matmul_ct_pt_prefill,
                           pad_rows, plan_linear, s2h_server, shard_cols, shard_rows)
@@ -52,7 +53,6 @@ def test_prefill_many_tokens(cfg, engine, keys, client, plans, rng):
 def test_many_tokens_in_one_round_trip(cfg, engine, client, plans, rng):
     """``linear_many_*`` (prefill's linear layers): T tokens' shares of X W + b equal the field
     product exactly, and the client's T uploads go in one flight (one round, not T)."""
-    from conftest import run_linear_many
     plan, T, t = plans[(100, 37)], 5, cfg.t
     W, X, b = random_elements((100, 37), t, rng), random_elements((T, 100), t, rng), random_elements(37, t, rng)
     Xs = random_elements(X.shape, t, rng)

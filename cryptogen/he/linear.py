@@ -299,10 +299,7 @@ class EncodedLinear:
                 diag = np.roll(diag.reshape(2, half), b * p.g1, axis=1).reshape(-1)
                 row.append(self.engine.encode(diag))
             out.append(row)
-        return out if self._tables is None else [self._ntt_terms(row) for row in out]
-
-    def _ntt_terms(self, row: list) -> _NTTTerms | None:
-        return ntt_terms(self._tables, self.engine.config.n, row)
+        return out if self._tables is None else [ntt_terms(self._tables, p.n, row) for row in out]
 
     def _prefill_set(self, q: int) -> list[list]:
         if q in self._prefill_pts:
@@ -318,7 +315,7 @@ class EncodedLinear:
         for b, row in enumerate(pts):
             if isinstance(babies, _NTTBabies):
                 if row is not None:
-                    parts.append(e.rotate(self._giant_ntt(e, babies, row), b * p.g1))
+                    parts.append(e.rotate(giant_ntt(e, self._tables, babies, row), b * p.g1))
                 continue
             terms = [e.mul_ct_pt(babies[a], pt) for a, pt in enumerate(row) if pt is not None]
             if terms:
@@ -327,16 +324,10 @@ class EncodedLinear:
             raise ShapeError("weight matrix is entirely zero for this output block")
         return e.sum(parts)  # the copies are summed in the share domain (module doc, step 3)
 
-    def _giant_ntt(self, e: ServerEngine, babies: _NTTBabies, terms: _NTTTerms) -> Cipher:
-        return giant_ntt(e, self._tables, babies, terms)
-
     def _babies(self, x: Cipher, engine: ServerEngine | None = None):
         e = engine or self.engine
         babies = [x] + [e.rotate(x, a) for a in range(1, self.plan.g1)]
-        return babies if self._tables is None else self._babies_ntt(babies)
-
-    def _babies_ntt(self, babies: list[Cipher]) -> _NTTBabies:
-        return babies_ntt(self._tables, babies)
+        return babies if self._tables is None else babies_ntt(self._tables, babies)
 
 
 # ---- the ntt kernel's steps (also used by blocked.py) ------------------------------

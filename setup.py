@@ -1,4 +1,6 @@
-"""The one compiled part: cryptogen/he/_ntt.c, the NTT-domain kernels (everything else is in pyproject.toml)."""
+"""The compiled parts (everything else is in pyproject.toml): cryptogen/he/_ntt.c, the NTT-domain
+kernels, and cryptogen/mpc/_dcf.c, the DCF evaluation with AES-NI."""
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("cryptogen.he._ntt", ["cryptogen/he/_ntt.c"], extra_compile_args=["-O3"])])
+setup(ext_modules=[Extension("cryptogen.he._ntt", ["cryptogen/he/_ntt.c"], extra_compile_args=["-O3"]),
+                   Extension("cryptogen.mpc._dcf", ["cryptogen/mpc/_dcf.c"], extra_compile_args=["-O3"])])

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+
 from cryptogen import secure_plan as sp
 from cryptogen.he.keys import ClientKeys
 from cryptogen.he.params import HEConfig
 from cryptogen.mpc.channel import abort_on_error, channel_pair
 from cryptogen.mpc.party import Party
 from cryptogen.mpc.provider import DealerProvider
+from cryptogen.twoparty import kv_prefill_client, kv_prefill_server
 
 from ..client.session import ClientSession
 from ..workers.shard import ServerShard
@@ -43,6 +46,20 @@ def _run_threads(jobs: dict, links: dict | None = None) -> dict:
     return out
 
 
+def plaintext_kv(model, ids: list[int]) -> list:
+    """Tests and accuracy scripts: float64 per-layer (K, V) of ``ids``, each (P, n_head, d_head), K
+    times d_head^-1/4 as the secure path caches it (workers/weights.py): what ``fill_caches`` takes."""
+    import copy
+
+    import torch
+
+    ref = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        _, presents = ref.prefill(torch.tensor([list(ids)]))
+    dh = model.config.d_head
+    return [(k[0].transpose(0, 1).numpy() * dh ** -0.25, v[0].transpose(0, 1).numpy()) for k, v in presents]
+
+
 class InProcessRunner:
     sid = "local"
 
@@ -56,6 +73,7 @@ class InProcessRunner:
         self.keys = keys or ClientKeys.generate(self.he_config, steps)
         public = self.keys.public_context_bytes()
         embeds, heads = sp.embed_owners(cfg, plan), sp.head_columns(cfg, plan)
+        self.plan = plan
         self.shards = {w.worker: ServerShard(model, w, public, holds_ends=w.worker == 0, he_config=self.he_config,
                                              lead_layers={l for l in range(cfg.n_layer) if plan.lead(l) == w.worker},
                                              embed_shards=embeds[w.worker], head_cols=heads.get(w.worker),
@@ -87,3 +105,24 @@ class InProcessRunner:
     def reset_cache(self) -> None:
         for shard in self.shards.values():
             shard.reset_cache(self.sid)
+
+    def fill_caches(self, kv: list, seed: int = 0) -> None:
+        """Tests and accuracy scripts: append positions 0..P-1 to every worker's encrypted KV caches
+        from given per-layer (K, V) reals, each (P, n_head, d_head), K as the secure path caches it
+        (its d_head^-1/4 folded in: ``plaintext_kv``). The values are rounded at 2^f, split into uniform shares and
+        appended through the real KV-prefill protocol, so the caches are what a secure prefill
+        leaves without its 2PC error; then decode steps can start at position P."""
+        rng = np.random.default_rng(seed)
+        fp = self.he_config.fixed_point
+        for wp in self.plan.workers:
+            shard = self.shards[wp.worker]
+            for ls in wp.shards:
+                for g, (a, b) in enumerate(sp.head_groups(len(ls.heads), shard.cfg.d_head)):
+                    heads = list(ls.heads[a:b])
+                    K, V = (fp.encode(m[:, heads]) for m in kv[ls.layer])
+                    K_s, V_s = (rng.integers(0, fp.t, size=K.shape, dtype=np.int64) for _ in range(2))
+                    K_c, V_c = np.mod(K - K_s, fp.t), np.mod(V - V_s, fp.t)
+                    cache = shard._cache(self.sid, ls.layer, g, b - a)
+                    cc, sc = channel_pair(timeout=600)
+                    _run_threads({"c": lambda: kv_prefill_client(cc, self.client.role, cache.layout, 0, K_c, V_c),
+                                  "s": lambda: kv_prefill_server(sc, cache, 0, K_s, V_s)})

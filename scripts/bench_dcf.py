@@ -3,6 +3,8 @@ side with another version of the module (same inputs, interleaved repeats, minim
 
     git show 0f4b7d5:cryptogen/mpc/dcf.py > /tmp/dcf_0f4b7d5.py
     .venv/bin/python scripts/bench_dcf.py --against /tmp/dcf_0f4b7d5.py --out docs/bench/dcf.json
+    git show 5f69e1d:cryptogen/mpc/dcf.py > /tmp/dcf_numpy_5f69e1d.py  # numpy only, before the C kernel
+    .venv/bin/python scripts/bench_dcf.py --against /tmp/dcf_numpy_5f69e1d.py --repeats 15 --out docs/bench/dcf_kernel.json
 
 Batch sizes: what one secure decode step of the shipped WikiText-2 model asks for (evaluations of
 1 to 1536 items, 129 calls per party; key generation in pools of 1024). With ``--against`` the

@@ -7,6 +7,7 @@ dealer makes that step's items (offline, as the bench and the deployed client do
 counted apart, not in the table.
 
     .venv/bin/python scripts/decode_profile.py --model wikitext2 --context 16 --tokens 4
+    .venv/bin/python scripts/decode_profile.py --model /tmp/g2full --context 127 --tokens 2 --fill
 
 ``--raw FILE`` only re-buckets a py-spy raw file. In one process the client's half runs beside the
 server's: the table gives each party's share of the CPU.
@@ -81,17 +82,23 @@ def run(a) -> None:
     from cryptogen.model import GPT
     from cryptogen.plan import make_plan
     from cryptogen.registry import resolve_model
-    from cryptogen.scheduler.inprocess import InProcessRunner
+    from cryptogen.scheduler.inprocess import InProcessRunner, plaintext_kv
 
     model = GPT.from_pretrained(resolve_model(a.model)).eval()
     cfg = model.config
-    prompt = [(7 + 31 * i) % cfg.vocab_size for i in range(a.context)]
+    prompt = [(7 + 31 * i) % cfg.vocab_size for i in range(a.context + a.fill)]  # --fill: the first decode's token too
     plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, 1)
     runner = InProcessRunner(model, plan, prompt)
+    prompt = prompt[:a.context]
     driver = Driver(runner, cfg, plan, "kv-reuse")
     t0 = time.perf_counter()
-    driver.forward(0, len(prompt), "last")
-    print(f"[prefill of {len(prompt)} tokens: {time.perf_counter() - t0:.1f} s]", flush=True)
+    if a.fill:  # the caches from the plaintext model (a GPT-2 base prefill is hours here)
+        runner.fill_caches(plaintext_kv(model, prompt))
+        print(f"[caches of {len(prompt)} positions filled from the plaintext model: {time.perf_counter() - t0:.1f} s]",
+              flush=True)
+    else:
+        driver.forward(0, len(prompt), "last")
+        print(f"[prefill of {len(prompt)} tokens: {time.perf_counter() - t0:.1f} s]", flush=True)
     ahead = dealer_ahead(runner)
     ahead(None)
     driver.forward(len(prompt), 1, "last")  # unsampled: measures one decode step's demand for the dealer
@@ -111,6 +118,9 @@ def main() -> None:
     ap.add_argument("--model", default="wikitext2", help="a shipped model's name or a checkpoint folder")
     ap.add_argument("--context", type=int, default=16, help="prompt tokens before the decode steps")
     ap.add_argument("--tokens", type=int, default=4, help="decode steps sampled")
+    ap.add_argument("--fill", action="store_true",
+                    help="fill the encrypted caches from the plaintext model instead of a secure prefill "
+                         "(InProcessRunner.fill_caches; for GPT-2 base, whose prefill is hours here)")
     ap.add_argument("--rate", type=int, default=50, help="py-spy samples per second")
     ap.add_argument("--raw", type=Path, help="only bucket this py-spy raw file")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -119,11 +129,13 @@ def main() -> None:
         if not a.raw.is_file():
             sys.exit(f"error: no py-spy raw file at {a.raw}")
         return report(a.raw)
-    from cryptogen.registry import ModelNotFound, checkpoint_folder
+    from cryptogen.registry import ModelNotFound, resolve_model
     try:
-        checkpoint_folder(a.model)
+        folder = resolve_model(a.model)
     except ModelNotFound as e:
         sys.exit(f"error: {e}")
+    if not all((folder / f).is_file() for f in ("config.json", "model.safetensors")):
+        sys.exit(f"error: model folder {folder} needs config.json and model.safetensors")
     if a.child:
         return run(a)
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -131,7 +143,8 @@ def main() -> None:
         sys.exit("error: py-spy not found (ray[default] installs it: run bin/bootstrap), or pass --raw FILE")
     raw = Path(f"/tmp/decode-profile-{os.getpid()}.raw")
     child = subprocess.Popen([sys.executable, __file__, "--child", "--model", a.model, "--context", str(a.context),
-                              "--tokens", str(a.tokens)], stdout=subprocess.PIPE, text=True)
+                              "--tokens", str(a.tokens)] + (["--fill"] if a.fill else []), stdout=subprocess.PIPE,
+                             text=True)
     spy_proc = None
     for line in child.stdout:
         print(line, end="", flush=True)

@@ -11,12 +11,14 @@ per position range (how the error grows with the context), and where the secure 
 greedy next token differ (with the plaintext's top-2 margin there).
 
     .venv/bin/python scripts/secure_error_by_position.py --model wikitext2 --window 140
+    .venv/bin/python scripts/secure_error_by_position.py --model wikitext2 --window 512 --chunk 64
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +40,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--model", help="a shipped model: score --window tokens of its test split instead")
     ap.add_argument("--window", type=int, default=140)
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="with --model: score in passes of this many tokens, each attending to the encrypted cache "
+                         "the earlier ones filled (bounds memory: a pass's softmax is chunk x context; 0: one pass)")
     ap.add_argument("--out", help="with --model: also write the report and every position's error to this JSON file")
     a = ap.parse_args()
+    if a.chunk < 0:
+        ap.error(f"--chunk must be 0 (one pass) or a positive number of tokens, got {a.chunk}")
     if a.model:
-        return score_window(a.model, a.window, a.out)
+        return score_window(a.model, a.window, a.out, a.chunk)
 
     from cryptogen.driver import Driver
     from cryptogen.he.params import HEConfig
@@ -75,7 +82,7 @@ def main() -> None:
                           steps=rows), indent=1))
 
 
-def score_window(name: str, T: int, out: str | None = None) -> None:
+def score_window(name: str, T: int, out: str | None = None, chunk: int = 0) -> None:
     from cryptogen import registry
     from cryptogen.data import first_tokens
     from cryptogen.driver import Driver
@@ -87,7 +94,16 @@ def score_window(name: str, T: int, out: str | None = None) -> None:
     ids = first_tokens(tok, name, T)
     plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, 1)
     runner = InProcessRunner(model, plan, ids)
-    Driver(runner, cfg, plan).score(len(ids))
+    driver = Driver(runner, cfg, plan)
+    t0 = time.perf_counter()
+    if chunk:  # passes of ``chunk`` tokens over the cache the earlier passes filled
+        for start in range(0, len(ids), chunk):
+            driver.forward(start, min(chunk, len(ids) - start), logits="all")
+            print(f"[secure_error_by_position] tokens 0..{min(start + chunk, len(ids)) - 1} scored, "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    else:
+        driver.score(len(ids))
+    seconds = time.perf_counter() - t0
     with torch.no_grad():
         full = model(torch.tensor([ids]))[0][0].double().numpy()
     secure = np.stack(runner.client.logit_history)[:len(ids)]
@@ -96,7 +112,8 @@ def score_window(name: str, T: int, out: str | None = None) -> None:
     differ = np.flatnonzero(secure.argmax(-1) != full.argmax(-1))  # greedy next token differs here
     edges = [0, 10, 32, 64, 100, 128, 256, 384, 512, 1024]
     ranges = [(lo, min(hi, len(ids))) for lo, hi in zip(edges, edges[1:]) if lo < len(ids)]
-    report = dict(model=name, tokens=len(ids), max_error=round(float(err.max()), 4),
+    report = dict(model=name, tokens=len(ids), chunk=chunk or len(ids), seconds=round(seconds, 1),
+                  max_error=round(float(err.max()), 4),
                   by_position={f"{lo}-{hi - 1}": round(float(err[lo:hi].max()), 4) for lo, hi in ranges},
                   greedy_same_at=f"{len(ids) - len(differ)}/{len(ids)}",
                   greedy_differs=[dict(position=int(i), max_error=round(float(err[i]), 4),

@@ -48,6 +48,30 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ..field import mul_const
+from .errors import ConfigError
+
+try:
+    from . import _dcf  # the C evaluation kernel (setup.py builds it with the NTT kernel)
+except ImportError:  # a checkout without the build: the numpy evaluation, same shares, slower
+    _dcf = None
+
+KERNELS = ("c", "numpy")
+KERNEL_ENV = "CRYPTOGEN_DCF_KERNEL"
+
+
+def kernel() -> str:
+    """For ``gen`` and ``eval_``: ``c`` where the C kernel is built and the CPU has AES-NI, else
+    ``numpy``; the environment variable CRYPTOGEN_DCF_KERNEL chooses (``numpy``: the reference,
+    e.g. for side-by-side runs)."""
+    want = os.environ.get(KERNEL_ENV)
+    if want is None:
+        return "c" if _dcf is not None and _dcf.aesni() else "numpy"
+    if want not in KERNELS:
+        raise ConfigError(f"{KERNEL_ENV}={want!r} is not a DCF kernel; choose one of {', '.join(KERNELS)}")
+    if want == "c" and (_dcf is None or not _dcf.aesni()):
+        raise ConfigError(f"{KERNEL_ENV}=c needs the compiled kernel (cryptogen/mpc/_dcf.c; run bin/bootstrap) "
+                          "and a CPU with AES-NI; unset it to use numpy")
+    return want
 
 # fixed public PRG key (any constant works: the PRG is AES as a public random permutation)
 _PRG_KEY = bytes(range(16))
@@ -112,19 +136,40 @@ def _bits_msb(a: np.ndarray, L: int) -> np.ndarray:
     return ((a[:, None] >> np.arange(L - 1, -1, -1)) & 1).astype(np.int64)
 
 
+def _seeds(n: int) -> np.ndarray:
+    """Both parties' root seeds, (2, n, 2) uint64, uniform (the low bit, a seed's t bit, is cleared)."""
+    return np.frombuffer(os.urandom(32 * n), np.uint64).reshape(2, n, 2).copy()
+
+
 def gen(alpha: np.ndarray, beta: np.ndarray, L: int, t: int):
     """Keys (k0, k1), each (n, key_words(L)) int64, for f(x) = beta * [x < alpha].
 
-    alpha: (n,) int64 in [0, 2^L); beta: (n, OUT) int64 in [0, t). Both parties' seeds are
-    expanded in one AES call per level (arrays lead with the party axis b), ``CHUNK`` items at a
-    time (larger batches leave the cache: 2.5x slower per item at 16384)."""
+    alpha: (n,) int64 in [0, 2^L); beta: (n, OUT) int64 in [0, t). The C kernel (``_dcf.c``) where
+    ``kernel()`` says so, else ``gen_numpy``: the same keys from the same seeds."""
+    if kernel() == "numpy":
+        return gen_numpy(alpha, beta, L, t)
+    alpha = np.ascontiguousarray(alpha, np.int64).reshape(-1)
+    n = len(alpha)
+    beta = np.ascontiguousarray(beta, np.int64).reshape(n, OUT)
+    k0, k1 = (np.empty((n, key_words(L)), np.int64) for _ in range(2))
+    _dcf.gen(k0, k1, alpha, beta, _seeds(n), n, L, t)
+    return k0, k1
+
+
+def gen_numpy(alpha: np.ndarray, beta: np.ndarray, L: int, t: int, seeds: np.ndarray | None = None):
+    """``gen`` in numpy (the reference for the C kernel, and its fallback). ``seeds`` (2, n, 2)
+    uint64 (tests; default ``_seeds``). Both parties' seeds are expanded in one AES call per level
+    (arrays lead with the party axis b), ``CHUNK`` items at a time (larger batches leave the cache:
+    2.5x slower per item at 16384)."""
+    seeds = _seeds(len(alpha)) if seeds is None else seeds
     if len(alpha) > CHUNK:
-        parts = [gen(alpha[i:i + CHUNK], beta[i:i + CHUNK], L, t) for i in range(0, len(alpha), CHUNK)]
+        parts = [gen_numpy(alpha[i:i + CHUNK], beta[i:i + CHUNK], L, t, seeds[:, i:i + CHUNK])
+                 for i in range(0, len(alpha), CHUNK)]
         return tuple(np.concatenate([p[b] for p in parts]) for b in (0, 1))
     n = len(alpha)
     a = _bits_msb(np.asarray(alpha, np.int64), L)
     beta = np.asarray(beta, np.int64)
-    s = np.frombuffer(os.urandom(32 * n), np.uint64).reshape(2, n, 2).copy()
+    s = np.array(seeds, np.uint64).reshape(2, n, 2)
     s[:, :, 0] &= ~_ONE
     s_init = s.copy()
     tb = np.array([np.zeros(n, np.uint64), np.ones(n, np.uint64)])  # (2, n)
@@ -167,7 +212,20 @@ def gen(alpha: np.ndarray, beta: np.ndarray, L: int, t: int):
 
 
 def eval_(b: int, key: np.ndarray, x: np.ndarray, L: int, t: int) -> np.ndarray:
-    """Party b's shares (n, OUT) of beta * [x < alpha] at public x (n,) int64 in [0, 2^L).
+    """Party b's shares (n, OUT) of beta * [x < alpha] at public x (n,) int64 in [0, 2^L): the C
+    kernel (``_dcf.c``, AES-NI, the GIL released) where the CPU has AES-NI, else ``eval_numpy``.
+    Both give the same shares (tests/mpc/test_dcf.py)."""
+    if kernel() == "numpy":
+        return eval_numpy(b, key, x, L, t)
+    key = np.ascontiguousarray(key, np.int64)
+    x = np.ascontiguousarray(x, np.int64).reshape(-1)
+    out = np.empty((len(key), OUT), np.int64)
+    _dcf.eval(out, key, x, len(key), L, t, b)
+    return out
+
+
+def eval_numpy(b: int, key: np.ndarray, x: np.ndarray, L: int, t: int) -> np.ndarray:
+    """``eval_`` in numpy (the reference for the C kernel, and its fallback without AES-NI).
 
     The same sum as the construction's (-1)^b (sum_i (v_i + t_i V_CW_i) + Convert(s) + t CW_{L+1}),
     reduced once: the v blocks are added as 32-bit limbs (42 levels stay below 2^38 per limb) and
@@ -176,7 +234,7 @@ def eval_(b: int, key: np.ndarray, x: np.ndarray, L: int, t: int) -> np.ndarray:
     items at a time); a seed keeps its t bit (s_CW's is 0), cleared where the next level's input is
     formed."""
     if len(key) > CHUNK:
-        return np.concatenate([eval_(b, key[i:i + CHUNK], x[i:i + CHUNK], L, t) for i in range(0, len(key), CHUNK)])
+        return np.concatenate([eval_numpy(b, key[i:i + CHUNK], x[i:i + CHUNK], L, t) for i in range(0, len(key), CHUNK)])
     key = np.ascontiguousarray(key, np.int64)
     n = len(key)
     o = 2

@@ -31,3 +31,7 @@ class ChannelError(MPCError, RuntimeError):
 
 class FieldValueError(MPCError, ValueError):
     """A share is not an int64 array of elements of Z_t."""
+
+
+class ConfigError(MPCError, ValueError):
+    """A setting (environment variable) names something this build cannot do."""

@@ -1,5 +1,10 @@
-"""The dealer's distributed comparison function (mpc/dcf.py) against [x < alpha], exactly."""
+"""The dealer's distributed comparison function (mpc/dcf.py) against [x < alpha], exactly; its
+evaluation in C (mpc/_dcf.c) against the numpy evaluation and the per-level construction, share
+for share."""
+from pathlib import Path
+
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from cryptogen.field import DEFAULT_T
@@ -88,7 +93,9 @@ def test_eval_equals_the_per_level_construction_share_for_share(n, shape, seed):
     x[: n // 3] = alpha[: n // 3]  # x = alpha: the path never leaves alpha's
     k = dcf.gen(alpha, rng.integers(0, t, (n, dcf.OUT)), L_, t)
     for b in (0, 1):
-        assert np.array_equal(dcf.eval_(b, k[b], x, L_, t), _eval_reference(b, k[b], x, L_, t))
+        want = _eval_reference(b, k[b], x, L_, t)
+        assert np.array_equal(dcf.eval_numpy(b, k[b], x, L_, t), want)
+        assert np.array_equal(dcf.eval_(b, k[b], x, L_, t), want)  # the C kernel where the CPU has AES-NI
 
 
 def test_batches_split_into_chunks_give_the_same_keys_and_shares(monkeypatch):
@@ -99,7 +106,114 @@ def test_batches_split_into_chunks_give_the_same_keys_and_shares(monkeypatch):
     alpha, x = rng.integers(0, T, (2, 40))
     x[:10] = alpha[:10]
     k = dcf.gen(alpha, rng.integers(0, T, (40, dcf.OUT)), L, T)
-    whole = [dcf.eval_(b, k[b], x, L, T) for b in (0, 1)]
+    whole = [dcf.eval_numpy(b, k[b], x, L, T) for b in (0, 1)]
     monkeypatch.setattr(dcf, "CHUNK", 7)
-    assert all(np.array_equal(dcf.eval_(b, k[b], x, L, T), whole[b]) for b in (0, 1))
+    assert all(np.array_equal(dcf.eval_numpy(b, k[b], x, L, T), whole[b]) for b in (0, 1))
     _check(alpha, x, rng)
+
+
+needs_kernel = pytest.mark.skipif(dcf._dcf is None or not dcf._dcf.aesni(), reason="no C kernel or no AES-NI")
+
+
+def test_the_c_kernel_runs_where_the_cpu_has_aes_ni(monkeypatch):
+    monkeypatch.delenv(dcf.KERNEL_ENV, raising=False)
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    assert dcf.kernel() == ("c" if " aes " in flags + " " else "numpy")
+
+
+def test_kernel_choice(monkeypatch):
+    """CRYPTOGEN_DCF_KERNEL=numpy runs the numpy evaluation (eval_numpy is not called otherwise); an
+    unknown name, or c without the build, is one clear line; without the build the default is numpy."""
+    from cryptogen.mpc.errors import ConfigError
+    calls = []
+    monkeypatch.setattr(dcf, "eval_numpy", lambda *a: calls.append(a) or np.zeros((0, dcf.OUT), np.int64))
+    empty = np.zeros((0, dcf.key_words(L)), np.int64), np.zeros(0, np.int64)
+    monkeypatch.setenv(dcf.KERNEL_ENV, "numpy")
+    dcf.eval_(0, *empty, L, T)
+    assert len(calls) == 1
+    monkeypatch.setenv(dcf.KERNEL_ENV, "gpu")
+    with pytest.raises(ConfigError, match=r"CRYPTOGEN_DCF_KERNEL='gpu' is not a DCF kernel; choose one of c, numpy"):
+        dcf.eval_(0, *empty, L, T)
+    monkeypatch.setattr(dcf, "_dcf", None)
+    monkeypatch.setenv(dcf.KERNEL_ENV, "c")
+    with pytest.raises(ConfigError, match=r"needs the compiled kernel \(cryptogen/mpc/_dcf.c; run bin/bootstrap\)"):
+        dcf.eval_(0, *empty, L, T)
+    monkeypatch.delenv(dcf.KERNEL_ENV)
+    assert dcf.kernel() == "numpy"
+
+
+@needs_kernel
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 300), st.sampled_from([(42, T), (10, 1021), (20, (1 << 20) + 7)]), st.integers(0, 2**32))
+def test_kernel_keys_equal_the_numpy_keys_word_for_word(n, shape, seed):
+    """The C dealer's keys from given seeds are gen_numpy's from the same seeds (alpha at 0, 2^L - 1
+    and random; beta random, with 0 and t - 1)."""
+    L_, t = shape
+    rng = np.random.default_rng(seed)
+    alpha = rng.integers(0, 1 << L_, n)
+    alpha[:2] = [0, (1 << L_) - 1][:n]
+    beta = rng.integers(0, t, (n, dcf.OUT))
+    beta[0] = [0, t - 1]
+    seeds = rng.integers(0, 2**63, (2, n, 2), dtype=np.int64).view(np.uint64) ^ np.uint64(1)  # low bits flipped: both clear them
+    k0, k1 = (np.zeros((n, dcf.key_words(L_)), np.int64) for _ in range(2))
+    dcf._dcf.gen(k0, k1, alpha, beta, seeds, n, L_, t)
+    want = dcf.gen_numpy(alpha, beta, L_, t, seeds)
+    assert np.array_equal(k0, want[0]) and np.array_equal(k1, want[1])
+
+
+@needs_kernel
+def test_kernel_aes_equals_the_cryptography_library():
+    rng = np.random.default_rng(5)
+    blocks = rng.integers(0, 2**63, (1000, 2), dtype=np.int64).view(np.uint64)
+    blocks[0] = 0
+    out = np.empty_like(blocks)
+    dcf._dcf.aes(out, blocks, len(blocks))
+    assert np.array_equal(out, dcf._aes(blocks))
+
+
+@needs_kernel
+def test_kernel_shares_on_the_pool_sizes_of_a_decode_step():
+    """1 and 4,097 items (a single truncation, more than a numpy chunk), x at 0, alpha and 2^L - 1:
+    the C shares equal numpy's and reconstruct beta [x < alpha]; no items give no shares."""
+    rng = np.random.default_rng(6)
+    empty = np.zeros((0, dcf.key_words(L)), np.int64)
+    assert dcf.eval_(0, empty, np.zeros(0, np.int64), L, T).shape == (0, dcf.OUT)
+    for n in (1, 4097):
+        alpha = rng.integers(0, 1 << L, n)
+        x = rng.integers(0, 1 << L, n)
+        x[: n // 4], x[n // 4: n // 2] = alpha[: n // 4], 0
+        x[n // 2: n // 2 + 3] = (1 << L) - 1
+        beta = rng.integers(0, T, (n, dcf.OUT))
+        k = dcf.gen(alpha, beta, L, T)
+        got = [dcf.eval_(b, k[b], x, L, T) for b in (0, 1)]
+        assert all(np.array_equal(got[b], dcf.eval_numpy(b, k[b], x, L, T)) for b in (0, 1))
+        assert np.array_equal(np.mod(got[0] + got[1], T), np.where((x < alpha)[:, None], beta, 0))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad, match", [
+    (dict(x=-1), "outside"), (dict(x=1 << L), "outside"), (dict(words=-1), "keys has"),
+    (dict(t=1 << 48), "bad parameters"), (dict(b=2), "bad parameters"), (dict(out_items=2), "output has")])
+def test_kernel_rejects_bad_input_with_one_line(bad, match):
+    rng = np.random.default_rng(7)
+    k = dcf.gen(rng.integers(0, T, 3), rng.integers(0, T, (3, dcf.OUT)), L, T)[0]
+    x = np.array([1, 2, bad.get("x", 3)], np.int64)
+    key = k[:, :bad.get("words", 0) or None]
+    out = np.zeros((bad.get("out_items", 3), dcf.OUT), np.int64)
+    with pytest.raises(ValueError, match=match):
+        dcf._dcf.eval(out, np.ascontiguousarray(key), x, 3, L, bad.get("t", T), bad.get("b", 0))
+    assert not out.any()  # nothing written
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad, match", [
+    (dict(alpha=1 << L), "alpha 2 outside"), (dict(beta=T), "beta 2 outside"), (dict(beta=-1), "beta 2 outside"),
+    (dict(seeds=1), "seeds has"), (dict(t=1 << 48), "bad parameters")])
+def test_kernel_gen_rejects_bad_input_with_one_line(bad, match):
+    alpha = np.array([1, 2, bad.get("alpha", 3)], np.int64)
+    beta = np.array([[1, 1], [2, 2], [bad.get("beta", 3), 3]], np.int64)
+    seeds = np.zeros((2, 3 - bad.get("seeds", 0), 2), np.uint64)
+    k0, k1 = (np.zeros((3, dcf.key_words(L)), np.int64) for _ in range(2))
+    with pytest.raises(ValueError, match=match):
+        dcf._dcf.gen(k0, k1, alpha, beta, seeds, 3, L, bad.get("t", T))
+    assert not k0.any() and not k1.any()  # nothing written

@@ -1,0 +1,326 @@
+/* DCF key generation and evaluation in C with AES-NI (issue #11: the 2PC truncations were the
+ * largest part of a decode step, the dealer's keys the largest part of a prefill).
+ *
+ * The construction, the key layout and the PRG are those of cryptogen/mpc/dcf.py (Boyle et al.,
+ * EUROCRYPT 2021, Fig. 1; PRG G(s) = AES_K(s ^ i) ^ (s ^ i) with a fixed public key K). This file
+ * computes exactly ``dcf.eval_numpy`` and ``dcf.gen_numpy``: the same AES blocks, the same sums,
+ * share for share and key word for key word (tests/mpc/test_dcf.py). Evaluation: one item at a
+ * time, its path's 1 + OUT blocks per level encrypted side by side (independent, so the AES rounds
+ * pipeline); the v blocks summed as 32-bit limbs, reduced mod t once at the end. Generation: one
+ * item at a time, both parties' 2 + 2 OUT blocks per level.
+ *
+ *   eval(out, keys, x, n, L, t, b)   out (n, OUT) int64 <- party b's shares of beta [x < alpha];
+ *                                    keys (n, 2 + L (2 + OUT + 1) + OUT) int64, x (n,) in [0, 2^L),
+ *                                    t < 2^48 (sums of L + 1 key words stay below 2^64);
+ *   gen(k0, k1, alpha, beta, seeds, n, L, t)
+ *                                    the dealer's key pairs for beta [x < alpha] (dcf.gen_numpy's
+ *                                    keys from the same seeds (2, n, 2) uint64, word for word);
+ *   aesni()                          whether this CPU has AES-NI (else dcf.py uses its numpy path);
+ *   aes(out, blocks, n)              fixed-key AES-128 of n 16-byte blocks (for the tests).
+ *
+ * Who learns what: nothing new; a party evaluates its own key on the public opened x. Evaluation's
+ * control flow depends on x's bits (public) only; keys and shares only flow through XORs and
+ * additions. Generation indexes by alpha's bits: the dealer's own secret, on the dealer's machine.
+ * The GIL is released while a batch runs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <immintrin.h>
+
+#define OUT 2 /* output group Z_t^OUT, as dcf.OUT */
+
+typedef unsigned __int128 u128;
+
+static const uint8_t PRG_KEY[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; /* dcf._PRG_KEY */
+static __m128i RK[11];
+static int have_aesni = -1;
+
+#define AES_ATTR __attribute__((target("aes,sse2")))
+
+AES_ATTR static __m128i expand_step(__m128i key, __m128i gen) {
+    gen = _mm_shuffle_epi32(gen, 0xff);
+    key = _mm_xor_si128(key, _mm_slli_si128(key, 4));
+    key = _mm_xor_si128(key, _mm_slli_si128(key, 4));
+    key = _mm_xor_si128(key, _mm_slli_si128(key, 4));
+    return _mm_xor_si128(key, gen);
+}
+
+AES_ATTR static void expand_key(void) {
+    RK[0] = _mm_loadu_si128((const __m128i *)PRG_KEY);
+#define STEP(i, rcon) RK[i] = expand_step(RK[i - 1], _mm_aeskeygenassist_si128(RK[i - 1], rcon))
+    STEP(1, 0x01); STEP(2, 0x02); STEP(3, 0x04); STEP(4, 0x08); STEP(5, 0x10);
+    STEP(6, 0x20); STEP(7, 0x40); STEP(8, 0x80); STEP(9, 0x1b); STEP(10, 0x36);
+#undef STEP
+}
+
+/* y = AES(x) ^ x for three independent blocks (the rounds interleave). */
+AES_ATTR static inline void mmo3(const __m128i x[3], __m128i y[3]) {
+    __m128i a = _mm_xor_si128(x[0], RK[0]), b = _mm_xor_si128(x[1], RK[0]), c = _mm_xor_si128(x[2], RK[0]);
+    for (int r = 1; r < 10; r++) {
+        a = _mm_aesenc_si128(a, RK[r]);
+        b = _mm_aesenc_si128(b, RK[r]);
+        c = _mm_aesenc_si128(c, RK[r]);
+    }
+    y[0] = _mm_xor_si128(_mm_aesenclast_si128(a, RK[10]), x[0]);
+    y[1] = _mm_xor_si128(_mm_aesenclast_si128(b, RK[10]), x[1]);
+    y[2] = _mm_xor_si128(_mm_aesenclast_si128(c, RK[10]), x[2]);
+}
+
+AES_ATTR static inline __m128i aes1(__m128i x) {
+    x = _mm_xor_si128(x, RK[0]);
+    for (int r = 1; r < 10; r++) x = _mm_aesenc_si128(x, RK[r]);
+    return _mm_aesenclast_si128(x, RK[10]);
+}
+
+static inline void add_limbs(uint64_t limbs[4], __m128i v) {
+    uint32_t w[4];
+    _mm_storeu_si128((__m128i *)w, v);
+    for (int q = 0; q < 4; q++) limbs[q] += w[q];
+}
+
+/* One item: party b's OUT shares (the sum of dcf.eval_numpy, reduced mod t). */
+AES_ATTR static void eval_one(const int64_t *key, uint64_t x, int L, uint64_t t, const uint64_t pow32[4], int b,
+                              int64_t *out) {
+    const uint64_t *s0 = (const uint64_t *)key, *scw = s0 + 2;
+    const int64_t *vcw = key + 2 + 2 * L, *tcw = vcw + OUT * L, *cw_last = tcw + L;
+    const __m128i clear_t = _mm_set_epi64x(-1, (long long)~1ULL);
+    __m128i s = _mm_loadu_si128((const __m128i *)s0);
+    uint64_t tt = (uint64_t)b, limbs[OUT][4] = {{0}}, vsum[OUT] = {0};
+    for (int i = 0; i < L; i++) {
+        const uint64_t side = (x >> (L - 1 - i)) & 1;
+        for (int o = 0; o < OUT; o++) vsum[o] += tt * (uint64_t)vcw[i * OUT + o];
+        const __m128i base = _mm_and_si128(s, clear_t);
+        __m128i xi[3], y[3];
+        xi[0] = _mm_xor_si128(base, _mm_set_epi64x(0, (long long)side));
+        xi[1] = _mm_xor_si128(base, _mm_set_epi64x(0, (long long)(2 + OUT * side)));
+        xi[2] = _mm_xor_si128(base, _mm_set_epi64x(0, (long long)(3 + OUT * side)));
+        mmo3(xi, y);
+        const __m128i mask = _mm_set1_epi64x(-(long long)tt);
+        s = _mm_xor_si128(y[0], _mm_and_si128(_mm_loadu_si128((const __m128i *)(scw + 2 * i)), mask));
+        const uint64_t tcw_side = ((uint64_t)tcw[i] >> side) & 1;
+        tt = ((uint64_t)_mm_cvtsi128_si64(y[0]) & 1) ^ (tt & tcw_side);
+        add_limbs(limbs[0], y[1]);
+        add_limbs(limbs[1], y[2]);
+    }
+    const __m128i base = _mm_and_si128(s, clear_t);
+    for (int o = 0; o < OUT; o++) {
+        const __m128i xl = _mm_xor_si128(base, _mm_set_epi64x(0, 16 + o));
+        add_limbs(limbs[o], _mm_xor_si128(aes1(xl), xl));
+        vsum[o] += tt * (uint64_t)cw_last[o];
+    }
+    for (int o = 0; o < OUT; o++) {
+        u128 acc = vsum[o];
+        for (int q = 0; q < 4; q++) acc += (u128)limbs[o][q] * pow32[q];
+        const uint64_t v = (uint64_t)(acc % t);
+        out[o] = (int64_t)(b == 0 ? v : (v == 0 ? 0 : t - v));
+    }
+}
+
+static int check_len(Py_buffer *b, Py_ssize_t want, const char *what) {
+    if (b->len != want) {
+        PyErr_Format(PyExc_ValueError, "DCF kernel: %s has %zd bytes, expected %zd", what, b->len, want);
+        return -1;
+    }
+    return 0;
+}
+
+static int detect(void) {
+    if (have_aesni < 0) {
+        __builtin_cpu_init();
+        have_aesni = __builtin_cpu_supports("aes") && __builtin_cpu_supports("sse2");
+        if (have_aesni) expand_key();
+    }
+    return have_aesni;
+}
+
+static int ensure_aesni(void) {
+    if (!detect()) PyErr_SetString(PyExc_RuntimeError, "DCF kernel: this CPU has no AES-NI");
+    return have_aesni;
+}
+
+static PyObject *py_eval(PyObject *self, PyObject *args) {
+    Py_buffer out, keys, xs;
+    Py_ssize_t n;
+    int L, b;
+    unsigned long long t;
+    if (!PyArg_ParseTuple(args, "w*y*y*niKi", &out, &keys, &xs, &n, &L, &t, &b)) return NULL;
+    PyObject *ret = NULL;
+    const Py_ssize_t words = 2 + (Py_ssize_t)L * (2 + OUT + 1) + OUT;
+    if (!ensure_aesni()) goto done;
+    if (L < 1 || L > 62 || t < 2 || t >= (1ULL << 48) || (b != 0 && b != 1) || n < 0) {
+        PyErr_Format(PyExc_ValueError, "DCF kernel: bad parameters L=%d t=%llu b=%d n=%zd", L, t, b, n);
+        goto done;
+    }
+    if (check_len(&out, n * OUT * 8, "output") || check_len(&keys, n * words * 8, "keys")
+        || check_len(&xs, n * 8, "inputs")) goto done;
+    {
+        const int64_t *k = keys.buf, *x = xs.buf;
+        int64_t *o = out.buf;
+        for (Py_ssize_t j = 0; j < n; j++)
+            if (x[j] < 0 || (uint64_t)x[j] >> L) {
+                PyErr_Format(PyExc_ValueError, "DCF kernel: input %zd outside [0, 2^%d)", j, L);
+                goto done;
+            }
+        uint64_t pow32[4];
+        for (int q = 0; q < 4; q++) pow32[q] = (uint64_t)(((u128)1 << (32 * q)) % t);
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t j = 0; j < n; j++) eval_one(k + j * words, (uint64_t)x[j], L, t, pow32, b, o + j * OUT);
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&out); PyBuffer_Release(&keys); PyBuffer_Release(&xs);
+    return ret;
+}
+
+
+static inline int64_t to_field(__m128i y, uint64_t t) {
+    uint64_t w[2];
+    _mm_storeu_si128((__m128i *)w, y);
+    return (int64_t)((((u128)w[1] << 64) | w[0]) % t);
+}
+
+static inline int64_t mod_t(int64_t v, int64_t t) { v %= t; return v < 0 ? v + t : v; }
+
+/* One item's key pair (dcf.gen_numpy's loop for one item): seeds s[2] with their low bit clear. */
+AES_ATTR static void gen_one(uint64_t alpha, const int64_t *beta, const uint64_t seeds[4], int L, uint64_t t,
+                             int64_t *k0, int64_t *k1) {
+    const int64_t T = (int64_t)t;
+    const size_t words = 2 + (size_t)L * (2 + OUT + 1) + OUT;
+    int64_t *key[2] = {k0, k1};
+    __m128i s[2];
+    uint64_t tb[2] = {0, 1};
+    int64_t V[OUT] = {0};
+    for (int b = 0; b < 2; b++) {
+        s[b] = _mm_loadu_si128((const __m128i *)(seeds + 2 * b));
+        memcpy(key[b], seeds + 2 * b, 16);
+    }
+    for (int i = 0; i < L; i++) {
+        const uint64_t keep = (alpha >> (L - 1 - i)) & 1;  /* alpha_i = 1: keep R (side 1), lose L */
+        __m128i y[2][2 + 2 * OUT];
+        uint64_t tLR[2][2];
+        int64_t v[2][2][OUT];  /* (party, side, OUT) */
+        for (int b = 0; b < 2; b++) {
+            __m128i x[6];
+            for (int j = 0; j < 2 + 2 * OUT; j++) x[j] = _mm_xor_si128(s[b], _mm_set_epi64x(0, j));
+            mmo3(x, y[b]);
+            mmo3(x + 3, y[b] + 3);
+            for (int side = 0; side < 2; side++) {
+                tLR[b][side] = (uint64_t)_mm_cvtsi128_si64(y[b][side]) & 1;
+                y[b][side] = _mm_xor_si128(y[b][side], _mm_set_epi64x(0, (long long)tLR[b][side]));
+                for (int o = 0; o < OUT; o++) v[b][side][o] = to_field(y[b][2 + side * OUT + o], t);
+            }
+        }
+        const int64_t sgn = 1 - 2 * (int64_t)tb[1];
+        const __m128i s_cw = _mm_xor_si128(y[0][1 - keep], y[1][1 - keep]);
+        int64_t v_cw[OUT];
+        for (int o = 0; o < OUT; o++) {
+            v_cw[o] = mod_t(sgn * mod_t(v[1][1 - keep][o] - v[0][1 - keep][o] - V[o] + (int64_t)keep * beta[o], T), T);
+            V[o] = mod_t(V[o] - v[1][keep][o] + v[0][keep][o] + sgn * v_cw[o], T);
+        }
+        const uint64_t tcwL = tLR[0][0] ^ tLR[1][0] ^ keep ^ 1, tcwR = tLR[0][1] ^ tLR[1][1] ^ keep;
+        const uint64_t tcwK = keep ? tcwR : tcwL;
+        for (int b = 0; b < 2; b++) {
+            const __m128i mask = _mm_set1_epi64x(-(long long)tb[b]);
+            s[b] = _mm_xor_si128(y[b][keep], _mm_and_si128(s_cw, mask));
+            tb[b] = tLR[b][keep] ^ (tb[b] & tcwK);
+            int64_t *k = key[b];
+            _mm_storeu_si128((__m128i *)(k + 2 + 2 * i), s_cw);
+            for (int o = 0; o < OUT; o++) k[2 + 2 * L + OUT * i + o] = v_cw[o];
+            k[2 + (2 + OUT) * L + i] = (int64_t)(tcwL | (tcwR << 1));
+        }
+    }
+    const int64_t sgn = 1 - 2 * (int64_t)tb[1];
+    int64_t conv[2][OUT];
+    for (int b = 0; b < 2; b++)
+        for (int o = 0; o < OUT; o++) {
+            const __m128i xl = _mm_xor_si128(s[b], _mm_set_epi64x(0, 16 + o));
+            conv[b][o] = to_field(_mm_xor_si128(aes1(xl), xl), t);
+        }
+    for (int o = 0; o < OUT; o++) {
+        const int64_t cw = mod_t(sgn * mod_t(conv[1][o] - conv[0][o] - V[o], T), T);
+        k0[words - OUT + o] = cw;
+        k1[words - OUT + o] = cw;
+    }
+}
+
+static PyObject *py_gen(PyObject *self, PyObject *args) {
+    Py_buffer k0, k1, alpha, beta, seeds;
+    Py_ssize_t n;
+    int L;
+    unsigned long long t;
+    if (!PyArg_ParseTuple(args, "w*w*y*y*y*niK", &k0, &k1, &alpha, &beta, &seeds, &n, &L, &t)) return NULL;
+    PyObject *ret = NULL;
+    const Py_ssize_t words = 2 + (Py_ssize_t)L * (2 + OUT + 1) + OUT;
+    if (!ensure_aesni()) goto done;
+    if (L < 1 || L > 62 || t < 2 || t >= (1ULL << 48) || n < 0) {
+        PyErr_Format(PyExc_ValueError, "DCF kernel: bad parameters L=%d t=%llu n=%zd", L, t, n);
+        goto done;
+    }
+    if (check_len(&k0, n * words * 8, "key 0") || check_len(&k1, n * words * 8, "key 1")
+        || check_len(&alpha, n * 8, "alpha") || check_len(&beta, n * OUT * 8, "beta")
+        || check_len(&seeds, n * 32, "seeds")) goto done;
+    {
+        const int64_t *a = alpha.buf, *be = beta.buf;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            if (a[j] < 0 || (uint64_t)a[j] >> L) {
+                PyErr_Format(PyExc_ValueError, "DCF kernel: alpha %zd outside [0, 2^%d)", j, L);
+                goto done;
+            }
+            for (int o = 0; o < OUT; o++)
+                if (be[j * OUT + o] < 0 || (uint64_t)be[j * OUT + o] >= t) {
+                    PyErr_Format(PyExc_ValueError, "DCF kernel: beta %zd outside [0, t)", j);
+                    goto done;
+                }
+        }
+        const uint64_t *sd = seeds.buf;  /* (2, n, 2): party b's seed of item j at (b n + j) 2 */
+        int64_t *o0 = k0.buf, *o1 = k1.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t j = 0; j < n; j++) {
+            const uint64_t s4[4] = {sd[2 * j] & ~1ULL, sd[2 * j + 1], sd[2 * (n + j)] & ~1ULL, sd[2 * (n + j) + 1]};
+            gen_one((uint64_t)a[j], be + j * OUT, s4, L, t, o0 + j * words, o1 + j * words);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&k0); PyBuffer_Release(&k1); PyBuffer_Release(&alpha); PyBuffer_Release(&beta);
+    PyBuffer_Release(&seeds);
+    return ret;
+}
+
+AES_ATTR static void aes_many(uint8_t *o, const uint8_t *x, Py_ssize_t n) {
+    for (Py_ssize_t j = 0; j < n; j++)
+        _mm_storeu_si128((__m128i *)(o + 16 * j), aes1(_mm_loadu_si128((const __m128i *)(x + 16 * j))));
+}
+
+static PyObject *py_aes(PyObject *self, PyObject *args) {
+    Py_buffer out, blocks;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "w*y*n", &out, &blocks, &n)) return NULL;
+    PyObject *ret = NULL;
+    if (!ensure_aesni() || check_len(&out, 16 * n, "output") || check_len(&blocks, 16 * n, "blocks")) goto done;
+    aes_many(out.buf, blocks.buf, n);
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&out); PyBuffer_Release(&blocks);
+    return ret;
+}
+
+static PyObject *py_aesni(PyObject *self, PyObject *noargs) { return PyBool_FromLong(detect()); }
+
+static PyMethodDef methods[] = {
+    {"eval", py_eval, METH_VARARGS, "eval(out, keys, x, n, L, t, b): party b's DCF shares (see _dcf.c)"},
+    {"gen", py_gen, METH_VARARGS, "gen(k0, k1, alpha, beta, seeds, n, L, t): the dealer's key pairs (see _dcf.c)"},
+    {"aes", py_aes, METH_VARARGS, "aes(out, blocks, n): fixed-key AES-128 of n blocks"},
+    {"aesni", py_aesni, METH_NOARGS, "aesni(): whether this CPU has AES-NI"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_dcf", "DCF evaluation with AES-NI (see _dcf.c)", -1, methods};
+
+PyMODINIT_FUNC PyInit__dcf(void) { return PyModule_Create(&module); }

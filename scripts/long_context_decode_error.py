@@ -46,13 +46,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def token_ids(name: str, model, n: int, seed: int) -> list[int]:
-    from cryptogen import registry
-    from cryptogen.data import first_tokens
+    """A shipped model's first n test tokens; seeded random ids for a folder without a tokenizer or data."""
+    from cryptogen.data import DataError, first_tokens
+    from cryptogen.registry import SHIPPED, resolve_model
+    from cryptogen.tokenizer import TokenizerError, load_tokenizer
     try:
-        _, tok, _ = registry.load(name)
-        return first_tokens(tok, name, n)
-    except Exception:  # noqa: BLE001 - a checkpoint folder without a tokenizer or data: random ids
-        return np.random.default_rng(seed).integers(0, model.config.vocab_size, n).tolist()
+        tok = load_tokenizer(resolve_model(name))
+        if name in SHIPPED:
+            return first_tokens(tok, name, n)
+    except (TokenizerError, DataError):
+        pass
+    return np.random.default_rng(seed).integers(0, model.config.vocab_size, n).tolist()
 
 
 def main() -> None:
@@ -70,12 +74,15 @@ def main() -> None:
 
     from cryptogen.bench import dealer_ahead
     from cryptogen.driver import Driver
-    from cryptogen.model import GPT
+    from cryptogen.model import GPT, CheckpointError
     from cryptogen.plan import make_plan
-    from cryptogen.registry import resolve_model
+    from cryptogen.registry import ModelNotFound, resolve_model
     from cryptogen.scheduler.inprocess import InProcessRunner, plaintext_kv
 
-    model = GPT.from_pretrained(resolve_model(a.model))
+    try:
+        model = GPT.from_pretrained(resolve_model(a.model))
+    except (ModelNotFound, CheckpointError) as e:
+        ap.error(str(e))
     cfg = model.config
     if a.prefill_chunk < 0 or (a.prefill_chunk and not a.prefill):
         ap.error("--prefill-chunk takes a positive number of tokens, with --prefill")

@@ -30,7 +30,7 @@ import os
 import numpy as np
 from Pyfhel import Pyfhel, PyCtxt, PyPtxt
 
-from . import serialize, wire
+from . import ntt, serialize, wire
 from .errors import ConfigError, HEError, SecretKeyError, SerializationError, ShapeError
 from .params import SEAL_MAX_BITS, HEConfig
 
@@ -243,6 +243,7 @@ class ClientKeys(_HEBase):
         self.key_id = _key_id(he.to_bytes_public_key("none"))
         self.qi = tuple(int(q) for q in he.get_qi())
         self._neg_s = None  # the plaintext -s, made on the first seeded encryption
+        self._neg_s_ntt = None  # -s in NTT form, per prime (the NTT kernel's encryption)
 
     @classmethod
     def generate(cls, config: HEConfig, rotation_steps=()) -> "ClientKeys":
@@ -276,12 +277,11 @@ class ClientKeys(_HEBase):
     def encrypt_to_bytes(self, slots) -> bytes:
         """An upload: symmetric encryption in the seeded wire form (``wire`` module doc, steps 2-4),
         about 0.44x the bytes of a public-key ciphertext."""
-        neg_s = self._secret_plain()
+        self._secret_plain()  # -s and the ciphertext template, made once
         k, n = len(self.widths), self.config.n
         seed = os.urandom(wire.SEED_BYTES)
         a = wire.expand_seed(seed, self.qi[:k], n)
-        raw = self._ct_template[:wire.PREFIX] + np.stack([a, a]).tobytes()
-        y = self.he.multiply_plain(PyCtxt(pyfhel=self.he, bytestring=raw), neg_s, True)  # (-a*s, -a*s)
+        y = PyCtxt(pyfhel=self.he, bytestring=self._ct_template + np.stack([self._minus_a_s(a), a]).tobytes())
         self.he.add_plain(y, self.encode(slots))  # c0 = Delta*m - a*s
         raw = y.to_bytes("none")
         c0 = np.frombuffer(raw, np.uint64, offset=wire.PREFIX).reshape(2, k, n)[0].copy()
@@ -291,6 +291,22 @@ class ClientKeys(_HEBase):
         body = raw[:wire.PREFIX] + c0.tobytes() + a.tobytes()
         return serialize.pack("ciphertext", self.config.fingerprint, self.key_id, {"form": "seeded"},
                               wire.to_seeded(body, seed, self.widths))
+
+    def _minus_a_s(self, a: np.ndarray) -> np.ndarray:
+        """-a*s, (k, n) residues: with the NTT kernel one forward and one inverse NTT of a (2k NTTs)
+        against -s kept in NTT form, else Pyfhel's multiply_plain (5k NTTs). The same words either
+        way (an exact negacyclic product; tests/he/test_wire.py)."""
+        neg_s = self._secret_plain()
+        k, n = a.shape
+        if not ntt.available():
+            raw = self._ct_template[:wire.PREFIX] + np.stack([a, a]).tobytes()
+            y = self.he.multiply_plain(PyCtxt(pyfhel=self.he, bytestring=raw), neg_s, True)  # (-a*s, -a*s)
+            return np.frombuffer(y.to_bytes("none"), np.uint64, offset=wire.PREFIX).reshape(2, k, n)[0].copy()
+        tb = ntt.tables(n, self.qi[:k], self.config.t)
+        if self._neg_s_ntt is None:
+            self._neg_s_ntt = ntt.plain_ntt(tb, ntt.plain_coeffs(neg_s, n))  # (k, n): -s lifted to each q_i
+        a_ntt = ntt.forward(tb, a[None].copy())[None]  # (1, 1, k, n)
+        return ntt.inverse(tb, ntt.mac(tb, a_ntt, self._neg_s_ntt[None], np.zeros(1, np.int64)))[0]
 
     def _secret_plain(self) -> PyPtxt:
         """The plaintext -s (wire module doc, step 1): decrypt (0, floor(Q/t)), whose phase is floor(Q/t)*s."""

@@ -27,7 +27,7 @@ LONGEST_FIRST = (
     "deploy/test_ray_start.py",  # ~150
     "secure/test_kv_boundary.py",  # ~130
     "secure/test_shipped_checkpoint.py",  # ~120
-    "secure/test_long_context.py",  # ~45
+    "secure/test_long_context.py",  # ~15
     "server/test_load.py",  # ~130
     "test_bench.py",  # ~130
     "server/test_server_restart.py",  # ~100

@@ -109,9 +109,9 @@ class InProcessRunner:
     def fill_caches(self, kv: list, seed: int = 0) -> None:
         """Tests and accuracy scripts: append positions 0..P-1 to every worker's encrypted KV caches
         from given per-layer (K, V) reals, each (P, n_head, d_head), K as the secure path caches it
-        (its d_head^-1/4 folded in: ``plaintext_kv``). The values are rounded at 2^f, split into uniform shares and
-        appended through the real KV-prefill protocol, so the caches are what a secure prefill
-        leaves without its 2PC error; then decode steps can start at position P."""
+        (its d_head^-1/4 folded in: ``plaintext_kv``). The values are rounded at 2^f, split into
+        uniform shares and appended through the real KV-prefill protocol, so the caches are what a
+        secure prefill leaves without its 2PC error; then decode steps can start at position P."""
         rng = np.random.default_rng(seed)
         fp = self.he_config.fixed_point
         for wp in self.plan.workers:

@@ -63,12 +63,12 @@ def kernel() -> str:
     """For ``gen`` and ``eval_``: ``c`` where the C kernel is built and the CPU has AES-NI, else
     ``numpy``; the environment variable CRYPTOGEN_DCF_KERNEL chooses (``numpy``: the reference,
     e.g. for side-by-side runs)."""
-    want = os.environ.get(KERNEL_ENV)
+    want, usable = os.environ.get(KERNEL_ENV), _dcf is not None and _dcf.aesni()
     if want is None:
-        return "c" if _dcf is not None and _dcf.aesni() else "numpy"
+        return "c" if usable else "numpy"
     if want not in KERNELS:
         raise ConfigError(f"{KERNEL_ENV}={want!r} is not a DCF kernel; choose one of {', '.join(KERNELS)}")
-    if want == "c" and (_dcf is None or not _dcf.aesni()):
+    if want == "c" and not usable:
         raise ConfigError(f"{KERNEL_ENV}=c needs the compiled kernel (cryptogen/mpc/_dcf.c; run bin/bootstrap) "
                           "and a CPU with AES-NI; unset it to use numpy")
     return want

@@ -201,11 +201,89 @@ done:
     return ret;
 }
 
+
+/* The end of a hoisted key switch (cryptogen/he/hoist.py), in the NTT domain, for both output
+   polynomials k = 0, 1 of one rotation:
+     t   = INTT_p(acc[k][L]) + (p - 1)/2 mod p          (the special-prime part, rounding offset);
+     r_i = (acc[k][i] - NTT_i(t mod q_i - (p-1)/2)) * p^-1 mod q_i   (SEAL's mod-down: rounded /p);
+     r_i += c0[i] when k = 0;  out[k][i][j] = r_i[perm[j]]  (the Galois map, a permutation here).
+   acc (2, L+1, n) is overwritten (its special-prime rows); out (2, L, n); c0 (L, n); perm (n) int64
+   in 0..n-1; tables (L+1, 4, n); qs (L+1); ninv (L+1, 2); ratios (L+1, 2); pinv (L, 2) = p^-1 mod q_i
+   and its Shoup quotient. */
+static PyObject *py_moddown(PyObject *self, PyObject *args) {
+    Py_buffer out, acc, c0, perm, tables, qs, ninv, ratios, pinv;
+    Py_ssize_t L, n;
+    if (!PyArg_ParseTuple(args, "w*w*y*y*y*y*y*y*y*nn", &out, &acc, &c0, &perm, &tables, &qs, &ninv, &ratios,
+                          &pinv, &L, &n)) return NULL;
+    PyObject *ret = NULL;
+    uint64_t *u = NULL, *r = NULL;
+    if (check_len(&out, 2 * L * n * 8, "output") || check_len(&acc, 2 * (L + 1) * n * 8, "accumulator")
+        || check_len(&c0, L * n * 8, "c0") || check_len(&perm, n * 8, "permutation")
+        || check_len(&tables, (L + 1) * 4 * n * 8, "tables") || check_len(&qs, (L + 1) * 8, "primes")
+        || check_len(&ninv, (L + 1) * 16, "N^-1") || check_len(&ratios, (L + 1) * 16, "Barrett ratios")
+        || check_len(&pinv, L * 16, "p^-1")) goto done;
+    const int64_t *pm = perm.buf;
+    for (Py_ssize_t j = 0; j < n; j++)
+        if (pm[j] < 0 || pm[j] >= n) {
+            PyErr_SetString(PyExc_ValueError, "NTT kernel: permutation index out of range");
+            goto done;
+        }
+    u = malloc(8 * (size_t)n);
+    r = malloc(8 * (size_t)n);
+    if (!u || !r) { PyErr_NoMemory(); goto done; }
+    {
+        uint64_t *o = out.buf, *a = acc.buf;
+        const uint64_t *c = c0.buf, *tb = tables.buf, *q = qs.buf, *ni = ninv.buf, *ra = ratios.buf, *pi = pinv.buf;
+        const uint64_t p = q[L], h = (p - 1) >> 1;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t k = 0; k < 2; k++) {
+            uint64_t *t = a + (k * (L + 1) + L) * n;
+            inverse_row(t, n, p, tb + (L * 4 + 2) * n, tb + (L * 4 + 3) * n, ni[2 * L], ni[2 * L + 1]);
+            for (Py_ssize_t j = 0; j < n; j++) {
+                uint64_t v = t[j] + h;
+                t[j] = v >= p ? v - p : v;
+            }
+            for (Py_ssize_t i = 0; i < L; i++) {
+                const uint64_t qi = q[i], rq = ra[2 * i], fix = qi - h % qi;  /* rq = floor(2^64 / qi) */
+                for (Py_ssize_t j = 0; j < n; j++) {
+                    uint64_t v = t[j] - mulhi(t[j], rq) * qi;  /* t mod qi, in [0, 2qi) */
+                    u[j] = v + fix;                            /* < 4qi: the forward NTT's input bound */
+                }
+                forward_row(u, n, qi, tb + (i * 4) * n, tb + (i * 4 + 1) * n);
+                const uint64_t *x = a + (k * (L + 1) + i) * n;
+                const uint64_t w = pi[2 * i], ws = pi[2 * i + 1];
+                for (Py_ssize_t j = 0; j < n; j++) {
+                    uint64_t d = shoup_lazy(x[j] + qi - u[j], w, ws, qi);
+                    if (d >= qi) d -= qi;
+                    if (k == 0) {
+                        d += c[i * n + j];
+                        if (d >= qi) d -= qi;
+                    }
+                    r[j] = d;
+                }
+                uint64_t *dst = o + (k * L + i) * n;
+                for (Py_ssize_t j = 0; j < n; j++) dst[j] = r[pm[j]];
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    free(u); free(r);
+    PyBuffer_Release(&out); PyBuffer_Release(&acc); PyBuffer_Release(&c0); PyBuffer_Release(&perm);
+    PyBuffer_Release(&tables); PyBuffer_Release(&qs); PyBuffer_Release(&ninv); PyBuffer_Release(&ratios);
+    PyBuffer_Release(&pinv);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"forward", py_forward, METH_VARARGS, "forward(data, tables, qs, size, k, n): negacyclic NTT in place"},
     {"inverse", py_inverse, METH_VARARGS, "inverse(data, tables, qs, ninv, size, k, n): inverse NTT in place"},
     {"mac", py_mac, METH_VARARGS,
      "mac(out, babies, pts, idx, ratios, qs, nb, terms, size, k, n): out = sum_t babies[idx[t]] * pts[t] mod q"},
+    {"moddown", py_moddown, METH_VARARGS,
+     "moddown(out, acc, c0, perm, tables, qs, ninv, ratios, pinv, L, n): a hoisted key switch's mod-down"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ntt", "NTT-domain kernels (see _ntt.c)", -1, methods};

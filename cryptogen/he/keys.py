@@ -15,6 +15,7 @@ Steps:
      (``check_context_params``); sec < 128 (incl. Pyfhel's sec=0 = "no check") is refused. The
      metadata is compared as data (never built into an HEConfig), the claimed rotation steps must
      have Galois keys in the blob, and each key blob is one SEAL object of its stated length.
+     The keys of steps 1..HOIST_STEPS-1 are also kept pre-permuted for hoisted rotations (he/hoist.py).
   4. Either party: ``ct_from_bytes`` -- a peer's ciphertext must be 2 polynomials, not in NTT form,
      of degree N at the top level (else SerializationError; SEAL would load some of these and
      fail later inside an operation with a library error).
@@ -30,7 +31,7 @@ import os
 import numpy as np
 from Pyfhel import Pyfhel, PyCtxt, PyPtxt
 
-from . import ntt, serialize, wire
+from . import hoist, ntt, serialize, wire
 from .errors import ConfigError, HEError, SecretKeyError, SerializationError, ShapeError
 from .params import SEAL_MAX_BITS, HEConfig
 
@@ -149,13 +150,14 @@ class PublicContext(_HEBase):
     encoding_only = False
 
     def __init__(self, config: HEConfig, he: Pyfhel, key_id: bytes, rotation_steps: tuple[int, ...],
-                 qi: tuple[int, ...]):
+                 qi: tuple[int, ...], hoist_keys: dict | None = None):
         if not he.is_secret_key_empty():
             raise SecretKeyError("a public context must not hold a secret key")
         if tuple(q.bit_length() for q in qi) != config.qi_sizes or any((q - 1) % (2 * config.n) for q in qi):
             raise SerializationError("coefficient-modulus primes do not match the parameters")
         self.config, self.he, self.key_id, self.rotation_steps = config, he, key_id, rotation_steps
         self.qi = qi
+        self.hoist_keys = hoist_keys or {}  # step -> hoist.HoistKey (the small steps' keys, pre-permuted)
 
     @classmethod
     def from_bytes(cls, data: bytes, expected: HEConfig | None = None) -> "PublicContext":
@@ -215,7 +217,10 @@ class PublicContext(_HEBase):
                   int(he.total_coeff_modulus_bit_count))
         if loaded != (actual["sec"], actual["n"], actual["t"], sum(q.bit_length() for q in actual["qi"][:-1])):
             raise SerializationError("public context: the loaded SEAL context disagrees with its parameter block")
-        return cls(config, he, kid, tuple(steps), actual["qi"])
+        elts = {serialize.galois_elt(s, config.n): s for s in steps if 0 < s < hoist.HOIST_STEPS}
+        raw = serialize.seal_galois_key_words(gk_b, elts, config.n, len(actual["qi"])) if elts else {}
+        hoist_keys = {elts[e]: hoist.prepare_key(config.n, e, w) for e, w in raw.items()}
+        return cls(config, he, kid, tuple(steps), actual["qi"], hoist_keys)
 
     @classmethod
     def for_encoding(cls, config: HEConfig) -> "PublicContext":

@@ -37,7 +37,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from . import ntt
+from . import hoist, ntt
 from .engine import Cipher, ServerEngine
 from .errors import ConfigError, ShapeError
 
@@ -212,15 +212,23 @@ def _divisors(x: int) -> list[int]:
 
 
 # Cost model of ``plan_linear`` (ms per operation on this 2-vCPU machine, N = 16384, the ``ntt``
-# kernel; docs/BENCHMARKS.md "NTT-domain linear layers"): a product term in the NTT domain, a
-# rotation (key switch), an output ciphertext (H2S: re-randomise, flood, send, decrypt), a baby
-# step's forward NTTs and a giant step's inverse NTTs. Public constants: both parties plan alike.
+# kernel; docs/BENCHMARKS.md "NTT-domain linear layers", "Hoisted baby steps"): a product term in
+# the NTT domain, a rotation (key switch) through SEAL, an output ciphertext (H2S: re-randomise,
+# flood, send, decrypt), a baby step's forward NTTs, a giant step's inverse NTTs, the shared
+# decomposition of hoisted baby steps and one hoisted baby (he/hoist.py: steps below HOIST_STEPS).
+# Public constants: both parties plan alike.
 COST_CT_PT, COST_ROTATION, COST_OUTPUT, COST_BABY, COST_GIANT = 0.15, 8.0, 25.0, 1.6, 1.6
+COST_DECOMPOSE, COST_HOISTED = 4.5, 3.4
 
 
 def plan_cost(p: LinearPlan) -> float:
-    return (COST_CT_PT * p.decode_ct_pt + COST_ROTATION * p.decode_rotations() + COST_OUTPUT * p.decode_outputs
-            + COST_BABY * p.g1 + COST_GIANT * p.decode_outputs * p.g2)
+    giant = p.decode_outputs * (p.g2 - 1)
+    if 1 < p.g1 <= hoist.HOIST_STEPS:
+        babies = COST_DECOMPOSE + COST_HOISTED * (p.g1 - 1)
+    else:
+        babies = COST_ROTATION * (p.g1 - 1) + COST_BABY * p.g1
+    return (COST_CT_PT * p.decode_ct_pt + COST_ROTATION * giant + COST_OUTPUT * p.decode_outputs + babies
+            + COST_GIANT * p.decode_outputs * p.g2)
 
 
 def plan_linear(d_in: int, d_out: int, n: int) -> LinearPlan:
@@ -240,7 +248,8 @@ def plan_linear(d_in: int, d_out: int, n: int) -> LinearPlan:
                     continue
                 outs = -(-(-(-d_out // P)) // (2 * ((n // 2) // stride)))  # decode outputs
                 r = math.isqrt(g * outs)
-                for g1 in sorted({1, math.isqrt(g), math.isqrt(g) + 1, r, r + 1, g}):
+                hoisted = range(2, min(g, hoist.HOIST_STEPS) + 1)  # cheap baby steps (he/hoist.py)
+                for g1 in sorted({1, math.isqrt(g), math.isqrt(g) + 1, r, r + 1, g, *hoisted}):
                     if not 1 <= g1 <= g or g1 >= n // 2:
                         continue
                     p = LinearPlan(d_in, d_out, n, g, D // g, P, g1)
@@ -326,8 +335,9 @@ class EncodedLinear:
 
     def _babies(self, x: Cipher, engine: ServerEngine | None = None):
         e = engine or self.engine
-        babies = [x] + [e.rotate(x, a) for a in range(1, self.plan.g1)]
-        return babies if self._tables is None else babies_ntt(self._tables, babies)
+        if self._tables is not None:
+            return rotations_ntt(e, x, range(self.plan.g1))
+        return [x] + [e.rotate(x, a) for a in range(1, self.plan.g1)]
 
 
 # ---- the ntt kernel's steps (also used by blocked.py) ------------------------------
@@ -347,6 +357,32 @@ def babies_ntt(tables, babies: list[Cipher]) -> _NTTBabies:
     for a, c in enumerate(babies[1:], 1):
         words[a] = ntt.ct_words(c.ct)[1]
     return _NTTBabies(prefix, ntt.forward(tables, words), tuple(c.budget for c in babies))
+
+
+def rotations_ntt(e: ServerEngine, x: Cipher, steps) -> _NTTBabies:
+    """rot(x, s) for s in ``steps`` in NTT form: hoisted (he/hoist.py: one decomposition shared)
+    for the steps whose keys the session's context keeps pre-permuted, through SEAL otherwise."""
+    steps = list(steps)
+    keys = e.ctx.hoist_keys
+    tb = ntt.tables(e.config.n, tuple(int(q) for q in e.ctx.qi), e.config.t)  # data primes + special
+    prefix, words = ntt.ct_words(x.ct)
+    dec = hoist.decompose(tb, words) if any(s in keys for s in steps) else None
+    out = np.empty((len(steps),) + words.shape, np.uint64)
+    budgets = []
+    for i, s in enumerate(steps):
+        if s == 0:
+            out[i] = dec.identity() if dec is not None else ntt.forward(tb, np.array(words))
+            budgets.append(x.budget)
+            continue
+        if s in keys:
+            out[i] = hoist.rotate(tb, dec, keys[s])
+            e.stats.rotations += 1
+            budgets.append(e.noise.after_rotate(x.budget))
+        else:
+            r = e.rotate(x, s)
+            out[i] = ntt.forward(tb, np.array(ntt.ct_words(r.ct)[1]))
+            budgets.append(r.budget)
+    return _NTTBabies(prefix, out, tuple(budgets))
 
 
 def giant_ntt(e: ServerEngine, tables, babies: _NTTBabies, terms: _NTTTerms) -> Cipher:

@@ -12,8 +12,8 @@ Z_b = sum_a rot(x, a) * W'_{a,b} (he/linear.py) needs only:
 The plaintext is lifted to each q_i as SEAL lifts it (coefficients >= (t+1)/2 become c - t, i.e.
 centred), so Z_b is word for word what ``sum_a multiply_plain(rot(x, a), W'_{a,b})`` gives: the same
 ciphertext, the same noise (tests/he/test_ntt.py checks the bytes). The NTT itself is ours, not
-SEAL's (Pyfhel exposes none): psi is the smallest primitive 2N-th root of unity found from 2 up,
-and no one outside this module sees NTT-form values.
+SEAL's (Pyfhel exposes none), with SEAL's psi (the smallest primitive 2N-th root of unity) and
+SEAL's bit-reversed order, so NTT-form words are SEAL's (its Galois keys: he/hoist.py).
 Who learns what: nothing changes; the server computes on the ciphertexts it already holds.
 Cost (N = 16384, 4 primes; docs/BENCHMARKS.md "NTT-domain linear layers"): one NTT ~0.2-0.4 ms,
 one term of the multiply-accumulate ~0.1-0.2 ms, against ~5-6 ms for a Pyfhel ct x pt.
@@ -45,13 +45,20 @@ def _bitrev(x: int, bits: int) -> int:
 
 
 def _primitive_2n_root(q: int, n: int) -> int:
+    """SEAL's psi (``try_minimal_primitive_root``): the smallest primitive 2N-th root of unity mod q,
+    so that our NTT form is SEAL's, word for word (its Galois keys are stored in it: he/hoist.py)."""
     if (q - 1) % (2 * n):
         raise ValueError(f"prime {q} is not 1 mod 2N = {2 * n}: no negacyclic NTT")
     for g in range(2, 1 << 16):
-        psi = pow(g, (q - 1) // (2 * n), q)
-        if pow(psi, n, q) == q - 1:
-            return psi
-    raise ValueError(f"no primitive 2N-th root of unity found mod {q}")
+        root = pow(g, (q - 1) // (2 * n), q)
+        if pow(root, n, q) == q - 1:
+            break
+    else:
+        raise ValueError(f"no primitive 2N-th root of unity found mod {q}")
+    best, sq, cur = root, root * root % q, root
+    for _ in range(n):  # the primitive 2N-th roots are root^odd
+        best, cur = min(best, cur), cur * sq % q
+    return best
 
 
 @dataclass(frozen=True)

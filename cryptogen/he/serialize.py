@@ -21,6 +21,8 @@ import hashlib
 import json
 import struct
 
+import numpy as np
+
 from .errors import KeyMismatchError, ParameterMismatchError, SerializationError, WrongKindError
 
 MAGIC = b"CGHE"
@@ -153,6 +155,7 @@ def seal_context_params(ctx_bytes: bytes) -> dict:
 # A SEAL ciphertext blob: SEAL header (16) | parms_id (32) | is_ntt_form u8 | size u64 | degree u64
 # | coeff_modulus_size u64 | scale f64 | correction factor u64 | data: SEAL header (16) | count u64 | words
 _CT_FIELDS = struct.Struct("<32sBQQQ")
+_KEY_PREFIX = 16 + _CT_FIELDS.size + 8 + 8 + 16 + 8  # bytes before a key part's words (as a ciphertext's)
 
 
 def seal_ciphertext_header(payload: bytes) -> dict:
@@ -179,29 +182,56 @@ def galois_elt(step: int, n: int) -> int:
     return pow(3, pos, m)
 
 
-def seal_galois_elements(gk_bytes: bytes) -> set[int]:
-    """The Galois elements a SEAL ``GaloisKeys`` blob really holds keys for (SEAL keeps one slot per
-    odd element 2i+1; an empty slot holds no key), so a context cannot claim rotations it lacks."""
+def _galois_slots(gk_bytes: bytes):
+    """(Galois element, [(offset, end) of each key part's SEAL object]) per non-empty slot of a
+    ``GaloisKeys`` blob (SEAL keeps one slot per odd element 2i+1; an empty slot holds no key)."""
     seal_blob(gk_bytes, "public context: Galois keys")
     end = len(gk_bytes)
+    slots_out = []
     try:
         off = _SEAL_HEAD.size + 32  # parms_id
         (slots,) = struct.unpack_from("<Q", gk_bytes, off)
         off += 8
         if slots > 1 << 16:
             raise SerializationError("public context: Galois keys unreadable (slot count)")
-        present = set()
         for i in range(slots):
             (count,) = struct.unpack_from("<Q", gk_bytes, off)
             off += 8
             if count > 64:
                 raise SerializationError("public context: Galois keys unreadable (key size)")
-            if count:
-                present.add(2 * i + 1)
+            parts = []
             for _ in range(count):
+                start = off
                 _b, off = _seal_object(gk_bytes, off, "public context: Galois keys")
+                parts.append((start, off))
+            if count:
+                slots_out.append((2 * i + 1, parts))
     except struct.error as exc:
         raise SerializationError("public context: Galois keys truncated") from exc
     if off != end:
         raise SerializationError("public context: Galois keys have trailing bytes")
-    return present
+    return slots_out
+
+
+def seal_galois_elements(gk_bytes: bytes) -> set[int]:
+    """The Galois elements a SEAL ``GaloisKeys`` blob really holds keys for, so a context cannot
+    claim rotations it lacks."""
+    return {elt for elt, _parts in _galois_slots(gk_bytes)}
+
+
+def seal_galois_key_words(gk_bytes: bytes, elts, n: int, k: int) -> dict[int, np.ndarray]:
+    """The key words of the given Galois elements: (digits, 2, k, n) uint64 per element, NTT form
+    over all k primes (the special one last), copied out of the blob. Call after SEAL accepted it."""
+    out = {}
+    want = set(elts)
+    for elt, parts in _galois_slots(gk_bytes):
+        if elt not in want:
+            continue
+        words = []
+        for start, stop in parts:
+            head = seal_ciphertext_header(gk_bytes[start:stop])
+            if not head["ntt"] or head["size"] != 2 or head["n"] != n or head["k"] != k or stop - start != _KEY_PREFIX + 16 * k * n:
+                raise SerializationError("public context: a Galois key part is not a 2-polynomial NTT-form key")
+            words.append(np.frombuffer(gk_bytes, np.uint64, 2 * k * n, start + _KEY_PREFIX).reshape(2, k, n))
+        out[elt] = np.stack(words)
+    return out

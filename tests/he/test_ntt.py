@@ -95,26 +95,34 @@ def odd(cfg):
 
 @pytest.mark.parametrize("shape", ODD_SHAPES)
 def test_ntt_and_seal_kernels_give_the_same_ciphertexts_and_the_field_product(cfg, odd, shape):
-    """Odd widths and output counts (a 'vocabulary' of 101 or 257 columns): both kernels return the
-    same output ciphertexts word for word, count the same operations and bound the noise alike,
-    and the decrypted shares sum to x W mod t."""
+    """Odd widths and output counts (a 'vocabulary' of 101 or 257 columns): without hoisting both
+    kernels return the same output ciphertexts word for word; with hoisted baby steps (he/hoist.py)
+    the ciphertexts decrypt to the same slots. All count the same operations and bound the noise
+    alike, and the decrypted shares sum to x W mod t."""
     plans, keys, client, ctx = odd
+    plain = keys.public_context()
+    plain.hoist_keys = {}  # every rotation through SEAL
     plan, t, rng = plans[shape], cfg.t, np.random.default_rng(sum(shape))
     W, x = random_elements(shape, t, rng), random_elements(shape[0], t, rng)
     xs = random_elements(shape[0], t, rng)
     upload = client.s2h_send(plan.input_slots_decode((x - xs) % t))
     outs, stats = {}, {}
-    for kernel in ("ntt", "seal"):
-        engine = ServerEngine(ctx)
-        enc = EncodedLinear(engine, W, plan, kernel=kernel)
+    for kernel, context in (("hoisted", ctx), ("ntt", plain), ("seal", plain)):
+        engine = ServerEngine(context)
+        enc = EncodedLinear(engine, W, plan, kernel="seal" if kernel == "seal" else "ntt")
         c = s2h_server(engine, upload, plan.input_slots_decode(xs))
         outs[kernel] = matmul_ct_pt_decode(enc, c)
         stats[kernel] = (engine.stats.ct_pt_mul, engine.stats.rotations, engine.stats.additions)
     assert [o.ct.to_bytes("none") for o in outs["ntt"]] == [o.ct.to_bytes("none") for o in outs["seal"]]
-    assert [o.budget for o in outs["ntt"]] == [o.budget for o in outs["seal"]]
-    assert stats["ntt"] == stats["seal"] and stats["ntt"][0] == plan.decode_ct_pt
+    hoisted = plan.g1 > 1 and set(range(1, plan.g1)) <= set(ctx.hoist_keys)
+    assert hoisted == (plan.g1 > 1)  # every baby step of these plans is hoisted
+    for h, s in zip(outs["hoisted"], outs["seal"]):
+        assert np.array_equal(keys.decrypt(h.ct), keys.decrypt(s.ct))
+        assert keys.noise_budget(h.ct) > 0
+    assert [o.budget for o in outs["hoisted"]] == [o.budget for o in outs["ntt"]] == [o.budget for o in outs["seal"]]
+    assert stats["hoisted"] == stats["ntt"] == stats["seal"] and stats["ntt"][0] == plan.decode_ct_pt
     engine = ServerEngine(ctx)
-    shares = [h2s_server(engine, o) for o in outs["ntt"]]
+    shares = [h2s_server(engine, o) for o in outs["hoisted"]]
     y = (plan.read_output_decode([client.h2s_receive(d) for d, _ in shares], t)
          + plan.read_output_decode([r for _, r in shares], t)) % t
     assert np.array_equal(y, matmul(x[None], W, t)[0])

@@ -1,0 +1,114 @@
+"""Hoisted rotations: the baby steps of a linear layer share one key-switch decomposition
+(Halevi & Shoup, "Faster Homomorphic Linear Transformations in HElib", CRYPTO 2018, section 5;
+issue #11, "HE kernels at the floor").
+
+A BFV row rotation by step s (SEAL's ``rotate_rows``, Galois element g = 3^s mod 2N) of x = (c0, c1)
+is (sigma_g(c0), 0) + KeySwitch_g(sigma_g(c1)). SEAL's key switch cuts its input into its L RNS
+digits d_j = [c1]_{q_j}, lifts each to the L data primes and the special prime p (L(L+1) NTTs),
+multiplies by the Galois key and divides by p. sigma_g permutes the coefficients with signs, so the
+digits of sigma_g(c1) are sigma_g of the digits of c1 (a negated digit is the integer -d_j rather than
+q_j - d_j: they differ by q_j, which the key's gadget factor maps to a multiple of Q*p, i.e. to 0, and
+|d_j| < q_j either way, so the noise bound ``NoiseModel.key_switch`` holds unchanged); and in the NTT
+domain sigma_g is a permutation pi_g of the evaluation points. So rot(x, s) for many s costs:
+
+  1. once per input (``decompose``): c1's digits lifted to all L+1 primes and NTT'd, L(L+1) NTTs, and
+     c0 NTT'd, L NTTs;
+  2. per step (``rotate``): acc_k = sum_j D_j * K'_{j,k} for k = 0, 1, the key pre-permuted at load,
+     K' = pi_g^-1(K) (``HoistKey``), 2L(L+1) products per coefficient (``ntt.mac``);
+  3. the mod-down by p in the NTT domain, one inverse NTT mod p and L forward NTTs per polynomial,
+     plus NTT(c0), then pi_g (``_ntt.moddown``): rot(x, s) in NTT form, what the giant step's
+     multiply-accumulate takes (he/linear.py). SEAL's rotation costs L(L+1) + 2L + 2 NTTs and our
+     forward NTT of its output 2L more; a hoisted one 2L + 2.
+
+The result decrypts to exactly what SEAL's rotation does; its noise differs, within the same bound
+(tests/he/test_hoist.py). The NTT is SEAL's (same psi, same order: he/ntt.py), so SEAL's Galois keys
+are used as they are stored.
+Who learns what: nothing new. The server applies the client's public Galois keys to ciphertexts it
+already holds; every step's control flow depends only on public sizes.
+Cost (N = 16384, L = 4; docs/BENCHMARKS.md "Hoisted baby steps"): see ``scripts/bench_linear_kernels.py``.
+Memory: one pre-permuted key per hoisted step, 2L(L+1)N words (5.2 MB), for steps 1..HOIST_STEPS-1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from . import ntt
+
+# Steps 1..HOIST_STEPS-1 (the decode baby steps: linear.plan_linear keeps g1 <= HOIST_STEPS) get a
+# prepared key when a public context loads; other steps rotate through SEAL.
+HOIST_STEPS = 16
+
+
+@lru_cache(maxsize=64)
+def galois_permutation(n: int, elt: int) -> np.ndarray:
+    """pi with NTT(sigma_elt(f))[j] = NTT(f)[pi[j]]: slot j evaluates at psi^(2 bitrev(j) + 1)."""
+    bits = n.bit_length() - 1
+    br = np.array([ntt._bitrev(j, bits) for j in range(n)], np.int64)
+    slot = np.empty(n, np.int64)
+    slot[br] = np.arange(n)
+    perm = slot[((2 * br + 1) * elt % (2 * n) - 1) // 2]
+    perm.flags.writeable = False
+    return perm
+
+
+@dataclass(frozen=True)
+class HoistKey:
+    """One step's Galois key, pre-permuted: words (2, L, L+1, n) = pi^-1 of key part k of digit j."""
+
+    perm: np.ndarray
+    words: np.ndarray
+
+
+def prepare_key(n: int, elt: int, key: np.ndarray) -> HoistKey:
+    """``key``: SEAL's words (L digits, 2, L+1, n), NTT form (serialize.seal_galois_key_words)."""
+    perm = galois_permutation(n, elt)
+    inv = np.empty(n, np.int64)
+    inv[perm] = np.arange(n)
+    return HoistKey(perm, np.ascontiguousarray(key[..., inv].transpose(1, 0, 2, 3)))
+
+
+@dataclass(frozen=True)
+class Decomposed:
+    """One input's shared part: c0 in NTT form (L, n) and c1's digits on all primes (L, 1, L+1, n)."""
+
+    c0: np.ndarray
+    digits: np.ndarray
+
+    def identity(self) -> np.ndarray:
+        """The input itself in NTT form (2, L, n): c1's digit j on prime j is c1 mod q_j."""
+        L = self.c0.shape[0]
+        return np.stack([self.c0, self.digits[np.arange(L), 0, np.arange(L)]])
+
+
+@lru_cache(maxsize=8)
+def _constants(qs: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    p, L = qs[-1], len(qs) - 1
+    pinv = np.array([[w := pow(p, -1, q), (w << 64) // q] for q in qs[:L]], np.uint64)
+    return pinv, np.arange(L, dtype=np.int64)
+
+
+def decompose(tb: ntt.Tables, words: np.ndarray) -> Decomposed:
+    """Step 1. ``tb``: tables of all L+1 primes (special last); ``words``: (2, L, n) coefficient form."""
+    L, n = words.shape[1:]
+    c0 = ntt.forward(tb, np.array(words[0]))
+    digits = np.empty((L, 1, L + 1, n), np.uint64)
+    for j in range(L):
+        for i in range(L + 1):
+            digits[j, 0, i] = words[1, j] % tb.qs[i] if tb.qs[j] > tb.qs[i] else words[1, j]
+    ntt.forward(tb, digits)
+    return Decomposed(c0, digits)
+
+
+def rotate(tb: ntt.Tables, d: Decomposed, key: HoistKey) -> np.ndarray:
+    """Steps 2-3: the rotated ciphertext's (2, L, n) words in NTT form (over the data primes)."""
+    L, _one, k, n = d.digits.shape
+    pinv, idx = _constants(tuple(int(q) for q in tb.qs))
+    acc = np.empty((2, k, n), np.uint64)
+    for part in range(2):
+        ntt._ntt.mac(acc[part], d.digits, key.words[part], idx, tb.ratios, tb.qs, L, L, 1, k, n)
+    out = np.empty((2, L, n), np.uint64)
+    ntt._ntt.moddown(out, acc, d.c0, key.perm, tb.tables, tb.qs, tb.ninv, tb.ratios, pinv, L, n)
+    return out

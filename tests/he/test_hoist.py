@@ -1,0 +1,126 @@
+"""Hoisted rotations (he/hoist.py, _ntt.moddown) against references: the coefficient-domain Galois
+map, Python-integer rounding division by the special prime, and SEAL's own rotate (same decryption,
+noise within its bound)."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cryptogen.he import ClientKeys, ServerEngine, hoist, ntt
+from cryptogen.he.engine import Cipher
+from cryptogen.he.linear import rotations_ntt
+
+# data primes 97, 1153 and SEAL's 54-bit one; the special prime last (SEAL's 60-bit one)
+SMALL = (16, (97, 1153, 18014398507220993, 1152921504606748673))
+
+
+def _galois(f: list[int], elt: int, q: int) -> list[int]:
+    """sigma_elt(f)(X) = f(X^elt) in Z_q[X]/(X^n + 1), coefficient by coefficient."""
+    n, out = len(f), [0] * len(f)
+    for i, c in enumerate(f):
+        e = i * elt % (2 * n)
+        out[e % n] = (out[e % n] + (c if e < n else -c)) % q
+    return out
+
+
+def test_psi_is_seals_minimal_primitive_root():
+    """SEAL's try_minimal_primitive_root: the least of the primitive 2N-th roots (brute force)."""
+    n = 16
+    for q in SMALL[1][:2]:
+        roots = [r for r in range(2, q) if pow(r, n, q) == q - 1]
+        assert ntt._primitive_2n_root(q, n) == min(roots)
+
+
+@pytest.mark.parametrize("elt", [3, 9, 27 % 32, 31, 5, 17])
+def test_galois_map_is_a_permutation_of_ntt_slots(elt):
+    n, primes = SMALL
+    tb = ntt.tables(n, primes, 17)
+    rng = np.random.default_rng(elt)
+    f = np.stack([rng.integers(0, q, n, dtype=np.uint64) for q in primes])
+    want = np.array([_galois([int(v) for v in f[i]], elt, q) for i, q in enumerate(primes)], np.uint64)
+    perm = hoist.galois_permutation(n, elt)
+    assert np.array_equal(ntt.forward(tb, want.copy()), ntt.forward(tb, f.copy())[:, perm])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_moddown_is_rounded_division_by_the_special_prime(data):
+    """out_i = NTT_i(sigma(round(X / p)) + c0) with X the integer of residues acc (CRT over the data
+    primes and p), for residues anywhere in [0, q) including q - 1 and p - 1, any Galois map."""
+    n, primes = SMALL
+    qs, p, L = primes[:-1], primes[-1], len(primes) - 1
+    tb = ntt.tables(n, primes, 17)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    extreme = data.draw(st.sampled_from(["random", "top", "half"]))
+    acc = np.stack([np.stack([rng.integers(0, q, n, dtype=np.uint64) for q in primes]) for _ in range(2)])
+    if extreme == "top":
+        acc[:] = np.array(primes, np.uint64)[None, :, None] - np.uint64(1)
+    elif extreme == "half":  # X mod p at the rounding boundary (p - 1)/2 and just above
+        acc[:, L, ::2], acc[:, L, 1::2] = (p - 1) // 2, (p + 1) // 2
+    c0 = np.stack([rng.integers(0, q, n, dtype=np.uint64) for q in qs])
+    elt = data.draw(st.sampled_from([1, 3, 9, 2 * n - 1]))
+    Q = 1
+    for q in primes:
+        Q *= q
+    want = np.zeros((2, L, n), np.uint64)
+    for k in range(2):
+        X = []
+        for j in range(n):
+            x = sum(int(acc[k, i, j]) * (Q // q) * pow(Q // q, -1, q) for i, q in enumerate(primes)) % Q
+            X.append((2 * x + p) // (2 * p))  # round(x / p); p odd: no ties
+        for i, q in enumerate(qs):
+            want[k, i] = _galois([(v + (int(c0[i, j]) if k == 0 else 0)) % q for j, v in enumerate(X)], elt, q)
+    acc_ntt = ntt.forward(tb, acc.copy())
+    out = np.empty((2, L, n), np.uint64)
+    pinv = np.array([[w := pow(p, -1, q), (w << 64) // q] for q in qs], np.uint64)
+    ntt._ntt.moddown(out, acc_ntt, ntt.forward(tb, c0.copy()), hoist.galois_permutation(n, elt),
+                     tb.tables, tb.qs, tb.ninv, tb.ratios, pinv, L, n)
+    assert np.array_equal(out, ntt.forward(tb, want.copy()))
+
+
+def test_moddown_refuses_bad_buffers():
+    n, primes = SMALL
+    tb, L = ntt.tables(n, primes, 17), 3
+    args = [np.zeros((2, L, n), np.uint64), np.zeros((2, L + 1, n), np.uint64), np.zeros((L, n), np.uint64),
+            np.arange(n, dtype=np.int64), tb.tables, tb.qs, tb.ninv, tb.ratios, np.zeros((L, 2), np.uint64), L, n]
+    bad = list(args)
+    bad[3] = np.full(n, n, np.int64)
+    with pytest.raises(ValueError, match="permutation index out of range"):
+        ntt._ntt.moddown(*bad)
+    bad = list(args)
+    bad[2] = np.zeros((L, n + 1), np.uint64)
+    with pytest.raises(ValueError, match="c0 has"):
+        ntt._ntt.moddown(*bad)
+
+
+@pytest.fixture(scope="module")
+def hoisting(cfg):
+    keys = ClientKeys.generate(cfg, (1, 2, 7, 15, 16, 40, -1, -3))
+    return keys, keys.public_context()
+
+
+def test_context_keeps_keys_of_small_positive_steps_only(hoisting):
+    _keys, ctx = hoisting
+    assert sorted(ctx.hoist_keys) == [1, 2, 7, 15]
+    assert all(k.words.shape == (2, 4, 5, ctx.config.n) for k in ctx.hoist_keys.values())
+
+
+def test_hoisted_rotations_decrypt_as_seals(cfg, hoisting):
+    """rot(x, s) for hoisted steps, SEAL steps and 0 in one call: each decrypts to SEAL's rotation of
+    x (full-range slots), with noise budget within 1 bit of SEAL's, and the same noise bound."""
+    keys, ctx = hoisting
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, cfg.t, cfg.n)
+    x[:4] = (0, 1, cfg.t - 1, cfg.t // 2)
+    engine = ServerEngine(ctx)
+    c = Cipher(keys.encrypt(x), engine.noise.fresh)
+    steps = [0, 1, 2, 7, 15, 16, -1, 40]
+    got = rotations_ntt(engine, c, steps)
+    assert engine.stats.rotations == len(steps) - 1
+    tb = ntt.tables(cfg.n, tuple(ctx.qi[:-1]), cfg.t)
+    for i, s in enumerate(steps):
+        ref = engine.rotate(c, s)
+        ct = ntt.ct_from_words(ctx.he, got.prefix, ntt.inverse(tb, got.words[i].copy()))
+        assert np.array_equal(keys.decrypt(ct), keys.decrypt(ref.ct)), s
+        assert keys.noise_budget(ct) >= keys.noise_budget(ref.ct) - 1, s
+        assert got.budgets[i] == ref.budget

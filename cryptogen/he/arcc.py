@@ -11,7 +11,8 @@ Decode q K^T (server):
   1. per cache ciphertext K_c: Enc(q_rep) * K_c (1 ct x ct + relin). Slot s of block b holds
      q[s] * k_{c*tpc+b}[s]; the score of head h is the sum of head h's d_head slots.
 Decode p V (server):
-  1. sum_c Enc(p_c) * V_c (one ct x ct per cache ciphertext). Slot h*d_head + j of block b
+  1. sum_c Enc(p_c) * V_c (one ct x ct per cache ciphertext, not relinearised: the 3-polynomial
+     sum is relinearised once, by the export). Slot h*d_head + j of block b
      holds sum_c p[h, c*tpc+b] v_{c*tpc+b}[h, j]; out[h, j] is the sum over the blocks b.
 Folds in the share domain: neither product is folded under HE. It goes to H2S as it is, and
 each party sums the slots in its own share (``read_scores``: a head's d_head slots;
@@ -132,7 +133,7 @@ def pv_decode(e: ServerEngine, cache: EncryptedKVCache, ps: list[Cipher], client
         if cache.v[i].budget >= e.noise.fresh:
             raise NoiseBudgetError("p.V: too many cache ciphertexts for one fold; shard the sequence")
         _refresh_cache(e, cache.v, i, client, "p.V")
-    return e.sum([e.mul_ct_ct(p, v) for p, v in zip(ps, cache.v)])
+    return e.sum([e.mul_ct_ct(p, v, relin=False) for p, v in zip(ps, cache.v)])  # relinearised once, at export
 
 
 # ---------------- prefill --------------------------------------------------------
@@ -168,5 +169,5 @@ def pv_prefill(e: ServerEngine, cache: EncryptedKVCache, ps: list[list[Cipher]],
             if cache.v[j].budget >= e.noise.fresh:
                 raise NoiseBudgetError("prefill p.V: too many cache ciphertexts for one fold")
             _refresh_cache(e, cache.v, j, client, "prefill p.V")
-        out.append(e.sum([e.mul_ct_ct(p, v) for p, v in zip(row, cache.v)]))
+        out.append(e.sum([e.mul_ct_ct(p, v, relin=False) for p, v in zip(row, cache.v)]))
     return out

@@ -160,7 +160,9 @@ class ServerEngine:
     def export(self, c: Cipher, what: str = "ciphertext") -> bytes:
         """Re-randomise + flood ``c`` (see module doc) and serialize it for the client."""
         ct = c.ct
-        budget = c.budget if ct.size() == 2 else self.noise.after_rotate(c.budget)  # relinearisation: a key switch
+        # a 3-polynomial product (``mul_ct_ct(.., relin=False)``, or a sum of them) is relinearised
+        # here; its budget already counts that key switch (noise rule 5 includes it)
+        budget = c.budget
         self.noise.require_sendable(budget, what)
         self._count_export()
         if ct.size() != 2:
@@ -199,10 +201,13 @@ class ServerEngine:
         self.stats.ct_pt_mul += 1
         return Cipher(self.ctx.he.multiply_plain(c.ct, pt, True), self.noise.after_ct_pt(c.budget))
 
-    def mul_ct_ct(self, a: Cipher, b: Cipher) -> Cipher:
+    def mul_ct_ct(self, a: Cipher, b: Cipher, relin: bool = True) -> Cipher:
+        """a * b; ``relin=False`` leaves the 3-polynomial product for a sum that ``export``
+        relinearises once (the budget counts one relinearisation either way: noise rule 5)."""
         self.stats.ct_ct_mul += 1
         ct = self.ctx.he.multiply(a.ct, b.ct, True)
-        self.ctx.he.relinearize(ct)
+        if relin:
+            self.ctx.he.relinearize(ct)
         return Cipher(ct, self.noise.after_ct_ct(a.budget, b.budget))
 
     def add_ct_ct(self, a: Cipher, b: Cipher) -> Cipher:

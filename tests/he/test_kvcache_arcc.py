@@ -130,8 +130,8 @@ def test_decode_attention_random_lengths(cfg, engine, client, keys, T, split, se
 
 
 def test_attention_rotates_nothing_and_reads_in_shares(cfg, engine, client, keys, rng):
-    """The folds are done in the share domain: q.K^T and p.V make no rotation at any length, and
-    the client's and server's H2S shares, each summed on its own side, reconstruct exact scores
+    """The folds are done in the share domain: q.K^T and p.V make no rotation at any length (p.V's
+    products are summed unrelinearised), and the client's and server's H2S shares, each summed on its own side, reconstruct exact scores
     and outputs (d = 32 at n = 16384: tpr = 256, tpc = 512; T = 600 spans two ciphertexts)."""
     d = 32
     for T in (1, 5, 257, 600):
@@ -146,7 +146,9 @@ def test_attention_rotates_nothing_and_reads_in_shares(cfg, engine, client, keys
         sc = read_scores(lay, [client.h2s_receive(b) for b, _ in shares], T, cfg.t)
         ss = read_scores(lay, [r for _, r in shares], T, cfg.t)
         ps = [engine.receive(client.s2h_send(probs_slots(lay, p, c))) for c in range(len(cache.v))]
-        b, r = h2s_server(engine, pv_decode(engine, cache, ps, client))
+        pv = pv_decode(engine, cache, ps, client)
+        assert pv.ct.size() == 3  # the products' sum, relinearised once by the export
+        b, r = h2s_server(engine, pv)
         out = (read_pv(lay, client.h2s_receive(b), cfg.t) + read_pv(lay, r, cfg.t)) % cfg.t
         assert engine.stats.rotations == before, T
         assert np.array_equal((sc + ss)[0] % cfg.t, matmul(K, q[:, None], cfg.t)[:, 0]), T

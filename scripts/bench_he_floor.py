@@ -13,7 +13,8 @@ ciphertext is 2 polynomials x L = 4 primes (54 bits) x N). Measures, median of -
     k times, vs the numpy floor (lazy Shoup, sums, one final reduction) per ciphertext and in one batched call;
   * the project's NTT-domain kernel (cryptogen/he/ntt.py, _ntt.c; what the linear layers run): one
     ct x pt as a 1-term multiply-accumulate, the k-term one, a ciphertext's forward and inverse NTTs
-    (2L each), and a ciphertext's words out of and back into Pyfhel.
+    (2L each), and a ciphertext's words out of and back into Pyfhel; a hoisted rotation (he/hoist.py:
+    the per-input decomposition, then one step) against SEAL's rotation plus our forward NTT of it.
 
     .venv/bin/python scripts/bench_he_floor.py [--repeats 51] [--mac-repeats 9] [--k 64] [--cpu N] \
         [--out docs/bench/he_floor.json]
@@ -304,6 +305,13 @@ def main(argv=None):
           "words_out_of_pyfhel": timed(lambda _: ntt.ct_words(ct), R),
           "words_into_pyfhel": timed(lambda _: ntt.ct_from_words(he, prefix, words), R)}
     nk[f"mac_{k}_terms"]["per_ct_pt_us"] = round(nk[f"mac_{k}_terms"]["median_us"] / k, 1)
+    from cryptogen.he import hoist  # hoisted baby steps: one decomposition per input, then per step
+    tb_all = ntt.tables(N, tuple(qi_all), cfg.t)
+    dec = hoist.decompose(tb_all, words)
+    nk["hoist_decompose_per_input"] = timed(lambda _: hoist.decompose(tb_all, words), R)
+    nk["hoisted_rotation_1"] = timed(lambda _: hoist.rotate(tb_all, dec, ctx.hoist_keys[1]), R)
+    nk["seal_rotation_1_then_forward_ntt"] = timed(
+        lambda _: ntt.forward(tb, np.array(ntt.ct_words(he.rotate(ct, 1, True))[1])), R)
     rec["ntt_kernel"] = nk
 
     f, bgv = fl[best]["median_us"], rec["pyfhel_bgv"]
@@ -316,6 +324,9 @@ def main(argv=None):
                          py["ct_ct_add_in_place"]["median_us"] / fl["numpy_add_mod"]["median_us"], 2),
                      "mac_per_ct_pt_pyfhel_over_floor": round(mac["pyfhel"]["median_us"] / mac[mf]["median_us"], 2),
                      "ntt_kernel_ct_pt_over_floor": round(nk["ct_pt_1_term_mac"]["median_us"] / f, 3),
+                     "hoisted_rotation_over_floor": round(nk["hoisted_rotation_1"]["median_us"] / f, 2),
+                     "seal_rotation_then_forward_over_hoisted": round(
+                         nk["seal_rotation_1_then_forward_ntt"]["median_us"] / nk["hoisted_rotation_1"]["median_us"], 2),
                      "ntt_kernel_mac_per_ct_pt_over_floor": round(
                          nk[f"mac_{k}_terms"]["per_ct_pt_us"] / mac[mf]["per_ct_pt_us"], 3)}
     rec["load_avg_end"] = list(os.getloadavg())

@@ -82,6 +82,7 @@ class ServerShard:
         self.linears = {name: EncodedLinear(self.engine, w) for name, w in self.weights.encodable().items()}
         # the linear layers', decode and batched prefill (attention rotates nothing: he/arcc.py)
         self.required_steps = required_rotation_steps(enc.plan for enc in self.linears.values())
+        self.giant_steps = set().union(*(enc.plan.giant_steps() for enc in self.linears.values()))  # he/hoist.py
         self.sessions: dict[str, dict] = {}
 
     # ---- sessions -----------------------------------------------------------------
@@ -93,7 +94,7 @@ class ServerShard:
                 raise SessionError("a session needs the client's public context")
             engine = self.engine
         else:
-            ctx = PublicContext.from_bytes(public_context, self.he_config)
+            ctx = PublicContext.from_bytes(public_context, self.he_config, self.giant_steps)
             ctx.assert_public()
             missing = self.required_steps - set(ctx.rotation_steps)
             if missing:

@@ -11,9 +11,11 @@
  *   inverse(data, tables, qs, ninv, size, k, n)          its inverse (Gentleman-Sande), times N^-1;
  *   mac(out, babies, pts, idx, ratios, qs, ...)          out = sum_t babies[idx[t]] * pts[t] mod q,
  *                                                        element-wise, 128-bit accumulation and one
- *                                                        Barrett reduction per coefficient.
+ *                                                        Barrett reduction per coefficient;
+ *   digits(out, c1, perm, ...), moddown(out, acc, ...)   the two ends of a key switch done by hand
+ *                                                        (hoisted and summed rotations, he/hoist.py).
  *
- * All three work on exact residues: the result of inverse(mac(forward(x), NTT(w))) equals SEAL's
+ * All of them work on exact residues: the result of inverse(mac(forward(x), NTT(w))) equals SEAL's
  * multiply_plain(x, w) summed over the terms, word for word (tests/he/test_ntt.py). Nothing here
  * is secret-dependent in its control flow beyond public sizes; the server holds only ciphertexts and
  * its own weights. The GIL is released while a kernel runs.
@@ -277,11 +279,69 @@ done:
     return ret;
 }
 
+/* A key switch's digits (cryptogen/he/hoist.py): out[j][i] = pi(NTT_i(c1[j] mod q_i)) for the L digits
+   j of c1 (L, n, coefficient form, row j reduced mod q_j) on all L+1 primes i, pi a permutation of the
+   NTT slots (the identity for hoisted baby steps). out (L, L+1, n); c1ntt: empty, or c1 in NTT form
+   (L, n), whose row j is then NTT_j(c1[j]) without a transform; perm (n) int64 in 0..n-1;
+   tables (L+1, 4, n); qs (L+1); ratios (L+1, 2). */
+static PyObject *py_digits(PyObject *self, PyObject *args) {
+    Py_buffer out, c1, c1ntt, perm, tables, qs, ratios;
+    Py_ssize_t L, n;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*y*y*y*nn", &out, &c1, &c1ntt, &perm, &tables, &qs, &ratios, &L, &n))
+        return NULL;
+    PyObject *ret = NULL;
+    uint64_t *u = NULL;
+    if (c1ntt.len && check_len(&c1ntt, L * n * 8, "c1 (NTT form)")) goto done;
+    if (check_len(&out, L * (L + 1) * n * 8, "output") || check_len(&c1, L * n * 8, "c1")
+        || check_len(&perm, n * 8, "permutation") || check_len(&tables, (L + 1) * 4 * n * 8, "tables")
+        || check_len(&qs, (L + 1) * 8, "primes") || check_len(&ratios, (L + 1) * 16, "Barrett ratios")) goto done;
+    const int64_t *pm = perm.buf;
+    for (Py_ssize_t j = 0; j < n; j++)
+        if (pm[j] < 0 || pm[j] >= n) {
+            PyErr_SetString(PyExc_ValueError, "NTT kernel: permutation index out of range");
+            goto done;
+        }
+    u = malloc(8 * (size_t)n);
+    if (!u) { PyErr_NoMemory(); goto done; }
+    {
+        uint64_t *o = out.buf;
+        const uint64_t *c = c1.buf, *cn = c1ntt.buf, *tb = tables.buf, *q = qs.buf, *ra = ratios.buf;
+        const int has_ntt = c1ntt.len > 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t j = 0; j < L; j++)
+            for (Py_ssize_t i = 0; i <= L; i++) {
+                const uint64_t qi = q[i], rq = ra[2 * i];  /* rq = floor(2^64 / qi) */
+                const uint64_t *x = c + j * n;
+                uint64_t *dst = o + (j * (L + 1) + i) * n;
+                if (i == j && has_ntt) {
+                    for (Py_ssize_t m = 0; m < n; m++) dst[m] = cn[j * n + pm[m]];
+                    continue;
+                }
+                if (q[j] > qi)
+                    for (Py_ssize_t m = 0; m < n; m++) u[m] = x[m] - mulhi(x[m], rq) * qi;  /* [0, 2qi) */
+                else
+                    for (Py_ssize_t m = 0; m < n; m++) u[m] = x[m];
+                forward_row(u, n, qi, tb + (i * 4) * n, tb + (i * 4 + 1) * n);
+                for (Py_ssize_t m = 0; m < n; m++) dst[m] = u[pm[m]];
+            }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    free(u);
+    PyBuffer_Release(&out); PyBuffer_Release(&c1); PyBuffer_Release(&c1ntt); PyBuffer_Release(&perm);
+    PyBuffer_Release(&tables); PyBuffer_Release(&qs); PyBuffer_Release(&ratios);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"forward", py_forward, METH_VARARGS, "forward(data, tables, qs, size, k, n): negacyclic NTT in place"},
     {"inverse", py_inverse, METH_VARARGS, "inverse(data, tables, qs, ninv, size, k, n): inverse NTT in place"},
     {"mac", py_mac, METH_VARARGS,
      "mac(out, babies, pts, idx, ratios, qs, nb, terms, size, k, n): out = sum_t babies[idx[t]] * pts[t] mod q"},
+    {"digits", py_digits, METH_VARARGS,
+     "digits(out, c1, c1ntt, perm, tables, qs, ratios, L, n): a key switch's digits on all primes, NTT'd, permuted"},
     {"moddown", py_moddown, METH_VARARGS,
      "moddown(out, acc, c0, perm, tables, qs, ninv, ratios, pinv, L, n): a hoisted key switch's mod-down"},
     {NULL, NULL, 0, NULL}};

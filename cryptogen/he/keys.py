@@ -158,11 +158,13 @@ class PublicContext(_HEBase):
         self.config, self.he, self.key_id, self.rotation_steps = config, he, key_id, rotation_steps
         self.qi = qi
         self.hoist_keys = hoist_keys or {}  # step -> hoist.HoistKey (the small steps' keys, pre-permuted)
+        self.giant_keys: dict = {}  # step -> hoist.GiantKey (the giant steps asked for at load)
 
     @classmethod
-    def from_bytes(cls, data: bytes, expected: HEConfig | None = None) -> "PublicContext":
+    def from_bytes(cls, data: bytes, expected: HEConfig | None = None, giant_steps=()) -> "PublicContext":
         """Server: load a client's public context. N, t, the primes and the security level come from
-        the SEAL context itself and must match ``expected`` (the server's own HEConfig)."""
+        the SEAL context itself and must match ``expected`` (the server's own HEConfig).
+        ``giant_steps``: the linear layers' giant steps, whose keys are kept for he/hoist.giant_sum."""
         meta, payload, fp, kid = serialize.unpack(
             data, "public_context", expected.fingerprint if expected else None)
         raw = meta.get("config") if isinstance(meta, dict) else None
@@ -217,10 +219,14 @@ class PublicContext(_HEBase):
                   int(he.total_coeff_modulus_bit_count))
         if loaded != (actual["sec"], actual["n"], actual["t"], sum(q.bit_length() for q in actual["qi"][:-1])):
             raise SerializationError("public context: the loaded SEAL context disagrees with its parameter block")
-        elts = {serialize.galois_elt(s, config.n): s for s in steps if 0 < s < hoist.HOIST_STEPS}
+        babies = {serialize.galois_elt(s, config.n): s for s in steps if 0 < s < hoist.HOIST_STEPS}
+        giants = {serialize.galois_elt(s, config.n): s for s in set(giant_steps) & set(steps) if s > 0}
+        elts = set(babies) | set(giants)
         raw = serialize.seal_galois_key_words(gk_b, elts, config.n, len(actual["qi"])) if elts else {}
-        hoist_keys = {elts[e]: hoist.prepare_key(config.n, e, w) for e, w in raw.items()}
-        return cls(config, he, kid, tuple(steps), actual["qi"], hoist_keys)
+        ctx = cls(config, he, kid, tuple(steps), actual["qi"],
+                  {babies[e]: hoist.prepare_key(config.n, e, raw[e]) for e in babies if e in raw})
+        ctx.giant_keys = {giants[e]: hoist.prepare_giant_key(config.n, e, raw[e]) for e in giants if e in raw}
+        return ctx
 
     @classmethod
     def for_encoding(cls, config: HEConfig) -> "PublicContext":
@@ -269,9 +275,9 @@ class ClientKeys(_HEBase):
         return serialize.pack("public_context", self.config.fingerprint, self.key_id, meta,
                               serialize.join_blobs(blobs))
 
-    def public_context(self) -> PublicContext:
+    def public_context(self, giant_steps=()) -> PublicContext:
         """The server's view, rebuilt from bytes so it provably holds no secret key."""
-        return PublicContext.from_bytes(self.public_context_bytes(), self.config)
+        return PublicContext.from_bytes(self.public_context_bytes(), self.config, giant_steps)
 
     def secret_key_bytes(self) -> bytes:
         return self.he.to_bytes_secret_key("none")

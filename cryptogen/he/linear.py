@@ -128,7 +128,10 @@ class LinearPlan:
         return (lane // self.lanes_per_row) * (self.n // 2) + (lane % self.lanes_per_row) * self.stride
 
     def rotation_steps(self) -> set[int]:
-        return set(range(1, self.g1)) | {b * self.g1 for b in range(1, self.g2)}
+        return set(range(1, self.g1)) | self.giant_steps()
+
+    def giant_steps(self) -> set[int]:
+        return {b * self.g1 for b in range(1, self.g2)}
 
     def decode_rotations(self) -> int:
         return (self.g1 - 1) + self.decode_outputs * (self.g2 - 1)
@@ -320,6 +323,10 @@ class EncodedLinear:
 
     def _apply(self, babies, pts: list, engine: ServerEngine | None = None) -> Cipher:
         e, p = engine or self.engine, self.plan
+        if isinstance(babies, _NTTBabies) and set(b * p.g1 for b, row in enumerate(pts) if b and row is not None) \
+                <= set(e.ctx.giant_keys):
+            return giants_hoisted(e, babies, [(b * p.g1, giant_words(e, babies, row)) for b, row in enumerate(pts)
+                                              if row is not None])
         parts = []
         for b, row in enumerate(pts):
             if isinstance(babies, _NTTBabies):
@@ -385,14 +392,33 @@ def rotations_ntt(e: ServerEngine, x: Cipher, steps) -> _NTTBabies:
     return _NTTBabies(prefix, out, tuple(budgets))
 
 
-def giant_ntt(e: ServerEngine, tables, babies: _NTTBabies, terms: _NTTTerms) -> Cipher:
-    """sum_a babies[a] * W'_{a,b}: one multiply-accumulate and 2k inverse NTTs (same ciphertext,
-    same noise bound and op counts as the ``seal`` kernel's products and sums)."""
-    words = ntt.inverse(tables, ntt.mac(tables, babies.words, terms.words, terms.idx))
+def giant_words(e: ServerEngine, babies: _NTTBabies, terms: _NTTTerms) -> tuple[np.ndarray, float]:
+    """sum_a babies[a] * W'_{a,b} in NTT form, one multiply-accumulate, and its noise bound."""
+    tb = ntt.tables(e.config.n, tuple(int(q) for q in e.ctx.qi), e.config.t)
+    words = ntt.mac(tb, babies.words, terms.words, terms.idx)
     e.stats.ct_pt_mul += len(terms.idx)
     e.stats.additions += len(terms.idx) - 1
-    budget = e.noise.add(*[e.noise.after_ct_pt(babies.budgets[a]) for a in terms.idx])
-    return Cipher(ntt.ct_from_words(e.ctx.he, babies.prefix, words), budget)
+    return words, e.noise.add(*[e.noise.after_ct_pt(babies.budgets[a]) for a in terms.idx])
+
+
+def giant_ntt(e: ServerEngine, tables, babies: _NTTBabies, terms: _NTTTerms) -> Cipher:
+    """``giant_words`` and 2k inverse NTTs (same ciphertext, same noise bound and op counts as the
+    ``seal`` kernel's products and sums)."""
+    words, budget = giant_words(e, babies, terms)
+    return Cipher(ntt.ct_from_words(e.ctx.he, babies.prefix, ntt.inverse(tables, words)), budget)
+
+
+def giants_hoisted(e: ServerEngine, babies: _NTTBabies, zs: list) -> Cipher:
+    """sum_b rot(Z_b, step_b) for NTT-form ``zs`` [(step, (words, budget))]: one mod-down and one
+    inverse NTT per output (he/hoist.giant_sum); op counts and noise bound as rotations and sums."""
+    if not zs:
+        raise ShapeError("weight matrix is entirely zero for this output block")
+    tb = ntt.tables(e.config.n, tuple(int(q) for q in e.ctx.qi), e.config.t)
+    words = hoist.giant_sum(tb, [(w, e.ctx.giant_keys[s] if s else None) for s, (w, _b) in zs])
+    e.stats.rotations += sum(1 for s, _ in zs if s)
+    e.stats.additions += len(zs) - 1
+    budget = e.noise.add(*[e.noise.after_rotate(b) if s else b for s, (_w, b) in zs])
+    return Cipher(ntt.ct_from_words(e.ctx.he, babies.prefix, ntt.inverse(tb, words)), budget)
 
 
 def matmul_ct_pt_decode(enc: EncodedLinear, x: Cipher, engine: ServerEngine | None = None) -> list[Cipher]:

@@ -96,12 +96,12 @@ def test_moddown_refuses_bad_buffers():
 @pytest.fixture(scope="module")
 def hoisting(cfg):
     keys = ClientKeys.generate(cfg, (1, 2, 7, 15, 16, 40, -1, -3))
-    return keys, keys.public_context()
+    return keys, keys.public_context((16, 40))
 
 
 def test_context_keeps_keys_of_small_positive_steps_only(hoisting):
     _keys, ctx = hoisting
-    assert sorted(ctx.hoist_keys) == [1, 2, 7, 15]
+    assert sorted(ctx.hoist_keys) == [1, 2, 7, 15] and sorted(ctx.giant_keys) == [16, 40]  # those asked for
     assert all(k.words.shape == (2, 4, 5, ctx.config.n) for k in ctx.hoist_keys.values())
 
 
@@ -124,3 +124,35 @@ def test_hoisted_rotations_decrypt_as_seals(cfg, hoisting):
         assert np.array_equal(keys.decrypt(ct), keys.decrypt(ref.ct)), s
         assert keys.noise_budget(ct) >= keys.noise_budget(ref.ct) - 1, s
         assert got.budgets[i] == ref.budget
+
+
+def test_digits_take_the_ntt_rows_they_are_given(cfg, hoisting):
+    """The digit kernel's shortcut (c1 already in NTT form: its rows are the digits on their own
+    primes) gives the words of the full transform, under a Galois permutation too."""
+    _keys, ctx = hoisting
+    n = cfg.n
+    tb = ntt.tables(n, tuple(int(q) for q in ctx.qi), cfg.t)
+    rng = np.random.default_rng(9)
+    c1 = np.stack([rng.integers(0, q, n, dtype=np.uint64) for q in tb.qs[:4]])
+    perm = ctx.giant_keys[16].perm if 16 in ctx.giant_keys else hoist.galois_permutation(n, 3)
+    full = hoist._digits(tb, c1, perm)
+    assert np.array_equal(hoist._digits(tb, c1, perm, ntt.forward(tb, c1.copy())), full)
+
+
+def test_summed_giant_steps_decrypt_as_seals_rotations_summed(cfg):
+    """sum_b rot(Z_b, s_b) with one mod-down (hoist.giant_sum), a step-0 term among them, equals the
+    sum of SEAL's rotations after decryption, with noise budget within 1 bit of it."""
+    steps = (16, 40, 7680)
+    keys = ClientKeys.generate(cfg, steps)
+    ctx = keys.public_context(steps + (99,))  # a step without a key is not kept
+    assert sorted(ctx.giant_keys) == sorted(steps)
+    engine = ServerEngine(ctx)
+    tb = ntt.tables(cfg.n, tuple(int(q) for q in ctx.qi), cfg.t)
+    rng = np.random.default_rng(4)
+    cts = [Cipher(keys.encrypt(rng.integers(0, cfg.t, cfg.n)), engine.noise.fresh) for _ in range(4)]
+    words = [ntt.forward(tb, np.array(ntt.ct_words(c.ct)[1])) for c in cts]
+    got = hoist.giant_sum(tb, [(words[0], None)] + [(w, ctx.giant_keys[s]) for w, s in zip(words[1:], steps)])
+    ct = ntt.ct_from_words(ctx.he, ntt.ct_words(cts[0].ct)[0], ntt.inverse(tb, got))
+    ref = engine.sum([cts[0]] + [engine.rotate(c, s) for c, s in zip(cts[1:], steps)])
+    assert np.array_equal(keys.decrypt(ct), keys.decrypt(ref.ct))
+    assert keys.noise_budget(ct) >= keys.noise_budget(ref.ct) - 1

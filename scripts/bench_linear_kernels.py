@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Whole linear layers under HE, the two kernels side by side in one run (issue #11).
+"""Whole linear layers under HE, the kernels side by side in one run (issue #11).
 
 For each shape (the shipped WikiText-2 model's layers and vocabulary, and GPT-2 base's), one
 decode mat-vec ``matmul_ct_pt_decode`` (baby rotations, products, giant rotations; no export)
-with the ``seal`` kernel (Pyfhel multiply_plain per term) and the ``ntt`` kernel (he/ntt.py),
-alternating, median of --repeats after one warm-up. The two kernels' output ciphertexts are
-checked equal word for word. Writes JSON and a Markdown table.
+with the ``seal`` kernel (Pyfhel multiply_plain per term, SEAL's rotations), the ``ntt`` kernel
+(he/ntt.py) with SEAL's rotations, and the ``ntt`` kernel with hoisted baby steps and summed giant
+steps (he/hoist.py: the context keeps the plans' keys, as a worker's does), alternating, median of
+--repeats after one warm-up. The outputs of the first two are checked equal word for word, the
+third's decrypt to the same slots. Writes JSON and a Markdown table.
 
     .venv/bin/python scripts/bench_linear_kernels.py [--models shipped,gpt2] [--repeats 5] [--cpu N] \
         [--out docs/bench/linear_kernels.json]
@@ -78,31 +80,38 @@ def main(argv=None):
     steps = set().union(*(pl.rotation_steps() for pl in plans.values()))
     log(f"keys with {len(steps)} Galois steps")
     keys = ClientKeys.generate(cfg, steps)
-    ctx = keys.public_context()
-    rows, per_model = [], {m: {"seal": 0.0, "ntt": 0.0} for m in models}
+    plain = keys.public_context()
+    plain.hoist_keys = {}  # SEAL's rotations only
+    hoisted = keys.public_context(set().union(*(pl.giant_steps() for pl in plans.values())))
+    kernels = {"seal": ("seal", plain), "ntt": ("ntt", plain), "hoisted": ("ntt", hoisted)}
+    rows, per_model = [], {m: {k: 0.0 for k in kernels} for m in models}
     for (m, name), plan in plans.items():
         W = random_elements(SHAPES[m][name], cfg.t, rng)
-        engine = ServerEngine(ctx)
-        x = engine.receive(keys.encrypt_to_bytes(plan.input_slots_decode(random_elements(plan.d_in, cfg.t, rng))))
-        encs = {k: EncodedLinear(engine, W, plan, kernel=k) for k in ("seal", "ntt")}
-        outs = {k: matmul_ct_pt_decode(encs[k], x) for k in encs}  # warm-up, and the equality check
+        upload = keys.encrypt_to_bytes(plan.input_slots_decode(random_elements(plan.d_in, cfg.t, rng)))
+        engines = {k: ServerEngine(c) for k, (_kern, c) in kernels.items()}
+        encs = {k: EncodedLinear(engines[k], W, plan, kernel=kern) for k, (kern, _c) in kernels.items()}
+        xs = {k: engines[k].receive(upload) for k in kernels}
+        outs = {k: matmul_ct_pt_decode(encs[k], xs[k]) for k in encs}  # warm-up, and the equality checks
         same = [a.ct.to_bytes("none") for a in outs["seal"]] == [b.ct.to_bytes("none") for b in outs["ntt"]]
+        same_hoisted = all((keys.decrypt(a.ct) == keys.decrypt(b.ct)).all() for a, b in zip(outs["seal"], outs["hoisted"]))
         times = {k: [] for k in encs}
         for _ in range(args.repeats):
             for k, enc in encs.items():
                 s = time.perf_counter()
-                matmul_ct_pt_decode(enc, x)
+                matmul_ct_pt_decode(enc, xs[k])
                 times[k].append(time.perf_counter() - s)
         med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
         row = {"model": m, "layer": name, "d_in": plan.d_in, "d_out": plan.d_out, "ct_pt": plan.decode_ct_pt,
                "rotations": plan.decode_rotations(), "babies": plan.g1, "giant_steps": plan.decode_outputs * plan.g2,
                "outputs": plan.decode_outputs, "seal_ms": round(med["seal"], 1), "ntt_ms": round(med["ntt"], 1),
-               "speedup": round(med["seal"] / med["ntt"], 2), "same_ciphertexts": same,
-               "per_token": COUNTS[m][name]}
-        for k in ("seal", "ntt"):
+               "hoisted_ms": round(med["hoisted"], 1), "speedup": round(med["seal"] / med["ntt"], 2),
+               "hoisting_speedup": round(med["ntt"] / med["hoisted"], 2), "same_ciphertexts": same,
+               "same_plaintexts_hoisted": bool(same_hoisted), "per_token": COUNTS[m][name]}
+        for k in kernels:
             per_model[m][k] += COUNTS[m][name] * med[k] / 1e3
         rows.append(row)
-        log(f"{m} {name}: seal {row['seal_ms']} ms, ntt {row['ntt_ms']} ms ({row['speedup']}x), same: {same}")
+        log(f"{m} {name}: seal {row['seal_ms']} ms, ntt {row['ntt_ms']} ms, hoisted {row['hoisted_ms']} ms, "
+            f"same: {same}, {bool(same_hoisted)}")
         del encs, outs
     rec = {"command": " ".join([".venv/bin/python", "scripts/bench_linear_kernels.py"] + sys.argv[1:]),
            "date": sh("date", "-u", "+%F %H:%M"), "commit": sh("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"),
@@ -111,10 +120,11 @@ def main(argv=None):
            "per_token_linear_s": {m: {k: round(v, 2) for k, v in d.items()} for m, d in per_model.items()},
            "wall_s": round(time.perf_counter() - t0, 1)}
     out_path.write_text(json.dumps(rec, indent=2) + "\n")
-    md = ["| model | layer | d_in × d_out | ct×pt | rotations | babies / giant steps | seal ms | ntt ms | seal / ntt |",
-          "|---|---|---|---:|---:|---|---:|---:|---:|"]
+    md = ["| model | layer | d_in × d_out | ct×pt | rotations | babies / giant steps | seal ms | ntt ms | seal / ntt "
+          "| ntt + hoisting ms | ntt / hoisted |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     md += [f"| {r['model']} | {r['layer']} | {r['d_in']} × {r['d_out']} | {r['ct_pt']} | {r['rotations']} | "
-           f"{r['babies']} / {r['giant_steps']} | {r['seal_ms']} | {r['ntt_ms']} | {r['speedup']} |" for r in rows]
+           f"{r['babies']} / {r['giant_steps']} | {r['seal_ms']} | {r['ntt_ms']} | {r['speedup']} | {r['hoisted_ms']} | "
+           f"{r['hoisting_speedup']} |" for r in rows]
     out_path.with_suffix(".md").write_text("\n".join(md) + "\n")
     log(f"wrote {out_path} and {out_path.with_suffix('.md')} in {rec['wall_s']} s; per token {rec['per_token_linear_s']}")
 

@@ -204,6 +204,16 @@ done:
 }
 
 
+/* A permutation of NTT slots from Python: every index in 0..n-1. */
+static int check_perm(const int64_t *pm, Py_ssize_t n) {
+    for (Py_ssize_t j = 0; j < n; j++)
+        if (pm[j] < 0 || pm[j] >= n) {
+            PyErr_SetString(PyExc_ValueError, "NTT kernel: permutation index out of range");
+            return -1;
+        }
+    return 0;
+}
+
 /* The end of a hoisted key switch (cryptogen/he/hoist.py), in the NTT domain, for both output
    polynomials k = 0, 1 of one rotation:
      t   = INTT_p(acc[k][L]) + (p - 1)/2 mod p          (the special-prime part, rounding offset);
@@ -225,11 +235,7 @@ static PyObject *py_moddown(PyObject *self, PyObject *args) {
         || check_len(&ninv, (L + 1) * 16, "N^-1") || check_len(&ratios, (L + 1) * 16, "Barrett ratios")
         || check_len(&pinv, L * 16, "p^-1")) goto done;
     const int64_t *pm = perm.buf;
-    for (Py_ssize_t j = 0; j < n; j++)
-        if (pm[j] < 0 || pm[j] >= n) {
-            PyErr_SetString(PyExc_ValueError, "NTT kernel: permutation index out of range");
-            goto done;
-        }
+    if (check_perm(pm, n)) goto done;
     u = malloc(8 * (size_t)n);
     r = malloc(8 * (size_t)n);
     if (!u || !r) { PyErr_NoMemory(); goto done; }
@@ -296,11 +302,7 @@ static PyObject *py_digits(PyObject *self, PyObject *args) {
         || check_len(&perm, n * 8, "permutation") || check_len(&tables, (L + 1) * 4 * n * 8, "tables")
         || check_len(&qs, (L + 1) * 8, "primes") || check_len(&ratios, (L + 1) * 16, "Barrett ratios")) goto done;
     const int64_t *pm = perm.buf;
-    for (Py_ssize_t j = 0; j < n; j++)
-        if (pm[j] < 0 || pm[j] >= n) {
-            PyErr_SetString(PyExc_ValueError, "NTT kernel: permutation index out of range");
-            goto done;
-        }
+    if (check_perm(pm, n)) goto done;
     u = malloc(8 * (size_t)n);
     if (!u) { PyErr_NoMemory(); goto done; }
     {

@@ -22,8 +22,10 @@ Decode: every lane holds the same token, lane l of output ciphertext m computes 
 chunk m*lanes + l. Prefill: lane l holds token l of a batch; one output ciphertext per
 (batch, chunk). Cost per decode mat-vec: g * ceil(chunks / lanes) ct x pt, close to
 ceil(d_in * d_out / n) (see LinearPlan.ideal_ct_pt). Kernels: ``ntt`` (default) runs step 2 in the NTT
-domain (he/ntt.py: one forward NTT per baby ciphertext, one inverse per giant step, weights in NTT
-form from set-up), word for word the ciphertexts of ``seal`` (Pyfhel's multiply_plain per term).
+domain (he/ntt.py: weights in NTT form from set-up, one multiply-accumulate per giant step), word for
+word the ciphertexts of ``seal`` (Pyfhel's multiply_plain per term); where the session's context
+keeps the keys, its baby steps are hoisted and its giant steps summed before one mod-down
+(he/hoist.py: the same plaintexts, other noise within the same bound).
 Who learns what: the server sees only
 ciphertexts; weights never leave it. Shards: a column shard is its own layer on
 W[:, cols]; row shards share one plan (``shard_rows``) so their outputs add as ciphertexts.

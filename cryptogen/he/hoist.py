@@ -14,7 +14,7 @@ domain sigma_g is a permutation pi_g of the evaluation points. So rot(x, s) for 
   1. once per input (``decompose``): c1's digits lifted to all L+1 primes and NTT'd, L(L+1) NTTs, and
      c0 NTT'd, L NTTs;
   2. per step (``rotate``): acc_k = sum_j D_j * K'_{j,k} for k = 0, 1, the key pre-permuted at load,
-     K' = pi_g^-1(K) (``HoistKey``), 2L(L+1) products per coefficient (``ntt.mac``);
+     K' = pi_g^-1(K) (``GaloisKey``), 2L(L+1) products per coefficient (``ntt.mac``);
   3. the mod-down by p in the NTT domain, one inverse NTT mod p and L forward NTTs per polynomial,
      plus NTT(c0), then pi_g (``_ntt.moddown``): rot(x, s) in NTT form, what the giant step's
      multiply-accumulate takes (he/linear.py). SEAL's rotation costs L(L+1) + 2L + 2 NTTs and our
@@ -59,19 +59,23 @@ def galois_permutation(n: int, elt: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class HoistKey:
-    """One step's Galois key, pre-permuted: words (2, L, L+1, n) = pi^-1 of key part k of digit j."""
+class GaloisKey:
+    """One step's Galois key: words (2, L, L+1, n), key part k of digit j; for a hoisted baby step
+    pre-permuted (pi^-1 applied: ``rotate`` permutes once, at the mod-down), for a giant step as
+    SEAL stores it (``giant_sum`` permutes the digits instead)."""
 
     perm: np.ndarray
     words: np.ndarray
 
 
-def prepare_key(n: int, elt: int, key: np.ndarray) -> HoistKey:
+def prepare_key(n: int, elt: int, key: np.ndarray, prepermute: bool = True) -> GaloisKey:
     """``key``: SEAL's words (L digits, 2, L+1, n), NTT form (serialize.seal_galois_key_words)."""
     perm = galois_permutation(n, elt)
-    inv = np.empty(n, np.int64)
-    inv[perm] = np.arange(n)
-    return HoistKey(perm, np.ascontiguousarray(key[..., inv].transpose(1, 0, 2, 3)))
+    if prepermute:
+        inv = np.empty(n, np.int64)
+        inv[perm] = np.arange(n)
+        key = key[..., inv]
+    return GaloisKey(perm, np.ascontiguousarray(key.transpose(1, 0, 2, 3)))
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ def _digits(tb: ntt.Tables, c1: np.ndarray, perm: np.ndarray, c1_ntt: np.ndarray
     return out
 
 
-def rotate(tb: ntt.Tables, d: Decomposed, key: HoistKey) -> np.ndarray:
+def rotate(tb: ntt.Tables, d: Decomposed, key: GaloisKey) -> np.ndarray:
     """Steps 2-3: the rotated ciphertext's (2, L, n) words in NTT form (over the data primes)."""
     L, _one, k, n = d.digits.shape
     pinv, idx = _constants(tuple(int(q) for q in tb.qs))
@@ -129,18 +133,6 @@ def rotate(tb: ntt.Tables, d: Decomposed, key: HoistKey) -> np.ndarray:
 
 
 # ---- giant steps: many rotations summed, one mod-down (Bossuat et al., Eurocrypt 2021) --------
-@dataclass(frozen=True)
-class GiantKey:
-    """One giant step's Galois key as SEAL stores it: words[k] (L, L+1, n) = key part k of each digit."""
-
-    perm: np.ndarray
-    words: np.ndarray
-
-
-def prepare_giant_key(n: int, elt: int, key: np.ndarray) -> GiantKey:
-    return GiantKey(galois_permutation(n, elt), np.ascontiguousarray(key.transpose(1, 0, 2, 3)))
-
-
 def _addmod(acc: np.ndarray, x: np.ndarray, qs: np.ndarray) -> None:
     """acc += x mod q, in place; acc, x < q (q along the second-to-last axis)."""
     acc += x
@@ -149,7 +141,7 @@ def _addmod(acc: np.ndarray, x: np.ndarray, qs: np.ndarray) -> None:
 
 
 def giant_sum(tb: ntt.Tables, terms: list) -> np.ndarray:
-    """sum_b rot(Z_b, s_b) for NTT-form Z_b (2, L, n); ``terms``: (Z_b, GiantKey or None for step 0).
+    """sum_b rot(Z_b, s_b) for NTT-form Z_b (2, L, n); ``terms``: (Z_b, its GaloisKey, not pre-permuted, or None for step 0).
     Each rotated term's key switch is accumulated over Q*p -- c1's digits (one inverse NTT per prime,
     then lifted and NTT'd as in ``decompose``), permuted by pi, times the key -- and the sum is divided
     by p once (``_ntt.moddown``), with sum_b pi_b(c0_b) added after. Rounding once instead of per

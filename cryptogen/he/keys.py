@@ -157,8 +157,8 @@ class PublicContext(_HEBase):
             raise SerializationError("coefficient-modulus primes do not match the parameters")
         self.config, self.he, self.key_id, self.rotation_steps = config, he, key_id, rotation_steps
         self.qi = qi
-        self.hoist_keys = hoist_keys or {}  # step -> hoist.HoistKey (the small steps' keys, pre-permuted)
-        self.giant_keys: dict = {}  # step -> hoist.GiantKey (the giant steps asked for at load)
+        self.hoist_keys = hoist_keys or {}  # step -> hoist.GaloisKey (the small steps' keys, pre-permuted)
+        self.giant_keys: dict = {}  # step -> hoist.GaloisKey (the giant steps asked for at load)
 
     @classmethod
     def from_bytes(cls, data: bytes, expected: HEConfig | None = None, giant_steps=()) -> "PublicContext":
@@ -225,7 +225,7 @@ class PublicContext(_HEBase):
         raw = serialize.seal_galois_key_words(gk_b, elts, config.n, len(actual["qi"])) if elts else {}
         ctx = cls(config, he, kid, tuple(steps), actual["qi"],
                   {babies[e]: hoist.prepare_key(config.n, e, raw[e]) for e in babies if e in raw})
-        ctx.giant_keys = {giants[e]: hoist.prepare_giant_key(config.n, e, raw[e]) for e in giants if e in raw}
+        ctx.giant_keys = {giants[e]: hoist.prepare_key(config.n, e, raw[e], prepermute=False) for e in giants if e in raw}
         return ctx
 
     @classmethod

@@ -368,12 +368,17 @@ def babies_ntt(tables, babies: list[Cipher]) -> _NTTBabies:
     return _NTTBabies(prefix, ntt.forward(tables, words), tuple(c.budget for c in babies))
 
 
+def _all_tables(e: ServerEngine) -> ntt.Tables:
+    """NTT tables of the session's data primes and special prime (cached by ntt.tables)."""
+    return ntt.tables(e.config.n, tuple(int(q) for q in e.ctx.qi), e.config.t)
+
+
 def rotations_ntt(e: ServerEngine, x: Cipher, steps) -> _NTTBabies:
     """rot(x, s) for s in ``steps`` in NTT form: hoisted (he/hoist.py: one decomposition shared)
     for the steps whose keys the session's context keeps pre-permuted, through SEAL otherwise."""
     steps = list(steps)
     keys = e.ctx.hoist_keys
-    tb = ntt.tables(e.config.n, tuple(int(q) for q in e.ctx.qi), e.config.t)  # data primes + special
+    tb = _all_tables(e)
     prefix, words = ntt.ct_words(x.ct)
     dec = hoist.decompose(tb, words) if any(s in keys for s in steps) else None
     out = np.empty((len(steps),) + words.shape, np.uint64)
@@ -396,7 +401,7 @@ def rotations_ntt(e: ServerEngine, x: Cipher, steps) -> _NTTBabies:
 
 def giant_words(e: ServerEngine, babies: _NTTBabies, terms: _NTTTerms) -> tuple[np.ndarray, float]:
     """sum_a babies[a] * W'_{a,b} in NTT form, one multiply-accumulate, and its noise bound."""
-    tb = ntt.tables(e.config.n, tuple(int(q) for q in e.ctx.qi), e.config.t)
+    tb = _all_tables(e)
     words = ntt.mac(tb, babies.words, terms.words, terms.idx)
     e.stats.ct_pt_mul += len(terms.idx)
     e.stats.additions += len(terms.idx) - 1
@@ -415,7 +420,7 @@ def giants_hoisted(e: ServerEngine, babies: _NTTBabies, zs: list) -> Cipher:
     inverse NTT per output (he/hoist.giant_sum); op counts and noise bound as rotations and sums."""
     if not zs:
         raise ShapeError("weight matrix is entirely zero for this output block")
-    tb = ntt.tables(e.config.n, tuple(int(q) for q in e.ctx.qi), e.config.t)
+    tb = _all_tables(e)
     words = hoist.giant_sum(tb, [(w, e.ctx.giant_keys[s] if s else None) for s, (w, _b) in zs])
     e.stats.rotations += sum(1 for s, _ in zs if s)
     e.stats.additions += len(zs) - 1

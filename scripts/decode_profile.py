@@ -33,7 +33,7 @@ BUCKETS = [
      ("rotate",), ("_apply", "_babies", "matmul_blocked")),
     ("HE encode: batched prefill's diagonals (per call)", "server", ("encode", "ntt_terms", "diagonals"),
      ("matmul_blocked",)),
-    ("HE ct x ct: q.K and p.V products", "server", ("mul_ct_ct",), ()),
+    ("HE ct x ct: q.K and p.V products", "server", ("mul_ct_ct", "mul_ct_ct_many", "dot_ct_ct"), ()),
     ("HE ct x pt, ntt kernel: NTTs, words in and out of Pyfhel, multiply-accumulate", "server",
      ("babies_ntt", "giant_ntt"), ()),
     ("HE ct x pt: linear layers, embedding, LM head", "server", ("matmul_ct_pt_decode", "_apply", "matmul_blocked"), ()),

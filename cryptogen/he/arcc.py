@@ -27,6 +27,9 @@ flooded and sent, the cache operand is refreshed through the client (lazy refres
 Who learns what: server sees ciphertexts only; outputs leave through H2S (masked).
 Cost per decoded token per head group with T cached tokens: 2 * ceil(T / tpc) ct x ct, no
 rotation, ceil(T / tpc) + 1 exports -- the same as one head's when the group fits one ciphertext.
+The products run through he/ctct.py where it is built: the query is base-extended once for all the
+K ciphertexts, each cache ciphertext once while it lives (the newest one after each append), and the
+p.V products are summed before one scaling (docs/BENCHMARKS.md "ct x ct by hand").
 """
 from __future__ import annotations
 
@@ -113,14 +116,12 @@ def qk_decode(e: ServerEngine, cache: EncryptedKVCache, q: Cipher, client: Clien
     each head's d_head slots of a token's block into its score)."""
     if cache.length == 0:
         raise ShapeError("attention over an empty KV cache")
-    out = []
     for i in range(len(cache.k)):
         if not _fits_qk(e, q, cache.k[i]):
             _refresh_cache(e, cache.k, i, client, "q.K^T")
             if not _fits_qk(e, q, cache.k[i]):
                 raise NoiseBudgetError("q.K^T: the query ciphertext itself has too little budget")
-        out.append(e.mul_ct_ct(q, cache.k[i]))
-    return out
+    return e.mul_ct_ct_many(q, cache.k)
 
 
 def pv_decode(e: ServerEngine, cache: EncryptedKVCache, ps: list[Cipher], client: ClientRole | None = None) -> Cipher:
@@ -133,7 +134,7 @@ def pv_decode(e: ServerEngine, cache: EncryptedKVCache, ps: list[Cipher], client
         if cache.v[i].budget >= e.noise.fresh:
             raise NoiseBudgetError("p.V: too many cache ciphertexts for one fold; shard the sequence")
         _refresh_cache(e, cache.v, i, client, "p.V")
-    return e.sum([e.mul_ct_ct(p, v, relin=False) for p, v in zip(ps, cache.v)])  # relinearised once, at export
+    return e.dot_ct_ct(ps, cache.v)  # relinearised once, at export
 
 
 # ---------------- prefill --------------------------------------------------------
@@ -146,12 +147,11 @@ def qk_prefill(e: ServerEngine, cache: EncryptedKVCache, qs: list[Cipher], start
         raise ShapeError(f"{len(qs)} queries from position {start} exceed the cache length {cache.length}")
     out = []
     for i, q in enumerate(qs):
-        row = []
-        for c in range((start + i) // lay.tpc + 1):
+        need = (start + i) // lay.tpc + 1
+        for c in range(need):
             if not _fits_qk(e, q, cache.k[c]):
                 _refresh_cache(e, cache.k, c, client, "prefill q.K^T")
-            row.append(e.mul_ct_ct(q, cache.k[c]))
-        out.append(row)
+        out.append(e.mul_ct_ct_many(q, cache.k[:need]))
     return out
 
 
@@ -169,5 +169,5 @@ def pv_prefill(e: ServerEngine, cache: EncryptedKVCache, ps: list[list[Cipher]],
             if cache.v[j].budget >= e.noise.fresh:
                 raise NoiseBudgetError("prefill p.V: too many cache ciphertexts for one fold")
             _refresh_cache(e, cache.v, j, client, "prefill p.V")
-        out.append(e.sum([e.mul_ct_ct(p, v, relin=False) for p, v in zip(row, cache.v)]))
+        out.append(e.dot_ct_ct(row, cache.v[:need]))
     return out

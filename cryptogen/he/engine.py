@@ -25,11 +25,12 @@ import math
 import os
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from Pyfhel import PyCtxt
 
+from . import ctct, ntt
 from .errors import HEError, SecretKeyError, SerializationError, ShapeError
 from .keys import ClientKeys, PublicContext
 from . import noise as noise_mod
@@ -44,6 +45,9 @@ class Cipher:
 
     ct: PyCtxt
     budget: float
+    # (ctct basis, the ciphertext extended and NTT'd: he/ctct.py step 1) once a product made it with
+    # keep; valid for the Cipher's life (a ciphertext is never changed in place: writes make new ones)
+    prepared: tuple | None = field(default=None, repr=False, compare=False)
 
 
 class ExportLimitError(HEError, RuntimeError):
@@ -125,6 +129,8 @@ class ServerEngine:
         self.noise = NoiseModel(ctx.config, tuple(ctx.qi))
         self._qi = list(ctx.qi)
         self.max_exports = (1 << ctx.config.max_exports_log2) // max(1, int(export_share))
+        # keep the cache operands' ct x ct preparation on them (2.25x their bytes, he/ctct.py "Memory")
+        self.keep_prepared = True
 
     # ---- encoding / transport -------------------------------------------------
     def encode(self, slots):
@@ -209,6 +215,62 @@ class ServerEngine:
         if relin:
             self.ctx.he.relinearize(ct)
         return Cipher(ct, self.noise.after_ct_ct(a.budget, b.budget))
+
+    def _ctct_operands(self, cs: list[Cipher], keep: list[bool]):
+        """(ctct's basis, a SEAL prefix at their level, each one prepared: he/ctct.py step 1), or None
+        where SEAL multiplies instead (no kernel, or not all of them 2-polynomial ciphertexts at one
+        level below the key's). ``keep[i]``: leave cs[i]'s preparation on it for later products."""
+        if not ctct.available() or any(c.ct.size() != 2 for c in cs):
+            return None
+        basis, prefix, out = None, None, []
+        for c, kp in zip(cs, keep):
+            if c.prepared is not None and (basis is None or c.prepared[0] is basis):
+                basis = c.prepared[0]
+                out.append(c.prepared[1])
+                continue
+            pre, words = ntt.ct_words(c.ct)
+            k = words.shape[1]
+            if not 1 <= k < len(self._qi):
+                return None
+            b = ctct.basis(self.config.n, tuple(self._qi[:k]), self.config.t, tuple(self._qi[k:]))
+            if basis is not None and b is not basis:
+                return None
+            basis, prefix = b, prefix or pre
+            arr = ctct.prepare(b, words)
+            if kp:
+                c.prepared = (b, arr)
+            out.append(arr)
+        return basis, prefix or ntt.ct_words(cs[0].ct)[0], out
+
+    def mul_ct_ct_many(self, a: Cipher, bs: list[Cipher]) -> list[Cipher]:
+        """[a * b for b in bs], relinearised; ``a`` prepared once for all of them (he/ctct.py)."""
+        got = self._ctct_operands([a, *bs], [False] + [self.keep_prepared] * len(bs))
+        if got is None:
+            return [self.mul_ct_ct(a, b) for b in bs]
+        basis, prefix, prep = got
+        out = []
+        for b, right in zip(bs, prep[1:]):
+            self.stats.ct_ct_mul += 1
+            ct = ntt.ct_from_words(self.ctx.he, prefix, ctct.product(basis, [prep[0]], [right]))
+            self.ctx.he.relinearize(ct)
+            out.append(Cipher(ct, self.noise.after_ct_ct(a.budget, b.budget)))
+        return out
+
+    def dot_ct_ct(self, as_: list[Cipher], bs: list[Cipher]) -> Cipher:
+        """sum_c as_[c] * bs[c], not relinearised (``export`` does it once): the products summed before
+        the one scaling (he/ctct.py step 3). The budget counts one relinearisation (noise rule 5)."""
+        if not as_ or len(as_) != len(bs):
+            raise ShapeError(f"a dot product of ciphertexts needs equal non-empty lists, got {len(as_)} and {len(bs)}")
+        got = None if len(as_) > ctct.MAX_PAIRS else self._ctct_operands(
+            [*as_, *bs], [False] * len(as_) + [self.keep_prepared] * len(bs))
+        if got is None:
+            return self.sum([self.mul_ct_ct(a, b, relin=False) for a, b in zip(as_, bs)])
+        basis, prefix, prep = got
+        out = ctct.product(basis, prep[:len(as_)], prep[len(as_):])
+        self.stats.ct_ct_mul += len(as_)
+        self.stats.additions += len(as_) - 1
+        budget = self.noise.add(*[self.noise.after_ct_ct(a.budget, b.budget) for a, b in zip(as_, bs)])
+        return Cipher(ntt.ct_from_words(self.ctx.he, prefix, out), budget)
 
     def add_ct_ct(self, a: Cipher, b: Cipher) -> Cipher:
         self.stats.additions += 1

@@ -21,6 +21,7 @@ Memory: an NTT-form plaintext is L words per coefficient (4x a SEAL plaintext's 
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -155,4 +156,12 @@ def ct_words(ct) -> tuple[bytes, np.ndarray]:
 
 
 def ct_from_words(he, prefix: bytes, words: np.ndarray):
-    return PyCtxt(pyfhel=he, bytestring=prefix + np.ascontiguousarray(words, np.uint64).tobytes())
+    """A coefficient-form SEAL ciphertext of ``words`` (size, k, n), ``prefix`` from any ciphertext at
+    its level (the size fields are rewritten: a 3-polynomial product takes a 2-polynomial's prefix)."""
+    size, k, n = words.shape
+    count = size * k * n
+    head = bytearray(prefix)
+    struct.pack_into("<Q", head, 8, PREFIX + 8 * count)  # the SEAL header's total size
+    struct.pack_into("<Q", head, 49, size)  # after the header (16), parms_id (32), is_ntt_form (1)
+    struct.pack_into("<QQ", head, PREFIX - 16, 24 + 8 * count, count)  # the data array's total and count
+    return PyCtxt(pyfhel=he, bytestring=bytes(head) + np.ascontiguousarray(words, np.uint64).tobytes())

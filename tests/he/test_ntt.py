@@ -166,5 +166,5 @@ def test_kernel_refuses_mis_sized_buffers():
     words = np.zeros((1, len(primes), n), np.uint64)
     with pytest.raises(ValueError, match="NTT kernel: term index 5 outside 0..0"):
         ntt.mac(tb, words[None], words[0][None], np.array([5]))
-    with pytest.raises(ValueError, match="NTT kernel: data has"):
+    with pytest.raises(ValueError, match="HE kernel: data has"):
         ntt._ntt.forward(words, tb.tables, tb.qs, 2, len(primes), n)

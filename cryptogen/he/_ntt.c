@@ -13,7 +13,8 @@
  *                                                        element-wise, 128-bit accumulation and one
  *                                                        Barrett reduction per coefficient;
  *   digits(out, c1, perm, ...), moddown(out, acc, ...)   the two ends of a key switch done by hand
- *                                                        (hoisted and summed rotations, he/hoist.py).
+ *                                                        (hoisted and summed rotations, he/hoist.py);
+ *   seeded_c0(out, a, negs, m, e, ...)                   a client upload's c0 (he/wire.py's seeded form).
  *
  * All of them work on exact residues: the result of inverse(mac(forward(x), NTT(w))) equals SEAL's
  * multiply_plain(x, w) summed over the terms, word for word (tests/he/test_ntt.py). Nothing here
@@ -306,6 +307,62 @@ done:
     return ret;
 }
 
+/* A seeded symmetric encryption's c0 (cryptogen/he/wire.py steps 2-4; keys.ClientKeys.encrypt_to_bytes):
+     out_i = -a_i s_i + Delta m + e  mod q_i, for the k data primes, in coefficient form, with
+     -a s = INTT(NTT(a) * NTT(-s)) and Delta m as SEAL's BFV add_plain scales it
+     (multiply_add_plain_with_scaling_variant): floor(Q/t) m + floor((m (Q mod t) + (t+1)/2) / t).
+   a (k, n) uniform residues; negs (k, n) -s in NTT form; m (n) plaintext coefficients < t; e (n) int64
+   with |e| < q_i; cdiv (k) = floor(Q/t) mod q_i; tables (k, 4, n); qs (k); ninv (k, 2); ratios (k, 2).
+   Runs on the client (it holds s); the time does not depend on the values. */
+static PyObject *py_seeded_c0(PyObject *self, PyObject *args) {
+    Py_buffer out, a, negs, m, e, cdiv, tables, qs, ninv, ratios;
+    unsigned long long qmodt, t;
+    Py_ssize_t k, n;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*y*y*y*y*y*y*KKnn", &out, &a, &negs, &m, &e, &cdiv, &tables, &qs, &ninv,
+                          &ratios, &qmodt, &t, &k, &n)) return NULL;
+    PyObject *ret = NULL;
+    uint64_t *fix = NULL;
+    if (check_len(&out, k * n * 8, "output") || check_len(&a, k * n * 8, "a") || check_len(&negs, k * n * 8, "-s")
+        || check_len(&m, n * 8, "plaintext") || check_len(&e, n * 8, "error") || check_len(&cdiv, k * 8, "Q/t")
+        || check_len(&tables, k * 4 * n * 8, "tables") || check_len(&qs, k * 8, "primes")
+        || check_len(&ninv, k * 16, "N^-1") || check_len(&ratios, k * 16, "Barrett ratios")) goto done;
+    if (t < 2 || qmodt >= t) {
+        PyErr_SetString(PyExc_ValueError, "HE kernel: need 2 <= t and Q mod t < t");
+        goto done;
+    }
+    fix = malloc(8 * (size_t)n);
+    if (!fix) { PyErr_NoMemory(); goto done; }
+    {
+        uint64_t *o = out.buf;
+        const uint64_t *x = a.buf, *ns = negs.buf, *mm = m.buf, *cd = cdiv.buf, *tb = tables.buf, *q = qs.buf,
+                       *ni = ninv.buf, *ra = ratios.buf;
+        const int64_t *ee = e.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t j = 0; j < n; j++) fix[j] = (uint64_t)(((u128)mm[j] * qmodt + (t + 1) / 2) / t);
+        for (Py_ssize_t i = 0; i < k; i++) {
+            uint64_t *u = o + i * n;
+            const uint64_t qi = q[i];
+            for (Py_ssize_t j = 0; j < n; j++) u[j] = x[i * n + j];
+            forward_row(u, n, qi, tb + (i * 4) * n, tb + (i * 4 + 1) * n);
+            for (Py_ssize_t j = 0; j < n; j++) u[j] = barrett128((u128)u[j] * ns[i * n + j], qi, ra[2 * i], ra[2 * i + 1]);
+            inverse_row(u, n, qi, tb + (i * 4 + 2) * n, tb + (i * 4 + 3) * n, ni[2 * i], ni[2 * i + 1]);
+            for (Py_ssize_t j = 0; j < n; j++) {
+                const u128 v = (u128)cd[i] * mm[j] + fix[j] + u[j] + (uint64_t)(ee[j] + (int64_t)qi);  /* |e| < q_i */
+                u[j] = barrett128(v, qi, ra[2 * i], ra[2 * i + 1]);
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    free(fix);
+    PyBuffer_Release(&out); PyBuffer_Release(&a); PyBuffer_Release(&negs); PyBuffer_Release(&m); PyBuffer_Release(&e);
+    PyBuffer_Release(&cdiv); PyBuffer_Release(&tables); PyBuffer_Release(&qs); PyBuffer_Release(&ninv);
+    PyBuffer_Release(&ratios);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"forward", py_forward, METH_VARARGS, "forward(data, tables, qs, size, k, n): negacyclic NTT in place"},
     {"inverse", py_inverse, METH_VARARGS, "inverse(data, tables, qs, ninv, size, k, n): inverse NTT in place"},
@@ -313,6 +370,8 @@ static PyMethodDef methods[] = {
      "mac(out, babies, pts, idx, ratios, qs, nb, terms, size, k, n): out = sum_t babies[idx[t]] * pts[t] mod q"},
     {"digits", py_digits, METH_VARARGS,
      "digits(out, c1, c1ntt, perm, tables, qs, ratios, L, n): a key switch's digits on all primes, NTT'd, permuted"},
+    {"seeded_c0", py_seeded_c0, METH_VARARGS,
+     "seeded_c0(out, a, negs, m, e, cdiv, tables, qs, ninv, ratios, qmodt, t, k, n): -a s + Delta m + e"},
     {"moddown", py_moddown, METH_VARARGS,
      "moddown(out, acc, c0, perm, tables, qs, ninv, ratios, pinv, L, n): a hoisted key switch's mod-down"},
     {NULL, NULL, 0, NULL}};

@@ -288,20 +288,34 @@ class ClientKeys(_HEBase):
     def encrypt_to_bytes(self, slots) -> bytes:
         """An upload: symmetric encryption in the seeded wire form (``wire`` module doc, steps 2-4),
         about 0.44x the bytes of a public-key ciphertext."""
+        seed = os.urandom(wire.SEED_BYTES)
+        c0 = self._seeded_c0(slots, seed, wire.cbd_noise(self.config.n))
+        return serialize.pack("ciphertext", self.config.fingerprint, self.key_id, {"form": "seeded"},
+                              wire.seeded_payload(self._ct_template, seed, c0, self.widths))
+
+    def _seeded_c0(self, slots, seed: bytes, e: np.ndarray, kernel: bool = True) -> np.ndarray:
+        """c0 = Delta*m - a*s + e (k, n) for ``a = expand_seed(seed)``: with the NTT kernel in one C call
+        (``_ntt.seeded_c0``), else through SEAL's add_plain; the same words either way (tests/he/test_wire.py)."""
         self._secret_plain()  # -s and the ciphertext template, made once
         k, n = len(self.widths), self.config.n
-        seed = os.urandom(wire.SEED_BYTES)
         a = wire.expand_seed(seed, self.qi[:k], n)
+        pt = self.encode(slots)
+        if kernel and ntt.available():
+            tb = ntt.tables(n, self.qi[:k], self.config.t)
+            if self._neg_s_ntt is None:
+                self._neg_s_ntt = ntt.plain_ntt(tb, ntt.plain_coeffs(self._neg_s, n))
+            Q, t = math.prod(self.qi[:k]), self.config.t
+            c0 = np.empty((k, n), np.uint64)
+            ntt._ntt.seeded_c0(c0, a, self._neg_s_ntt, ntt.plain_coeffs(pt, n), np.ascontiguousarray(e, np.int64),
+                               np.array([Q // t % q for q in self.qi[:k]], np.uint64), tb.tables, tb.qs, tb.ninv,
+                               tb.ratios, Q % t, t, k, n)
+            return c0
         y = PyCtxt(pyfhel=self.he, bytestring=self._ct_template + np.stack([self._minus_a_s(a), a]).tobytes())
-        self.he.add_plain(y, self.encode(slots))  # c0 = Delta*m - a*s
-        raw = y.to_bytes("none")
-        c0 = np.frombuffer(raw, np.uint64, offset=wire.PREFIX).reshape(2, k, n)[0].copy()
-        e = wire.cbd_noise(n)
+        self.he.add_plain(y, pt)  # c0 = Delta*m - a*s
+        c0 = np.frombuffer(y.to_bytes("none"), np.uint64, offset=wire.PREFIX).reshape(2, k, n)[0].copy()
         for i, q in enumerate(self.qi[:k]):
             c0[i] = np.mod(c0[i] + np.mod(e, q).astype(np.uint64), np.uint64(q))
-        body = raw[:wire.PREFIX] + c0.tobytes() + a.tobytes()
-        return serialize.pack("ciphertext", self.config.fingerprint, self.key_id, {"form": "seeded"},
-                              wire.to_seeded(body, seed, self.widths))
+        return c0
 
     def _minus_a_s(self, a: np.ndarray) -> np.ndarray:
         """-a*s, (k, n) residues: with the NTT kernel one forward and one inverse NTT of a (2k NTTs)

@@ -84,8 +84,8 @@ def test_seeded_upload_decrypts_and_is_smaller(keys, ctx, engine):
 
 
 def test_seeded_upload_is_the_same_with_and_without_the_ntt_kernel(keys, monkeypatch):
-    """The client's -a*s through the NTT kernel (2k NTTs) equals Pyfhel's multiply_plain (5k NTTs)
-    word for word: with the same randomness (seed and error) the two uploads are the same bytes."""
+    """The client's c0 through the NTT kernel (2k NTTs, one C call) equals Pyfhel's multiply_plain
+    and add_plain word for word: with the same randomness (seed and error) the two uploads are the same bytes."""
     import os
 
     from cryptogen.he import ntt
@@ -105,6 +105,16 @@ def test_seeded_upload_is_the_same_with_and_without_the_ntt_kernel(keys, monkeyp
     with_kernel = upload()
     monkeypatch.setattr(ntt, "_ntt", None)
     assert with_kernel == upload()
+
+
+def test_seeded_c0_kernel_equals_seals_scaling_at_the_extremes(keys):
+    """_ntt.seeded_c0 (-a*s, SEAL's Delta*m rounding and e in one C call) against Pyfhel's
+    multiply_plain and add_plain: slots at 0, 1, t-1 and (t+-1)/2, errors at +-21 and 0."""
+    t, n = keys.config.t, keys.config.n
+    slots = np.resize(np.array([0, 1, t - 1, (t - 1) // 2, (t + 1) // 2], np.int64), n)
+    e = np.resize(np.array([21, -21, 0, 1, -1], np.int64), n)
+    for seed in (bytes(32), bytes(range(32))):
+        assert np.array_equal(keys._seeded_c0(slots, seed, e), keys._seeded_c0(slots, seed, e, kernel=False))
 
 
 def _reform(data, meta, payload):

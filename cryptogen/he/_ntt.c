@@ -14,7 +14,8 @@
  *                                                        Barrett reduction per coefficient;
  *   digits(out, c1, perm, ...), moddown(out, acc, ...)   the two ends of a key switch done by hand
  *                                                        (hoisted and summed rotations, he/hoist.py);
- *   seeded_c0(out, a, negs, m, e, ...)                   a client upload's c0 (he/wire.py's seeded form).
+ *   seeded_c0(out, a, negs, m, e, ...)                   a client upload's c0 (he/wire.py's seeded form);
+ *   flood_add(c0, limbs, j, ...)                         an export's flood noise added to c0 (he/engine.py).
  *
  * All of them work on exact residues: the result of inverse(mac(forward(x), NTT(w))) equals SEAL's
  * multiply_plain(x, w) summed over the terms, word for word (tests/he/test_ntt.py). Nothing here
@@ -363,6 +364,47 @@ done:
     return ret;
 }
 
+/* The export's flood (cryptogen/he/engine.py ``_flood_residues``; noise.py rule 6), added to c0 in place:
+     c0_i += j + sum_l (s_0l + s_1l + s_2l) 2^(60 l) - 3 * 2^(a-1)  mod q_i,
+   limbs (3, nlimb, n): the three uniform a-bit integers K1..K3 in 60-bit limbs (masked by the caller);
+   j (n) in {0, 1, 2}; pows (k, nlimb) = 2^(60 l) mod q_i; off (k) = 3 * 2^(a-1) mod q_i; c0 (k, n). */
+static PyObject *py_flood_add(PyObject *self, PyObject *args) {
+    Py_buffer c0, limbs, jj, pows, off, qs, ratios;
+    Py_ssize_t k, nlimb, n;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*y*y*y*nnn", &c0, &limbs, &jj, &pows, &off, &qs, &ratios, &k, &nlimb, &n))
+        return NULL;
+    PyObject *ret = NULL;
+    if (check_len(&c0, k * n * 8, "c0") || check_len(&limbs, 3 * nlimb * n * 8, "limbs")
+        || check_len(&jj, n * 8, "J") || check_len(&pows, k * nlimb * 8, "limb weights")
+        || check_len(&off, k * 8, "offsets") || check_len(&qs, k * 8, "primes")
+        || check_len(&ratios, k * 16, "Barrett ratios")) goto done;
+    if (nlimb < 1 || nlimb > 8) {
+        PyErr_SetString(PyExc_ValueError, "HE kernel: 1..8 limbs of 60 bits");
+        goto done;
+    }
+    {
+        uint64_t *o = c0.buf;
+        const uint64_t *lb = limbs.buf, *j = jj.buf, *pw = pows.buf, *of = off.buf, *q = qs.buf, *ra = ratios.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < k; i++)
+            for (Py_ssize_t m = 0; m < n; m++) {
+                u128 acc = (u128)o[i * n + m] + j[m] + (q[i] - of[i]);
+                for (Py_ssize_t l = 0; l < nlimb; l++) {
+                    const uint64_t sum = lb[l * n + m] + lb[(nlimb + l) * n + m] + lb[(2 * nlimb + l) * n + m];
+                    acc += (u128)sum * pw[i * nlimb + l];  /* limb sums < 2^62 */
+                }
+                o[i * n + m] = barrett128(acc, q[i], ra[2 * i], ra[2 * i + 1]);
+            }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&c0); PyBuffer_Release(&limbs); PyBuffer_Release(&jj); PyBuffer_Release(&pows);
+    PyBuffer_Release(&off); PyBuffer_Release(&qs); PyBuffer_Release(&ratios);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"forward", py_forward, METH_VARARGS, "forward(data, tables, qs, size, k, n): negacyclic NTT in place"},
     {"inverse", py_inverse, METH_VARARGS, "inverse(data, tables, qs, ninv, size, k, n): inverse NTT in place"},
@@ -372,6 +414,8 @@ static PyMethodDef methods[] = {
      "digits(out, c1, c1ntt, perm, tables, qs, ratios, L, n): a key switch's digits on all primes, NTT'd, permuted"},
     {"seeded_c0", py_seeded_c0, METH_VARARGS,
      "seeded_c0(out, a, negs, m, e, cdiv, tables, qs, ninv, ratios, qmodt, t, k, n): -a s + Delta m + e"},
+    {"flood_add", py_flood_add, METH_VARARGS,
+     "flood_add(c0, limbs, j, pows, off, qs, ratios, k, nlimb, n): the export's flood added to c0 in place"},
     {"moddown", py_moddown, METH_VARARGS,
      "moddown(out, acc, c0, perm, tables, qs, ninv, ratios, pinv, L, n): a hoisted key switch's mod-down"},
     {NULL, NULL, 0, NULL}};

@@ -29,7 +29,8 @@ Derivation (each rule is an upper bound on nu, i.e. a lower bound on b):
      + (t/q)(L + 1/2)(1 + n + n^2) + nu_ks (relinearisation).
   6. flooding (export): add Enc_pk(0) (noise nu0) and F to c0, F = floor(Y) - 3A/2 with
      Y = U1 + U2 + U3, U_i uniform on [0, A), A = 2^a. floor(Y) = K1 + K2 + K3 + J with K_i uniform
-     in [0, A) and J in {0,1,2} w.p. 1/6, 2/3, 1/6: sampled exactly from os.urandom.
+     in [0, A) and J in {0,1,2} w.p. 1/6, 2/3, 1/6: sampled exactly from AES-256-CTR keyed by
+     32 fresh bytes of os.urandom (a CSPRNG: engine._random_bytes).
   7. privacy of one coefficient: the raw noise e (|e| <= E = (q/t) nu) is an integer, so
      floor(Y) + e = floor(Y + e) and by data processing H^2(F, F + e) <= H^2(Y, Y + e)
      <= e^2 I / 8 (Cauchy-Schwarz on sqrt of the density), I = Fisher information of Y

@@ -82,6 +82,32 @@ def test_flood_sampler_is_irwin_hall(cfg):
     assert abs(f.mean()) < 0.02 * 2 ** a and abs(f.std() / 2 ** a - 0.5) < 0.01  # Var = 3 A^2 / 12
 
 
+@pytest.mark.parametrize("a", [10, 60, 61, 142, 200])
+def test_flood_kernel_adds_the_reference_flood(cfg, monkeypatch, a):
+    """_flood_into (one C call) adds exactly _flood_residues' values for the same random stream, to
+    c0 words anywhere in [0, q) (q - 1 included), for floods of one to four 60-bit limbs."""
+    from cryptogen.he import engine as eng
+    qs = [int(q) for q in cfg.expected_qi[:-1]]
+    n = 4096
+
+    def draws():
+        stream = np.random.default_rng(a).bytes(1 << 22)
+        pos = [0]
+
+        def fake(k):
+            pos[0] += k
+            return stream[pos[0] - k:pos[0]]
+        return fake
+    monkeypatch.setattr(eng, "_random_bytes", draws())
+    want = eng._flood_residues(a, n, qs)
+    c0 = np.stack([np.resize(np.array([0, 1, q - 1, q // 2], np.uint64), n) for q in qs])
+    base = c0.copy()
+    monkeypatch.setattr(eng, "_random_bytes", draws())
+    eng._flood_into(c0, a, qs)
+    for i, q in enumerate(qs):
+        assert np.array_equal(c0[i], ((base[i].astype(object) + want[i].astype(object)) % q).astype(np.uint64))
+
+
 def test_flooding_grows_with_the_export_budget(cfg, engine):
     b = 80.0
     a = {x: NoiseModel(HEConfig(max_exports_log2=x)).flood_exponent(b) for x in (0, 10, 20, 30)}

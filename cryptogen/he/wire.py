@@ -238,18 +238,14 @@ def from_switched(payload: bytes, head: dict, widths, moduli, keep: int) -> byte
     return payload[:PREFIX] + lift_up(low, moduli, head["k"]).tobytes()
 
 
-def to_seeded(raw: bytes, seed: bytes, widths) -> bytes:
-    """A fresh symmetric ciphertext whose c1 is ``expand_seed(seed)`` -> prefix | seed | packed c0."""
-    return raw[:PREFIX] + seed + _pack(_words(raw)[:1], widths)
-
-
 def seeded_payload(prefix: bytes, seed: bytes, c0: np.ndarray, widths) -> bytes:
-    """:func:`to_seeded` from c0 (k, n) alone (``prefix``: a 2-polynomial ciphertext's at that level)."""
+    """A fresh symmetric ciphertext whose c1 is ``expand_seed(seed)``, from its c0 (k, n) -> prefix | seed |
+    packed c0 (``prefix``: a 2-polynomial ciphertext's at that level)."""
     return prefix[:PREFIX] + seed + _pack(c0[None], widths)
 
 
 def from_seeded(payload: bytes, head: dict, widths, moduli) -> bytes:
-    """Inverse of :func:`to_seeded`: c1 expanded from the seed again (``moduli``: the data primes)."""
+    """Inverse of :func:`seeded_payload`: c1 expanded from the seed again (``moduli``: the data primes)."""
     k, n = head["k"], head["n"]
     if head["size"] != 2:
         raise SerializationError(f"ciphertext: {head['size']} polynomials, expected 2")

@@ -59,6 +59,11 @@ def _operand(rng, qs, n, kind: str) -> np.ndarray:
     return np.stack([np.array([[x % q for x in ints] for q in qs], np.uint64)] * 2)
 
 
+def test_kernel_is_built():
+    """bin/bootstrap builds cryptogen/he/_ctct.c (its absence would silently fall back to SEAL)."""
+    assert ctct.available()
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.data())
 def test_product_is_rounded_scaled_tensor(data):

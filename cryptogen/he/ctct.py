@@ -74,10 +74,6 @@ def _shoup(ws, ms) -> np.ndarray:
     return np.array([(w % m, ((w % m) << 64) // m) for w, m in zip(ws, ms)], np.uint64)
 
 
-def _ratios(ms) -> np.ndarray:
-    return np.array([((1 << 128) // m >> 64, (1 << 128) // m & ((1 << 64) - 1)) for m in ms], np.uint64)
-
-
 @dataclass(frozen=True)
 class Basis:
     """Public constants for Q = ``qs`` and the auxiliary P = ``ps`` (a pure function of the parameters)."""
@@ -104,15 +100,15 @@ def basis(n: int, qs: tuple[int, ...], t: int, avoid: tuple[int, ...] = ()) -> B
     Q = prod(qs)
     ps = _aux_primes(n, tuple(qs) + tuple(avoid), Q.bit_length() + t.bit_length() + n.bit_length() + 8)
     P, M = prod(ps), Q * prod(ps)
-    ext = (_u64(qs), _shoup([pow(Q // q, -1, q) for q in qs], qs), _ratios(qs), _u64(ps), _ratios(ps),
+    ext = (_u64(qs), _shoup([pow(Q // q, -1, q) for q in qs], qs), ntt.barrett_ratios(qs), _u64(ps), ntt.barrett_ratios(ps),
            _u64([Q // q % p for q in qs for p in ps]), _u64([-Q % p for p in ps]))
     phinv = [pow(P // p, -1, p) for p in ps]
     sc = (_u64(qs), _u64(ps), _shoup([pow(M // q, -1, q) for q in qs], qs),
           np.array([divmod((t * P % q << 128) // q, 1 << 64) for q in qs], np.uint64),  # r_i / q_i, 64.128
           _u64([t * P // q * h % p for q in qs for p, h in zip(ps, phinv)]),  # I_i (P/p_j)^-1
           _u64([t * P // p * pow(M // p, -1, p) * h % p for p, h in zip(ps, phinv)]),  # tP/p_j (QP/p_j)^-1 (P/p_j)^-1
-          _u64(phinv), _ratios(ps), _u64([P // p % q for p in ps for q in qs]), _u64([-P % q for q in qs]),
-          _ratios(qs))
+          _u64(phinv), ntt.barrett_ratios(ps), _u64([P // p % q for p in ps for q in qs]), _u64([-P % q for q in qs]),
+          ntt.barrett_ratios(qs))
     return Basis(n, qs, ps, int(t), ntt.tables(n, qs + ps, int(t)), ext, sc)
 
 

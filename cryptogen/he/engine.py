@@ -26,6 +26,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher as AESCipher, algorithms, modes
@@ -127,11 +128,15 @@ def _flood_into(c0: np.ndarray, a: int, moduli: list[int]) -> None:
     limbs = np.concatenate([_uniform_limbs(a, n) for _ in range(3)])  # (3 * nlimb, n)
     j = _irwin_hall_j(n)
     nlimb = limbs.shape[0] // 3
-    qs = [int(q) for q in moduli]
-    ratios = np.array([divmod((1 << 128) // q, 1 << 64) for q in qs], np.uint64)
-    ntt._ntt.flood_add(c0, limbs, j, np.array([[(1 << 60 * m) % q for m in range(nlimb)] for q in qs], np.uint64),
-                       np.array([(3 << (a - 1)) % q for q in qs], np.uint64), np.array(qs, np.uint64), ratios,
-                       k, nlimb, n)
+    ntt._ntt.flood_add(c0, limbs, j, *_flood_constants(a, tuple(int(q) for q in moduli)), k, nlimb, n)
+
+
+@lru_cache(maxsize=64)
+def _flood_constants(a: int, qs: tuple[int, ...]) -> tuple:
+    """flood_add's public constants: 2^(60 l) mod q_i, 3 * 2^(a-1) mod q_i, the primes, their Barrett ratios."""
+    nlimb = (a + 59) // 60
+    return (np.array([[(1 << 60 * m) % q for m in range(nlimb)] for q in qs], np.uint64),
+            np.array([(3 << (a - 1)) % q for q in qs], np.uint64), np.array(qs, np.uint64), ntt.barrett_ratios(qs))
 
 
 class ServerEngine:

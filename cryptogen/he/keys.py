@@ -255,6 +255,7 @@ class ClientKeys(_HEBase):
         self.qi = tuple(int(q) for q in he.get_qi())
         self._neg_s = None  # the plaintext -s, made on the first seeded encryption
         self._neg_s_ntt = None  # -s in NTT form, per prime (the NTT kernel's encryption)
+        self._qdt = None  # floor(Q/t) mod q_i (_q_div_t)
 
     @classmethod
     def generate(cls, config: HEConfig, rotation_steps=()) -> "ClientKeys":
@@ -307,8 +308,7 @@ class ClientKeys(_HEBase):
             Q, t = math.prod(self.qi[:k]), self.config.t
             c0 = np.empty((k, n), np.uint64)
             ntt._ntt.seeded_c0(c0, a, self._neg_s_ntt, ntt.plain_coeffs(pt, n), np.ascontiguousarray(e, np.int64),
-                               np.array([Q // t % q for q in self.qi[:k]], np.uint64), tb.tables, tb.qs, tb.ninv,
-                               tb.ratios, Q % t, t, k, n)
+                               self._q_div_t(), tb.tables, tb.qs, tb.ninv, tb.ratios, Q % t, t, k, n)
             return c0
         y = PyCtxt(pyfhel=self.he, bytestring=self._ct_template + np.stack([self._minus_a_s(a), a]).tobytes())
         self.he.add_plain(y, pt)  # c0 = Delta*m - a*s
@@ -316,6 +316,14 @@ class ClientKeys(_HEBase):
         for i, q in enumerate(self.qi[:k]):
             c0[i] = np.mod(c0[i] + np.mod(e, q).astype(np.uint64), np.uint64(q))
         return c0
+
+    def _q_div_t(self) -> np.ndarray:
+        """floor(Q/t) mod q_i for the data primes (SEAL's coeff_div_plain_modulus), made once."""
+        if self._qdt is None:
+            k = len(self.widths)
+            Q = math.prod(self.qi[:k])
+            self._qdt = np.array([Q // self.config.t % q for q in self.qi[:k]], np.uint64)
+        return self._qdt
 
     def _minus_a_s(self, a: np.ndarray) -> np.ndarray:
         """-a*s, (k, n) residues: with the NTT kernel one forward and one inverse NTT of a (2k NTTs)

@@ -76,6 +76,11 @@ class Tables:
         return len(self.qs)
 
 
+def barrett_ratios(primes) -> np.ndarray:
+    """(k, 2) uint64: floor(2^128 / q) as (high, low) words, per prime (the C kernels' Barrett constant)."""
+    return np.array([divmod((1 << 128) // int(q), 1 << 64) for q in primes], np.uint64)
+
+
 @lru_cache(maxsize=8)
 def tables(n: int, primes: tuple[int, ...], t: int) -> Tables:
     """Twiddle tables for the data-level primes (a pure function of public parameters)."""
@@ -101,8 +106,7 @@ def tables(n: int, primes: tuple[int, ...], t: int) -> Tables:
         tab[i, 3] = [(x << 64) // q for x in iw]
         ni = pow(n, -1, q)
         ninv[i] = (ni, (ni << 64) // q)
-        r = (1 << 128) // q
-        ratios[i] = (r >> 64, r & ((1 << 64) - 1))
+        ratios[i] = barrett_ratios((q,))[0]
     return Tables(n, np.array(primes, np.uint64), tab, ninv, ratios, int(t))
 
 

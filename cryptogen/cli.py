@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 from .cli_common import (TokenStream, UsageError, check_choice, check_eval_args,  # noqa: F401  (re-exported)
                          check_float, check_generate_args, check_int, check_writable_dir, encode_prompt,
                          split_host_port)
+from .memory import keep_freed_memory
 
 # click's base class of the errors it shows to the user (``typer`` bundles its own copy of click)
 _ClickError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -81,8 +82,9 @@ def _user_errors() -> tuple:
     from .client.remote import ConnectError
     from .server.serve import ServeError
     from .init_checkpoint import InitError
+    from .memory import MemoryModeError
 
-    return (UsageError, DataError, CheckpointError, ModelNotFound, TokenizerError, FieldError,
+    return (MemoryModeError, UsageError, DataError, CheckpointError, ModelNotFound, TokenizerError, FieldError,
             ClusterError, DriverError, PlanError, MetricsPortInUse, BenchError, ChannelError, ProtocolError,
             RemoteError, TLSError, ConnectError, LocalServerError, ServeError, InitError)
 
@@ -100,6 +102,7 @@ def _run(fn, *args, **kwargs):
 @app.callback()
 def main_options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")):
     _state["debug"] = debug
+    _run(keep_freed_memory)  # every command's process (cryptogen/memory.py: why)
 
 
 @app.command()

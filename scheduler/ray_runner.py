@@ -15,6 +15,7 @@ import time
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cryptogen import memory
 from cryptogen.cluster.connect import worker_placement
 
 from ..workers.actor import WorkerActor
@@ -68,7 +69,8 @@ class ServerPool:
         self.workers = [
             WorkerActor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=i), num_cpus=1,
-                max_restarts=max_restarts, max_task_retries=0, runtime_env={"env_vars": WORKER_ENV})
+                max_restarts=max_restarts, max_task_retries=0,
+                runtime_env={"env_vars": {**WORKER_ENV, memory.ENV: memory.mode()}})
             .remote(i, model_ref, plan, he_config, tls, gateway_host, here, link_cap)
             for i in range(len(plan.workers))]
         self.addresses = ray.get([w.address.remote() for w in self.workers])

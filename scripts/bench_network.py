@@ -367,6 +367,9 @@ def summarize(steps, rec: dict, shape, base=None, offline=True) -> dict:
 
 
 def main() -> None:
+    from cryptogen.memory import keep_freed_memory
+
+    keep_freed_memory()  # as every CryptoGen process does (cryptogen/memory.py)
     from cryptogen.net.shaper import PROFILES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

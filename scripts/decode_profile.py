@@ -114,6 +114,9 @@ def run(a) -> None:
 
 
 def main() -> None:
+    from cryptogen.memory import keep_freed_memory
+
+    keep_freed_memory()  # as every CryptoGen process does (cryptogen/memory.py)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="wikitext2", help="a shipped model's name or a checkpoint folder")
     ap.add_argument("--context", type=int, default=16, help="prompt tokens before the decode steps")

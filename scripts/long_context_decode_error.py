@@ -60,6 +60,9 @@ def token_ids(name: str, model, n: int, seed: int) -> list[int]:
 
 
 def main() -> None:
+    from cryptogen.memory import keep_freed_memory
+
+    keep_freed_memory()  # as every CryptoGen process does (cryptogen/memory.py)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="a shipped model name or a checkpoint folder")
     ap.add_argument("--context", type=int, default=511, help="P: cached positions before the first decode step")

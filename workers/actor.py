@@ -12,7 +12,7 @@ import threading
 
 import ray
 
-from cryptogen import secure_plan as sp
+from cryptogen import memory, secure_plan as sp
 from cryptogen.he.engine import add_exports, exports_of, restore_exports
 from cryptogen.model import GPT
 from cryptogen.mpc.party import Party
@@ -45,6 +45,7 @@ class WorkerActor:
                  gateway_node: str | None, link_cap: int, link_timeout: float = LINK_TIMEOUT):
         """``model``: a GPT, or the path of a checkpoint folder on this node (the server's model store).
         ``tls``: the server's certificate and key (PEM), presented on the data links."""
+        memory.keep_freed_memory()  # the server's mode, passed in the actor's environment (ray_runner)
         if isinstance(model, str):
             model = GPT.from_pretrained(model)
         self.index, self.fp, self.he_config, self.link_timeout = index, he_config.fixed_point, he_config, link_timeout

@@ -33,7 +33,7 @@ import platform
 ENV = "CRYPTOGEN_MEMORY"
 MODES = ("keep", "system")
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's malloc.h
-_applied: list[str] = []
+_applied = False
 
 
 class MemoryModeError(ValueError):
@@ -51,11 +51,11 @@ def mode(environ=None) -> str:
 
 def keep_freed_memory(environ=None) -> str:
     """Apply the mode (module doc) to this process, once; returns it. ``system`` changes nothing."""
+    global _applied
     want = mode(environ)
-    if _applied or want == "system":
-        return _applied[0] if _applied else want
-    libc_name = platform.libc_ver()[0]
-    if libc_name == "glibc":
+    if want == "system" or _applied:
+        return want
+    if platform.libc_ver()[0] == "glibc":
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
         libc.mallopt(_M_MMAP_MAX, 0)
@@ -65,5 +65,5 @@ def keep_freed_memory(environ=None) -> str:
     set_advice = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
     if set_advice is not None:
         set_advice(False)
-    _applied.append(want)
+    _applied = True
     return want

@@ -23,7 +23,8 @@ from ..workers.actor import WorkerActor
 MAX_RESTARTS = -1  # a long-lived server: Ray restarts a worker whose process died, every time
 # glibc makes a malloc arena per thread that allocates; a worker's Ray method threads then hold
 # 800-920 MB where 2 arenas hold 555-620 MB (scripts/soak.py, docs/RELIABILITY.md). The server's
-# environment may set another value.
+# environment may set another value. With memory kept (the default) the worker sets one arena itself
+# (cryptogen/memory.py); this applies with CRYPTOGEN_MEMORY=system.
 WORKER_ENV = {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
 RESTART_WAIT_S = 120.0  # how long a repeatable call waits for a restarting worker to come back
 

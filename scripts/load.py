@@ -260,6 +260,9 @@ def main(argv=None) -> int:
                     help="First one session alone (the unloaded latency).")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "load.json"))
     args = ap.parse_args(argv)
+    from cryptogen.memory import keep_freed_memory
+
+    keep_freed_memory()  # this process is the client: as `cryptogen generate` (cryptogen/memory.py)
     if args.sessions < 1 or args.tokens < 1:
         ap.error("--sessions and --tokens must be at least 1")
     if args.connect and args.provider == "dealer" and not args.dealer:

@@ -204,6 +204,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rescore", default=None, metavar="FILE", help="Only recompute FILE's summaries and verdicts.")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "soak.json"))
     args = ap.parse_args(argv)
+    from cryptogen.memory import keep_freed_memory
+
+    keep_freed_memory()  # this process is the client: as `cryptogen generate` (cryptogen/memory.py)
     if args.rescore:
         return rescore(Path(args.rescore))
     if any("=" not in e for e in args.server_env):

@@ -13,7 +13,10 @@ in docs/BENCHMARKS.md ("Freed memory kept in the process").
 What. ``keep_freed_memory()`` runs at the start of every CryptoGen process (the CLI, the server's
 Ray worker actors, the dealer service):
   1. glibc's ``mallopt``: M_MMAP_MAX = 0 (every block from the heap, so a freed one is reused),
-     M_TRIM_THRESHOLD at its maximum (the heap is not given back) and M_ARENA_MAX = 1 (threads
+     M_TRIM_THRESHOLD at its maximum (the heap is not given back; mallopt takes an int, and -1 is
+     read as SIZE_MAX: 2^31 - 1 would still give back a freed heap top over 2 GiB, as a GPT-2 decode
+     step's DCF keys at 511 context are; DCF keys for 765,000 comparisons, three batches: 1.6-1.7 s
+     of system time per batch with 2^31 - 1, 0.08 s with -1) and M_ARENA_MAX = 1 (threads
      allocate from the main heap too: a thread's own arena is made of 64 MiB heaps, so a larger
      block there is mmapped whatever M_MMAP_MAX says, and unmapped when freed; measured, DCF keys
      for 200,000 comparisons made in a thread: 0.6-0.85 s of system time per batch, 0.02 s with
@@ -66,7 +69,7 @@ def keep_freed_memory(environ=None) -> str:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
         libc.mallopt(_M_MMAP_MAX, 0)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)
+        libc.mallopt(_M_TRIM_THRESHOLD, -1)
         libc.mallopt(_M_ARENA_MAX, 1)
     import numpy as np
 

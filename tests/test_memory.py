@@ -32,6 +32,19 @@ t = threading.Thread(target=remake, args=(faults,)); t.start(); t.join()
 print(int(advice), *faults)
 """
 
+# the same for a block over 2 GiB (glibc trims a freed heap top above its trim threshold; mallopt takes
+# an int, so only -1, read as SIZE_MAX, keeps such a block): one byte per 4 KiB page is touched
+BIG_CHILD = """
+import resource
+import numpy as np
+from cryptogen.memory import keep_freed_memory
+keep_freed_memory()
+size = 5 << 29  # 2.5 GiB
+a = np.empty(size, np.uint8); a[::4096] = 1; del a
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+b = np.empty(size, np.uint8); b[::4096] = 1
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
 
 def _run(code: list[str], env_mode: str | None):
     env = {k: v for k, v in os.environ.items() if k not in ("CRYPTOGEN_MEMORY", "GLIBC_TUNABLES",
@@ -54,6 +67,12 @@ def test_kept_memory_is_reused_without_page_faults():
     advice, main, thread = map(int, system.stdout.split())
     assert advice == 1 and main >= 32 and thread >= 32, system.stdout
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and Linux page faults")
+def test_kept_memory_holds_blocks_over_2_gib():
+    kept = _run(["-c", BIG_CHILD], None)
+    assert kept.returncode == 0, kept.stderr
+    assert int(kept.stdout) < 32, kept.stdout  # 655,360 pages of 4 KiB if the heap's top was given back
 
 def test_bad_memory_mode_is_one_line_and_starts_nothing(tmp_path):
     out = tmp_path / "never"

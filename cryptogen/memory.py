@@ -12,15 +12,16 @@ in docs/BENCHMARKS.md ("Freed memory kept in the process").
 
 What. ``keep_freed_memory()`` runs at the start of every CryptoGen process (the CLI, the server's
 Ray worker actors, the dealer service):
-  1. glibc's ``mallopt``: M_MMAP_MAX = 0 (every block from the heap, so a freed one is reused),
-     M_TRIM_THRESHOLD at its maximum (the heap is not given back; mallopt takes an int, and -1 is
-     read as SIZE_MAX: 2^31 - 1 would still give back a freed heap top over 2 GiB, as a GPT-2 decode
-     step's DCF keys at 511 context are; DCF keys for 765,000 comparisons, three batches: 1.6-1.7 s
-     of system time per batch with 2^31 - 1, 0.08 s with -1) and M_ARENA_MAX = 1 (threads
-     allocate from the main heap too: a thread's own arena is made of 64 MiB heaps, so a larger
-     block there is mmapped whatever M_MMAP_MAX says, and unmapped when freed; measured, DCF keys
-     for 200,000 comparisons made in a thread: 0.6-0.85 s of system time per batch, 0.02 s with
-     one arena);
+  1. glibc's ``mallopt``:
+     - M_MMAP_MAX = 0: every block comes from the heap, so a freed one is reused;
+     - M_TRIM_THRESHOLD = -1 (``mallopt`` takes an int; glibc reads -1 as SIZE_MAX): the heap is
+       never given back. The largest int, 2^31 - 1, still gives back a freed heap top over 2 GiB,
+       as a GPT-2 decode step's DCF keys at 511 context are (keys for 765,000 comparisons, three
+       batches: 1.6-1.7 s of system time per batch with 2^31 - 1, 0.08 s with -1);
+     - M_ARENA_MAX = 1: threads allocate from the main heap too. A thread's own arena is made of
+       64 MiB heaps, so a larger block there is mmapped whatever M_MMAP_MAX says, and unmapped
+       when freed (keys for 200,000 comparisons made in a thread: 0.6-0.85 s of system time per
+       batch, 0.02 s with one arena);
   2. numpy's huge-page advice off (``NUMPY_MADVISE_HUGEPAGE=0`` does the same at import).
 Cost: a process's resident memory stays at its high-water mark, plus the heap's fragmentation
 (measured: the GPT-2 server worker's peak 14.3 -> 15.1 GB at 511 context; the tiny model's worker

@@ -46,6 +46,7 @@ b = np.empty(size, np.uint8); b[::4096] = 1
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
+
 def _run(code: list[str], env_mode: str | None):
     env = {k: v for k, v in os.environ.items() if k not in ("CRYPTOGEN_MEMORY", "GLIBC_TUNABLES",
                                                            "NUMPY_MADVISE_HUGEPAGE")}
@@ -73,6 +74,7 @@ def test_kept_memory_holds_blocks_over_2_gib():
     kept = _run(["-c", BIG_CHILD], None)
     assert kept.returncode == 0, kept.stderr
     assert int(kept.stdout) < 32, kept.stdout  # 655,360 pages of 4 KiB if the heap's top was given back
+
 
 def test_bad_memory_mode_is_one_line_and_starts_nothing(tmp_path):
     out = tmp_path / "never"

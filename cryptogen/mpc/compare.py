@@ -100,6 +100,22 @@ def _mask_open(p, v):
     return r_bits, r, c, w.reshape(v.shape + (dcf.OUT,))
 
 
+def high_part(bits: np.ndarray, k: np.ndarray, t: int) -> np.ndarray:
+    """Shares of floor(r / 2^k) = sum_{i >= k} r_i 2^(i - k) from shares of r's bits (last axis, LSB
+    first), k broadcast to bits.shape[:-1]: local. The C kernel (``_dcf.high``) where it is built."""
+    bits = np.asarray(bits, np.int64)
+    k = np.broadcast_to(np.asarray(k, np.int64), bits.shape[:-1])
+    L = bits.shape[-1]
+    kernel = dcf.high_kernel()
+    if kernel is not None:
+        out = np.empty(bits.shape[:-1], np.int64)
+        kernel(out, np.ascontiguousarray(bits), np.ascontiguousarray(k), out.size, L, t)
+        return out
+    idx = np.arange(L)
+    weights = np.where(idx >= k[..., None], np.int64(1) << np.maximum(idx - k[..., None], 0), 0)
+    return np.mod(mul(bits, weights, t).sum(-1), t)  # L terms < t: no int64 overflow
+
+
 def trunc(p, x: np.ndarray, k) -> np.ndarray:
     """Shares of round(x / 2^k) (error within +-1.5 ulp); k an int or an array broadcastable to x."""
     x = np.asarray(x, np.int64)
@@ -110,10 +126,7 @@ def trunc(p, x: np.ndarray, k) -> np.ndarray:
     xp = add_sp(p, x, B + (np.int64(1) << (k - 1)))
     r_bits, r, c, wk = _mask_open(p, xp)
     w = gt_public(p, r_bits, c) if wk is None else wk[..., 0]
-    L = r_bits.shape[-1]
-    idx = np.arange(L)
-    weights = np.where(idx >= k[..., None], np.int64(1) << np.maximum(idx - k[..., None], 0), 0)
-    r_h = np.mod(mul(r_bits, weights, p.t).sum(-1), p.t)  # L terms < t: no int64 overflow
+    r_h = high_part(r_bits, k, p.t)
     t_h = np.int64(p.t) >> k
     res = sub(mul(w, t_h, p.t), r_h, p.t)
     return add_sp(p, res, (c >> k) - (np.int64(B) >> k))

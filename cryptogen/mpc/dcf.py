@@ -73,6 +73,14 @@ def kernel() -> str:
                           "and a CPU with AES-NI; unset it to use numpy")
     return want
 
+def high_kernel():
+    """The C kernel of ``compare.high_part`` (no AES needed), or None: without the build, or when
+    CRYPTOGEN_DCF_KERNEL=numpy asks for the numpy reference."""
+    if _dcf is None or os.environ.get(KERNEL_ENV) == "numpy":
+        return None
+    return _dcf.high
+
+
 # fixed public PRG key (any constant works: the PRG is AES as a public random permutation)
 _PRG_KEY = bytes(range(16))
 OUT = 2  # output group Z_t^OUT

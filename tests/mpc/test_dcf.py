@@ -217,3 +217,47 @@ def test_kernel_gen_rejects_bad_input_with_one_line(bad, match):
     with pytest.raises(ValueError, match=match):
         dcf._dcf.gen(k0, k1, alpha, beta, seeds, 3, L, bad.get("t", T))
     assert not k0.any() and not k1.any()  # nothing written
+
+
+def _high_reference(bits, k, t):
+    """sum_{i >= k} bits_i 2^(i - k) mod t with Python integers."""
+    return [sum(int(b) << (i - int(kk)) for i, b in enumerate(row) if i >= kk) % t for row, kk in zip(bits, k)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 62), st.integers(0, 2**32))
+def test_high_part_equals_python_integers(n, L_, seed):
+    """compare.high_part (the truncations' r_h), C and numpy, against exact integers: any L, any k in
+    [0, L], shares at 0 and t - 1 (the largest Horner step)."""
+    from cryptogen.mpc.compare import high_part
+    rng = np.random.default_rng(seed)
+    t = T if L_ <= 42 else (1 << 61) - 1  # numpy's reference needs t < 2^42; C takes up to 2^62
+    bits = rng.integers(0, t, (n, L_))
+    bits[0] = t - 1
+    bits[-1, : L_ // 2] = 0
+    k = rng.integers(0, L_ + 1, n)
+    k[0] = 0
+    want = _high_reference(bits, k, t)
+    if dcf.high_kernel() is not None:
+        out = np.empty(n, np.int64)
+        dcf.high_kernel()(out, bits, k, n, L_, t)
+        assert out.tolist() == want
+    if t == T:
+        with pytest.MonkeyPatch.context() as mp:  # (hypothesis runs many examples per fixture)
+            mp.setenv(dcf.KERNEL_ENV, "numpy")
+            assert dcf.high_kernel() is None
+            assert high_part(bits, k, t).tolist() == want
+
+
+@pytest.mark.skipif(dcf.high_kernel() is None, reason="C kernel not built")
+@pytest.mark.parametrize("bad, match", [(dict(k=L + 1), "shift 1 outside"), (dict(k=-1), "shift 1 outside"),
+                                        (dict(bit=T), "bit share 1 outside"), (dict(n=2), "bits has"),
+                                        (dict(t=1 << 62), "bad parameters")])
+def test_high_kernel_rejects_bad_input_with_one_line(bad, match):
+    bits = np.ones((3, L), np.int64)
+    bits[1, 5] = bad.get("bit", 1)
+    k = np.array([1, bad.get("k", 2), 3], np.int64)
+    out = np.zeros(bad.get("n", 3), np.int64)
+    with pytest.raises(ValueError, match=match):
+        dcf._dcf.high(out, bits, k[: len(out)], len(out), L, bad.get("t", T))  # n = 2: 3 rows of bits
+    assert not out.any()  # nothing written

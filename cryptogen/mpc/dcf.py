@@ -73,6 +73,7 @@ def kernel() -> str:
                           "and a CPU with AES-NI; unset it to use numpy")
     return want
 
+
 def high_kernel():
     """The C kernel of ``compare.high_part`` (no AES needed), or None: without the build, or when
     CRYPTOGEN_DCF_KERNEL=numpy asks for the numpy reference."""

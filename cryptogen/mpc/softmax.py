@@ -22,9 +22,9 @@ softmax(x, causal=False, mask=None, out_bits=f)   x at scale 2^f (scores), outpu
   Error (measured, docs/MPC.md): max abs <= 4.2e-4 at f=12 (output quantisation 1.2e-4 + 1.5 ulp
   truncation + exp/reciprocal error). Attention uses out_bits = f + 6 (``twoparty.PROBS_EXTRA_BITS``):
   at 2^12 a probability of a long row (~1/n) keeps only a few significant bits.
-  Cost per row of n: 9 ceil(log2 n) (max tree) + 65 (exp) + 57 (reciprocal) + 8 rounds
-  (211 for n = 512) by the comparison circuit; with the dealer's DCF keys (one-round
-  comparisons and truncations, ``dcf.py``) 2 ceil(log2 n) + 32: 46 for n = 128, 50 for 512.
+  Cost per row of n: 9 ceil(log2 n) (max tree) + 64 (exp) + 57 (reciprocal) + 8 rounds
+  (210 for n = 512) by the comparison circuit; with the dealer's DCF keys (one-round
+  comparisons and truncations, ``dcf.py``) 2 ceil(log2 n) + 31: 45 for n = 128, 49 for 512.
   Measured bytes in docs/MPC.md.
 """
 from __future__ import annotations

@@ -94,13 +94,14 @@ STREAM_MIN_BYTES = 1 << 12
 _ZEROS = memoryview(bytes(1 << 20))  # the keystream is AES-CTR of zeros, a MiB per call into OpenSSL
 
 
-def random_bytes(nbytes: int) -> bytes | bytearray:
+def random_bytes(nbytes: int) -> bytearray:
     """``nbytes`` from a CSPRNG: ``os.urandom`` for short requests; from STREAM_MIN_BYTES on, the
     keystream of AES-256-CTR under a fresh 32-byte ``os.urandom`` key (counter from 0; one key per
-    call, so no stream is ever reused), written in place into one writable buffer. Here os.urandom
+    call, so no stream is ever reused), written in place into one writable buffer (both paths return
+    a writable bytearray). Here os.urandom
     gives ~0.3 GB/s, the AES stream 5-8 GB/s: the dealer draws ~0.3 GB per GPT-2 decode step at 511."""
     if nbytes < STREAM_MIN_BYTES:
-        return os.urandom(nbytes)
+        return bytearray(os.urandom(nbytes))
     out = bytearray(nbytes + 15)  # update_into wants a block of slack after what it writes
     view, enc = memoryview(out), Cipher(algorithms.AES(os.urandom(32)), modes.CTR(bytes(16))).encryptor()
     for off in range(0, nbytes, len(_ZEROS)):
@@ -126,9 +127,7 @@ def random_elements(shape, t: int, rng: np.random.Generator | None = None) -> np
     while have < n:
         need = (n - have) + 16
         if rng is None:
-            buf = random_bytes(8 * need)
-            raw = np.frombuffer(buf, np.uint64)
-            raw = raw if isinstance(buf, bytearray) else raw.copy()  # os.urandom's bytes are read-only
+            raw = np.frombuffer(random_bytes(8 * need), np.uint64)  # writable
         else:
             raw = rng.integers(0, np.iinfo(np.uint64).max, size=need, dtype=np.uint64, endpoint=True)
         np.bitwise_and(raw, mask, out=raw)

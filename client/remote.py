@@ -391,10 +391,10 @@ class _Session:
         self.cached, self.done_steps = fwd.start + fwd.T, self.done_steps + 1
         c.kv_bytes = int(msg.get("kv_bytes", 0)) if isinstance(msg.get("kv_bytes", 0), int) else 0
         timing = StepTiming(fwd.start + fwd.T - 1, phase, time.perf_counter() - t0)
-        for w, party in self.parties.items():  # calibrate the demand forecast (public counts)
-            now = dict(party.cr.counters()["consumed"])
-            last = self._consumed.get(w, {})
-            self.demand.observe(w, fwd.start, fwd.T, fwd.logits, {k: now.get(k, 0) - last.get(k, 0) for k in now})
+        for w, party in self.parties.items():  # calibrate the dealer-free provider's forecast (public counts)
+            now, last = dict(party.cr.counters()["consumed"]), self._consumed.get(w, {})
+            if self.provider == "he":  # a dealer's truncations take their own kind: other counts
+                self.demand.observe(w, fwd.start, fwd.T, fwd.logits, {k: now.get(k, 0) - last.get(k, 0) for k in now})
             self._consumed[w] = now
             mark = getattr(party.cr, "mark", None)
             if mark is not None:

@@ -3,7 +3,7 @@ driver names over the session's parties (one per worker link), with telemetry of
 counts (bytes, rounds, randomness made and used)."""
 from __future__ import annotations
 
-from cryptogen.telemetry import Telemetry
+from cryptogen.telemetry import TRIPLE_KINDS, Telemetry
 
 from .session import ClientSession
 
@@ -38,12 +38,12 @@ class ClientRunner:
         now["sent"] += off.get("bytes_sent", 0)
         now["recv"] += off.get("bytes_recv", 0)
         now["rounds"] += off.get("rounds", 0)
-        for kind in ("triple", "bits", "matrix"):
+        for kind in TRIPLE_KINDS:
             now[f"p_{kind}"] = cr["produced"].get(kind, 0)
             now[f"c_{kind}"] = cr["consumed"].get(kind, 0)
         last = self._seen.get(w, dict.fromkeys(now, 0))
         d = {k: now[k] - last[k] for k in now}
         self._seen[w] = now
         self.telemetry.traffic(bytes_to_server=d["sent"], bytes_to_client=d["recv"], rounds=d["rounds"])
-        for kind in ("triple", "bits", "matrix"):
+        for kind in TRIPLE_KINDS:
             self.telemetry.triples(kind, produced=d[f"p_{kind}"], consumed=d[f"c_{kind}"])

@@ -29,7 +29,7 @@ OPS = ("ct_pt_mul", "ct_ct_mul", "rotations")
 AHEAD_MARGIN = 1.02  # in process: the next decode step's dealer items, as a multiple of the last step's (+ growth)
 # ... but at most this many per worker (both parties' halves, with DCF keys, ~3 GB): a recompute step at
 # 128 context takes a whole prefill's, which held ahead did not fit in 23 GB; the rest is made in the step
-AHEAD_MAX = {"triple": 1 << 25, "bits": 1 << 20}
+AHEAD_MAX = {"triple": 1 << 25, "bits": 1 << 20, "tbits": 1 << 21}
 BACKENDS = ("inprocess", "ray")
 CPU_ROLES = ("client", "workers", "gateway", "ray")  # the ray backend's parties (bench_ray.server_cpu)
 NOTES = ["latency: median over decoded tokens; HE ops (the server's, all workers), client<->server bytes and "
@@ -213,13 +213,13 @@ def dealer_ahead(runner):
     def ahead(decoded_at: int | None) -> float:
         nonlocal seen
         now = consumed()
-        took, seen = {w: {k: now[w].get(k, 0) - seen[w].get(k, 0) for k in ("triple", "bits")} for w in now}, now
+        took, seen = {w: {k: now[w].get(k, 0) - seen[w].get(k, 0) for k in AHEAD_MAX} for w in now}, now
         if decoded_at is None:
             return 0.0
         t0, grow = time.perf_counter(), AHEAD_MARGIN + 2 / (decoded_at + 1)
         for w, d in took.items():
-            parties[w].cr.preprocess(triples=int(min(d["triple"] * grow, AHEAD_MAX["triple"])),
-                                     bits=int(min(d["bits"] * grow, AHEAD_MAX["bits"])))
+            parties[w].cr.preprocess(**{("triples" if k == "triple" else k): int(min(n * grow, AHEAD_MAX[k]))
+                                        for k, n in d.items()})
         return time.perf_counter() - t0
     return ahead
 

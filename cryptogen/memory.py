@@ -1,7 +1,7 @@
 """How a CryptoGen process allocates: memory it frees stays in the process, for its next array.
 
-Why. The protocols allocate and free large numpy arrays all the time: the dealer's DCF keys (1.7 KB
-per comparison and party, ~1.3 GB per party per GPT-2 decode step at 511 context), the HE kernels'
+Why. The protocols allocate and free large numpy arrays all the time: the dealer's DCF keys (1.0-1.7
+KB per comparison and party, ~1.3 GB per party per GPT-2 decode step at 511 context), the HE kernels'
 NTT buffers, the frames of a step's messages. By default glibc hands a freed block of >= 128 KiB
 (a threshold it raises by itself up to 32 MiB) straight back to the kernel, and numpy advises
 transparent huge pages for arrays of >= 4 MiB; so the next array of that size is faulted in again

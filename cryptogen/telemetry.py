@@ -43,7 +43,7 @@ PHASES = ("prefill", "decode")
 MODES = ("kv-reuse", "recompute")
 KERNELS = ("linear", "attention", "embed", "lm_head")
 HE_OPS = ("ct_pt_mul", "ct_ct_mul", "rotation")
-TRIPLE_KINDS = ("triple", "bits", "matrix")
+TRIPLE_KINDS = ("triple", "bits", "tbits", "matrix")
 DIRECTIONS = ("to_server", "to_client")
 # Upper bounds (seconds) of the token-latency histogram; +Inf is implicit.
 TOKEN_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,

@@ -5,16 +5,19 @@
  * EUROCRYPT 2021, Fig. 1; PRG G(s) = AES_K(s ^ i) ^ (s ^ i) with a fixed public key K). This file
  * computes exactly ``dcf.eval_numpy`` and ``dcf.gen_numpy``: the same AES blocks, the same sums,
  * share for share and key word for key word (tests/mpc/test_dcf.py). Evaluation: one item at a
- * time, its path's 1 + OUT blocks per level encrypted side by side (independent, so the AES rounds
+ * time, its path's 1 + out blocks per level encrypted side by side (independent, so the AES rounds
  * pipeline); the v blocks summed as 32-bit limbs, reduced mod t once at the end. Generation: one
- * item at a time, both parties' 2 + 2 OUT blocks per level.
+ * item at a time, both parties' 2 + 2 out blocks per level. out = 1 (a truncation's [x < alpha])
+ * or 2 (DReLU's pair); a key is key_words(L, out) words.
  *
- *   eval(out, keys, x, n, L, t, b)   out (n, OUT) int64 <- party b's shares of beta [x < alpha];
- *                                    keys (n, 2 + L (2 + OUT + 1) + OUT) int64, x (n,) in [0, 2^L),
+ *   eval(res, keys, x, n, L, t, b, out)
+ *                                    res (n, out) int64 <- party b's shares of beta [x < alpha];
+ *                                    keys (n, key_words(L, out)) int64, x (n,) in [0, 2^L),
  *                                    t < 2^48 (sums of L + 1 key words stay below 2^64);
- *   gen(k0, k1, alpha, beta, seeds, n, L, t)
- *                                    the dealer's key pairs for beta [x < alpha] (dcf.gen_numpy's
- *                                    keys from the same seeds (2, n, 2) uint64, word for word);
+ *   gen(k0, k1, alpha, beta, seeds, n, L, t, out)
+ *                                    the dealer's key pairs for beta [x < alpha], beta (n, out)
+ *                                    (dcf.gen_numpy's keys from the same seeds (2, n, 2) uint64,
+ *                                    word for word);
  *   aesni()                          whether this CPU has AES-NI (else dcf.py uses its numpy path);
  *   aes(out, blocks, n)              fixed-key AES-128 of n 16-byte blocks (for the tests);
  *   high(out, bits, ks, n, L, t)     a party's shares of floor(r / 2^k) from its shares of r's L
@@ -31,7 +34,11 @@
 #include <string.h>
 #include <immintrin.h>
 
-#define OUT 2 /* output group Z_t^OUT, as dcf.OUT */
+#define OUTMAX 2 /* output group Z_t^out, out = 1 (truncation) or 2 (DReLU), as dcf.py */
+
+/* int64 words of one key (dcf.key_words): root seed, L s_CW, L x out v_CW, the t_CW bit masks of
+ * side L and side R (bit i: level i), the out leaf corrections. */
+static inline Py_ssize_t key_words(int L, int out) { return 2 + (Py_ssize_t)L * (2 + out) + 2 + out; }
 
 typedef unsigned __int128 u128;
 
@@ -57,18 +64,18 @@ AES_ATTR static void expand_key(void) {
 #undef STEP
 }
 
-/* y = AES(x) ^ x for three independent blocks (the rounds interleave). */
-AES_ATTR static inline void mmo3(const __m128i x[3], __m128i y[3]) {
-    __m128i a = _mm_xor_si128(x[0], RK[0]), b = _mm_xor_si128(x[1], RK[0]), c = _mm_xor_si128(x[2], RK[0]);
-    for (int r = 1; r < 10; r++) {
-        a = _mm_aesenc_si128(a, RK[r]);
-        b = _mm_aesenc_si128(b, RK[r]);
-        c = _mm_aesenc_si128(c, RK[r]);
+/* y = AES(x) ^ x for M independent blocks (the rounds interleave). */
+#define DEF_MMO(M)                                                                          \
+    AES_ATTR static inline void mmo##M(const __m128i *x, __m128i *y) {                    \
+        __m128i a[M];                                                                       \
+        for (int j = 0; j < M; j++) a[j] = _mm_xor_si128(x[j], RK[0]);                     \
+        for (int r = 1; r < 10; r++)                                                        \
+            for (int j = 0; j < M; j++) a[j] = _mm_aesenc_si128(a[j], RK[r]);              \
+        for (int j = 0; j < M; j++) y[j] = _mm_xor_si128(_mm_aesenclast_si128(a[j], RK[10]), x[j]); \
     }
-    y[0] = _mm_xor_si128(_mm_aesenclast_si128(a, RK[10]), x[0]);
-    y[1] = _mm_xor_si128(_mm_aesenclast_si128(b, RK[10]), x[1]);
-    y[2] = _mm_xor_si128(_mm_aesenclast_si128(c, RK[10]), x[2]);
-}
+DEF_MMO(2)
+DEF_MMO(3)
+DEF_MMO(4)
 
 AES_ATTR static inline __m128i aes1(__m128i x) {
     x = _mm_xor_si128(x, RK[0]);
@@ -82,41 +89,40 @@ static inline void add_limbs(uint64_t limbs[4], __m128i v) {
     for (int q = 0; q < 4; q++) limbs[q] += w[q];
 }
 
-/* One item: party b's OUT shares (the sum of dcf.eval_numpy, reduced mod t). */
-AES_ATTR static void eval_one(const int64_t *key, uint64_t x, int L, uint64_t t, const uint64_t pow32[4], int b,
-                              int64_t *out) {
+/* One item: party b's out shares (the sum of dcf.eval_numpy, reduced mod t). */
+AES_ATTR static void eval_one(const int64_t *key, uint64_t x, int L, int out, uint64_t t, const uint64_t pow32[4],
+                              int b, int64_t *res) {
     const uint64_t *s0 = (const uint64_t *)key, *scw = s0 + 2;
-    const int64_t *vcw = key + 2 + 2 * L, *tcw = vcw + OUT * L, *cw_last = tcw + L;
+    const int64_t *vcw = key + 2 + 2 * L, *cw_last = vcw + out * L + 2;
+    const uint64_t tcw[2] = {(uint64_t)vcw[out * L], (uint64_t)vcw[out * L + 1]};  /* side L, side R masks */
     const __m128i clear_t = _mm_set_epi64x(-1, (long long)~1ULL);
     __m128i s = _mm_loadu_si128((const __m128i *)s0);
-    uint64_t tt = (uint64_t)b, limbs[OUT][4] = {{0}}, vsum[OUT] = {0};
+    uint64_t tt = (uint64_t)b, limbs[OUTMAX][4] = {{0}}, vsum[OUTMAX] = {0};
     for (int i = 0; i < L; i++) {
         const uint64_t side = (x >> (L - 1 - i)) & 1;
-        for (int o = 0; o < OUT; o++) vsum[o] += tt * (uint64_t)vcw[i * OUT + o];
+        for (int o = 0; o < out; o++) vsum[o] += tt * (uint64_t)vcw[i * out + o];
         const __m128i base = _mm_and_si128(s, clear_t);
-        __m128i xi[3], y[3];
+        __m128i xi[1 + OUTMAX], y[1 + OUTMAX];
         xi[0] = _mm_xor_si128(base, _mm_set_epi64x(0, (long long)side));
-        xi[1] = _mm_xor_si128(base, _mm_set_epi64x(0, (long long)(2 + OUT * side)));
-        xi[2] = _mm_xor_si128(base, _mm_set_epi64x(0, (long long)(3 + OUT * side)));
-        mmo3(xi, y);
+        for (int o = 0; o < out; o++) xi[1 + o] = _mm_xor_si128(base, _mm_set_epi64x(0, (long long)(2 + out * side + o)));
+        if (out == 2) mmo3(xi, y); else mmo2(xi, y);
         const __m128i mask = _mm_set1_epi64x(-(long long)tt);
         s = _mm_xor_si128(y[0], _mm_and_si128(_mm_loadu_si128((const __m128i *)(scw + 2 * i)), mask));
-        const uint64_t tcw_side = ((uint64_t)tcw[i] >> side) & 1;
+        const uint64_t tcw_side = (tcw[side] >> i) & 1;
         tt = ((uint64_t)_mm_cvtsi128_si64(y[0]) & 1) ^ (tt & tcw_side);
-        add_limbs(limbs[0], y[1]);
-        add_limbs(limbs[1], y[2]);
+        for (int o = 0; o < out; o++) add_limbs(limbs[o], y[1 + o]);
     }
     const __m128i base = _mm_and_si128(s, clear_t);
-    for (int o = 0; o < OUT; o++) {
+    for (int o = 0; o < out; o++) {
         const __m128i xl = _mm_xor_si128(base, _mm_set_epi64x(0, 16 + o));
         add_limbs(limbs[o], _mm_xor_si128(aes1(xl), xl));
         vsum[o] += tt * (uint64_t)cw_last[o];
     }
-    for (int o = 0; o < OUT; o++) {
+    for (int o = 0; o < out; o++) {
         u128 acc = vsum[o];
         for (int q = 0; q < 4; q++) acc += (u128)limbs[o][q] * pow32[q];
         const uint64_t v = (uint64_t)(acc % t);
-        out[o] = (int64_t)(b == 0 ? v : (v == 0 ? 0 : t - v));
+        res[o] = (int64_t)(b == 0 ? v : (v == 0 ? 0 : t - v));
     }
 }
 
@@ -145,17 +151,17 @@ static int ensure_aesni(void) {
 static PyObject *py_eval(PyObject *self, PyObject *args) {
     Py_buffer out, keys, xs;
     Py_ssize_t n;
-    int L, b;
+    int L, b, nout;
     unsigned long long t;
-    if (!PyArg_ParseTuple(args, "w*y*y*niKi", &out, &keys, &xs, &n, &L, &t, &b)) return NULL;
+    if (!PyArg_ParseTuple(args, "w*y*y*niKii", &out, &keys, &xs, &n, &L, &t, &b, &nout)) return NULL;
     PyObject *ret = NULL;
-    const Py_ssize_t words = 2 + (Py_ssize_t)L * (2 + OUT + 1) + OUT;
+    const Py_ssize_t words = key_words(L, nout);
     if (!ensure_aesni()) goto done;
-    if (L < 1 || L > 62 || t < 2 || t >= (1ULL << 48) || (b != 0 && b != 1) || n < 0) {
-        PyErr_Format(PyExc_ValueError, "DCF kernel: bad parameters L=%d t=%llu b=%d n=%zd", L, t, b, n);
+    if (L < 1 || L > 62 || t < 2 || t >= (1ULL << 48) || (b != 0 && b != 1) || n < 0 || nout < 1 || nout > OUTMAX) {
+        PyErr_Format(PyExc_ValueError, "DCF kernel: bad parameters L=%d t=%llu b=%d n=%zd out=%d", L, t, b, n, nout);
         goto done;
     }
-    if (check_len(&out, n * OUT * 8, "output") || check_len(&keys, n * words * 8, "keys")
+    if (check_len(&out, n * nout * 8, "output") || check_len(&keys, n * words * 8, "keys")
         || check_len(&xs, n * 8, "inputs")) goto done;
     {
         const int64_t *k = keys.buf, *x = xs.buf;
@@ -168,7 +174,7 @@ static PyObject *py_eval(PyObject *self, PyObject *args) {
         uint64_t pow32[4];
         for (int q = 0; q < 4; q++) pow32[q] = (uint64_t)(((u128)1 << (32 * q)) % t);
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t j = 0; j < n; j++) eval_one(k + j * words, (uint64_t)x[j], L, t, pow32, b, o + j * OUT);
+        for (Py_ssize_t j = 0; j < n; j++) eval_one(k + j * words, (uint64_t)x[j], L, nout, t, pow32, b, o + j * nout);
         Py_END_ALLOW_THREADS
     }
     ret = Py_None;
@@ -188,82 +194,86 @@ static inline int64_t to_field(__m128i y, uint64_t t) {
 static inline int64_t mod_t(int64_t v, int64_t t) { v %= t; return v < 0 ? v + t : v; }
 
 /* One item's key pair (dcf.gen_numpy's loop for one item): seeds s[2] with their low bit clear. */
-AES_ATTR static void gen_one(uint64_t alpha, const int64_t *beta, const uint64_t seeds[4], int L, uint64_t t,
+AES_ATTR static void gen_one(uint64_t alpha, const int64_t *beta, const uint64_t seeds[4], int L, int out, uint64_t t,
                              int64_t *k0, int64_t *k1) {
     const int64_t T = (int64_t)t;
-    const size_t words = 2 + (size_t)L * (2 + OUT + 1) + OUT;
+    const size_t words = (size_t)key_words(L, out);
     int64_t *key[2] = {k0, k1};
     __m128i s[2];
-    uint64_t tb[2] = {0, 1};
-    int64_t V[OUT] = {0};
+    uint64_t tb[2] = {0, 1}, tmask[2] = {0, 0};
+    int64_t V[OUTMAX] = {0};
     for (int b = 0; b < 2; b++) {
         s[b] = _mm_loadu_si128((const __m128i *)(seeds + 2 * b));
         memcpy(key[b], seeds + 2 * b, 16);
     }
     for (int i = 0; i < L; i++) {
         const uint64_t keep = (alpha >> (L - 1 - i)) & 1;  /* alpha_i = 1: keep R (side 1), lose L */
-        __m128i y[2][2 + 2 * OUT];
+        __m128i y[2][2 + 2 * OUTMAX];
         uint64_t tLR[2][2];
-        int64_t v[2][2][OUT];  /* (party, side, OUT) */
+        int64_t v[2][2][OUTMAX];  /* (party, side, out) */
         for (int b = 0; b < 2; b++) {
-            __m128i x[6];
-            for (int j = 0; j < 2 + 2 * OUT; j++) x[j] = _mm_xor_si128(s[b], _mm_set_epi64x(0, j));
-            mmo3(x, y[b]);
-            mmo3(x + 3, y[b] + 3);
+            __m128i x[2 + 2 * OUTMAX];
+            for (int j = 0; j < 2 + 2 * out; j++) x[j] = _mm_xor_si128(s[b], _mm_set_epi64x(0, j));
+            if (out == 2) { mmo3(x, y[b]); mmo3(x + 3, y[b] + 3); } else mmo4(x, y[b]);
             for (int side = 0; side < 2; side++) {
                 tLR[b][side] = (uint64_t)_mm_cvtsi128_si64(y[b][side]) & 1;
                 y[b][side] = _mm_xor_si128(y[b][side], _mm_set_epi64x(0, (long long)tLR[b][side]));
-                for (int o = 0; o < OUT; o++) v[b][side][o] = to_field(y[b][2 + side * OUT + o], t);
+                for (int o = 0; o < out; o++) v[b][side][o] = to_field(y[b][2 + side * out + o], t);
             }
         }
         const int64_t sgn = 1 - 2 * (int64_t)tb[1];
         const __m128i s_cw = _mm_xor_si128(y[0][1 - keep], y[1][1 - keep]);
-        int64_t v_cw[OUT];
-        for (int o = 0; o < OUT; o++) {
+        int64_t v_cw[OUTMAX];
+        for (int o = 0; o < out; o++) {
             v_cw[o] = mod_t(sgn * mod_t(v[1][1 - keep][o] - v[0][1 - keep][o] - V[o] + (int64_t)keep * beta[o], T), T);
             V[o] = mod_t(V[o] - v[1][keep][o] + v[0][keep][o] + sgn * v_cw[o], T);
         }
         const uint64_t tcwL = tLR[0][0] ^ tLR[1][0] ^ keep ^ 1, tcwR = tLR[0][1] ^ tLR[1][1] ^ keep;
         const uint64_t tcwK = keep ? tcwR : tcwL;
+        tmask[0] |= tcwL << i;
+        tmask[1] |= tcwR << i;
         for (int b = 0; b < 2; b++) {
             const __m128i mask = _mm_set1_epi64x(-(long long)tb[b]);
             s[b] = _mm_xor_si128(y[b][keep], _mm_and_si128(s_cw, mask));
             tb[b] = tLR[b][keep] ^ (tb[b] & tcwK);
             int64_t *k = key[b];
             _mm_storeu_si128((__m128i *)(k + 2 + 2 * i), s_cw);
-            for (int o = 0; o < OUT; o++) k[2 + 2 * L + OUT * i + o] = v_cw[o];
-            k[2 + (2 + OUT) * L + i] = (int64_t)(tcwL | (tcwR << 1));
+            for (int o = 0; o < out; o++) k[2 + 2 * L + out * i + o] = v_cw[o];
         }
     }
+    for (int b = 0; b < 2; b++) {
+        key[b][2 + (2 + out) * L] = (int64_t)tmask[0];
+        key[b][3 + (2 + out) * L] = (int64_t)tmask[1];
+    }
     const int64_t sgn = 1 - 2 * (int64_t)tb[1];
-    int64_t conv[2][OUT];
+    int64_t conv[2][OUTMAX];
     for (int b = 0; b < 2; b++)
-        for (int o = 0; o < OUT; o++) {
+        for (int o = 0; o < out; o++) {
             const __m128i xl = _mm_xor_si128(s[b], _mm_set_epi64x(0, 16 + o));
             conv[b][o] = to_field(_mm_xor_si128(aes1(xl), xl), t);
         }
-    for (int o = 0; o < OUT; o++) {
+    for (int o = 0; o < out; o++) {
         const int64_t cw = mod_t(sgn * mod_t(conv[1][o] - conv[0][o] - V[o], T), T);
-        k0[words - OUT + o] = cw;
-        k1[words - OUT + o] = cw;
+        k0[words - out + o] = cw;
+        k1[words - out + o] = cw;
     }
 }
 
 static PyObject *py_gen(PyObject *self, PyObject *args) {
     Py_buffer k0, k1, alpha, beta, seeds;
     Py_ssize_t n;
-    int L;
+    int L, nout;
     unsigned long long t;
-    if (!PyArg_ParseTuple(args, "w*w*y*y*y*niK", &k0, &k1, &alpha, &beta, &seeds, &n, &L, &t)) return NULL;
+    if (!PyArg_ParseTuple(args, "w*w*y*y*y*niKi", &k0, &k1, &alpha, &beta, &seeds, &n, &L, &t, &nout)) return NULL;
     PyObject *ret = NULL;
-    const Py_ssize_t words = 2 + (Py_ssize_t)L * (2 + OUT + 1) + OUT;
+    const Py_ssize_t words = key_words(L, nout);
     if (!ensure_aesni()) goto done;
-    if (L < 1 || L > 62 || t < 2 || t >= (1ULL << 48) || n < 0) {
-        PyErr_Format(PyExc_ValueError, "DCF kernel: bad parameters L=%d t=%llu n=%zd", L, t, n);
+    if (L < 1 || L > 62 || t < 2 || t >= (1ULL << 48) || n < 0 || nout < 1 || nout > OUTMAX) {
+        PyErr_Format(PyExc_ValueError, "DCF kernel: bad parameters L=%d t=%llu n=%zd out=%d", L, t, n, nout);
         goto done;
     }
     if (check_len(&k0, n * words * 8, "key 0") || check_len(&k1, n * words * 8, "key 1")
-        || check_len(&alpha, n * 8, "alpha") || check_len(&beta, n * OUT * 8, "beta")
+        || check_len(&alpha, n * 8, "alpha") || check_len(&beta, n * nout * 8, "beta")
         || check_len(&seeds, n * 32, "seeds")) goto done;
     {
         const int64_t *a = alpha.buf, *be = beta.buf;
@@ -272,8 +282,8 @@ static PyObject *py_gen(PyObject *self, PyObject *args) {
                 PyErr_Format(PyExc_ValueError, "DCF kernel: alpha %zd outside [0, 2^%d)", j, L);
                 goto done;
             }
-            for (int o = 0; o < OUT; o++)
-                if (be[j * OUT + o] < 0 || (uint64_t)be[j * OUT + o] >= t) {
+            for (int o = 0; o < nout; o++)
+                if (be[j * nout + o] < 0 || (uint64_t)be[j * nout + o] >= t) {
                     PyErr_Format(PyExc_ValueError, "DCF kernel: beta %zd outside [0, t)", j);
                     goto done;
                 }
@@ -283,7 +293,7 @@ static PyObject *py_gen(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t j = 0; j < n; j++) {
             const uint64_t s4[4] = {sd[2 * j] & ~1ULL, sd[2 * j + 1], sd[2 * (n + j)] & ~1ULL, sd[2 * (n + j) + 1]};
-            gen_one((uint64_t)a[j], be + j * OUT, s4, L, t, o0 + j * words, o1 + j * words);
+            gen_one((uint64_t)a[j], be + j * nout, s4, L, nout, t, o0 + j * words, o1 + j * words);
         }
         Py_END_ALLOW_THREADS
     }
@@ -369,8 +379,8 @@ done:
 static PyObject *py_aesni(PyObject *self, PyObject *noargs) { return PyBool_FromLong(detect()); }
 
 static PyMethodDef methods[] = {
-    {"eval", py_eval, METH_VARARGS, "eval(out, keys, x, n, L, t, b): party b's DCF shares (see _dcf.c)"},
-    {"gen", py_gen, METH_VARARGS, "gen(k0, k1, alpha, beta, seeds, n, L, t): the dealer's key pairs (see _dcf.c)"},
+    {"eval", py_eval, METH_VARARGS, "eval(res, keys, x, n, L, t, b, out): party b's DCF shares (see _dcf.c)"},
+    {"gen", py_gen, METH_VARARGS, "gen(k0, k1, alpha, beta, seeds, n, L, t, out): the dealer's key pairs (see _dcf.c)"},
     {"aes", py_aes, METH_VARARGS, "aes(out, blocks, n): fixed-key AES-128 of n blocks"},
     {"high", py_high, METH_VARARGS, "high(out, bits, ks, n, L, t): shares of floor(r / 2^k) from shares of r's bits"},
     {"aesni", py_aesni, METH_NOARGS, "aesni(): whether this CPU has AES-NI"},

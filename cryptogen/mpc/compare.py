@@ -35,8 +35,10 @@ drelu(x) -> [x >= 0] for the signed value of x, exact for EVERY field element
 
 With a dealer (``Source.dcf``), [c < r] comes from the dealer's DCF key instead of the circuit
 (``dcf.py``, BCG+21): evaluated locally on the public c, so trunc and drelu take ONE round
-(the opening of c) and no triples; the key's second output (1 - 2 r_0)[c < r] makes
-r_0 XOR [c < r] local too. Per element and party: 6 bytes online, one 214-word key offline.
+(the opening of c) and no triples; DReLU's key has a second output (1 - 2 r_0)[c < r], which
+makes r_0 XOR [c < r] local too. A truncation's item (kind "tbits") has a key of one output.
+Per element and party: 6 bytes online; offline r, its 42 bit shares and the key: 131 words
+(truncation) or 174 (DReLU).
 The dealer-free (HE) provider keeps the circuit above.
 
 Who learns what: each party learns only c (uniform) and the Beaver openings (uniform).
@@ -89,15 +91,16 @@ def _combine_level(p, G, E, want_eq):
     return nG, nE
 
 
-def _mask_open(p, v):
-    """(r bits, r, c = v + r opened, DCF shares of (1, 1 - 2 r_0)[c < r] or None without a dealer)."""
+def _mask_open(p, v, outputs: int = 2):
+    """(r bits, r, c = v + r opened, DCF shares of (1, 1 - 2 r_0)[c < r] (outputs = 2: DReLU) or of
+    [c < r] (outputs = 1: truncation), (..., outputs), or None without a dealer)."""
     if not p.cr.dcf:
         r_bits, r = p.cr.solved_bits(v.shape)
         return r_bits, r, open_(p, add(v, r, p.t)), None
-    r_bits, r, key = p.cr.solved_bits_dcf(v.shape)
+    r_bits, r, key = p.cr.solved_bits_dcf(v.shape, outputs)
     c = open_(p, add(v, r, p.t))
     w = dcf.eval_(0 if p.is_client else 1, key, c.reshape(-1), p.cr.L, p.t)
-    return r_bits, r, c, w.reshape(v.shape + (dcf.OUT,))
+    return r_bits, r, c, w.reshape(v.shape + (outputs,))
 
 
 def high_part(bits: np.ndarray, k: np.ndarray, t: int) -> np.ndarray:
@@ -124,7 +127,7 @@ def trunc(p, x: np.ndarray, k) -> np.ndarray:
         raise RangeError("truncation amount k must be in [1, 40]")
     B = 1 << TRUNC_OFFSET_BITS
     xp = add_sp(p, x, B + (np.int64(1) << (k - 1)))
-    r_bits, r, c, wk = _mask_open(p, xp)
+    r_bits, r, c, wk = _mask_open(p, xp, outputs=1)
     w = gt_public(p, r_bits, c) if wk is None else wk[..., 0]
     r_h = high_part(r_bits, k, p.t)
     t_h = np.int64(p.t) >> k

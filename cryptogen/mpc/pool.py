@@ -140,8 +140,12 @@ class PooledSource(Source):
             self._since_mark.clear()
             self._cv.notify_all()
 
-    def preprocess(self, triples: int = 0, bits: int = 0, matrix: dict | None = None, wait: bool = True) -> None:
-        """Make both pools hold at least this many items (both parties call it); blocks if ``wait``."""
+    def preprocess(self, triples: int = 0, bits: int = 0, matrix: dict | None = None, wait: bool = True,
+                   tbits: int = 0) -> None:
+        """Make both pools hold at least this many items (both parties call it); blocks if ``wait``.
+        ``tbits`` (a dealer's truncation keys) must be 0: these pools make no DCF keys."""
+        if tbits:
+            raise ProviderError(f"the {self.name} provider makes no DCF keys (tbits)")
         wants = {("triple", None): triples, ("bits", None): bits}
         wants.update({("matrix", tuple(int(v) for v in k)): n for k, n in (matrix or {}).items()})
         wants = {k: int(n) for k, n in wants.items() if n > 0}

@@ -32,7 +32,7 @@ from ..field import DEFAULT_T, mul, matmul, random_elements
 from . import dcf
 from .errors import ProviderError, ShapeError
 
-KINDS = ("triple", "matrix", "bits")
+KINDS = ("triple", "matrix", "bits", "tbits")  # the order gives the dealer requests' kind codes
 
 
 def nbits(t: int) -> int:
@@ -76,7 +76,7 @@ class Source:
 
     name = "abstract"
     dcf = False  # True when each solved-bits item carries a DCF key (dealer providers)
-    min_batch = {"triple": 4096, "bits": 1024, "matrix": 1}
+    min_batch = {"triple": 4096, "bits": 1024, "tbits": 1024, "matrix": 1}
 
     def __init__(self, role: str, t: int):
         self.role, self.t, self.L = role, t, nbits(t)
@@ -104,9 +104,11 @@ class Source:
         self.consumed[kind] += count
         return pool.take(count)
 
-    def preprocess(self, triples: int = 0, bits: int = 0, matrix: dict | None = None) -> None:
+    def preprocess(self, triples: int = 0, bits: int = 0, matrix: dict | None = None, tbits: int = 0) -> None:
         """Offline phase: make the pools hold at least this many items (both parties call it)."""
-        for kind, n in (("triple", triples), ("bits", bits)):
+        if tbits and not self.dcf:
+            raise ProviderError(f"the {self.name} provider makes no DCF keys (tbits)")
+        for kind, n in (("triple", triples), ("bits", bits), ("tbits", tbits)):
             short = n - self._pool(kind).size
             if short > 0:
                 self._refill(kind, short)
@@ -133,13 +135,15 @@ class Source:
         bits, r = self._take("bits", n)[:2]
         return bits.reshape(shape + (self.L,)), r.reshape(shape)
 
-    def solved_bits_dcf(self, shape):
-        """(bits, r, key): solved bits with this party's DCF key for [c < r] (``dcf.eval_``)."""
+    def solved_bits_dcf(self, shape, outputs: int = 2):
+        """(bits, r, key): solved bits with this party's DCF key (``dcf.eval_``) for
+        (1, 1 - 2 r_0)[c < r] (DReLU: kind "bits"), or, with ``outputs=1``, for [c < r] alone (a
+        truncation: kind "tbits", a key of 131 words instead of 174)."""
         if not self.dcf:
             raise ProviderError(f"the {self.name} provider makes no DCF keys")
         shape = tuple(shape)
         n = int(np.prod(shape, dtype=np.int64))
-        bits, r, key = self._take("bits", n)
+        bits, r, key = self._take("bits" if outputs == 2 else "tbits", n)
         return bits.reshape(shape + (self.L,)), r.reshape(shape), key
 
     def matrix_triple(self, m: int, k: int, n: int):
@@ -170,12 +174,14 @@ class Dealer:
         parts = [self._split(v) for v in (a, b, mul(a, b, self.t))]
         return tuple({k: parts[i][j] for i, k in enumerate("abc")} for j in (0, 1))
 
-    def solved_bits(self, n: int):
-        """Solved bits, each with a DCF key pair for [c < r] (``dcf.py``): beta = (1, 1 - 2 r_0)."""
+    def solved_bits(self, n: int, outputs: int = 2):
+        """Solved bits, each with a DCF key pair for [c < r] (``dcf.py``): beta = (1, 1 - 2 r_0)
+        (DReLU), or beta = 1 with ``outputs=1`` (a truncation)."""
         r = random_elements(n, self.t)
         bits = ((r[:, None] >> np.arange(self.L)) & 1).astype(np.int64)
         (bc, bs), (rc, rs) = self._split(bits), self._split(r)
-        beta = np.stack([np.ones(n, np.int64), np.mod(1 - 2 * bits[:, 0], self.t)], -1)
+        beta = np.ones(n, np.int64) if outputs == 1 else \
+            np.stack([np.ones(n, np.int64), np.mod(1 - 2 * bits[:, 0], self.t)], -1)
         kc, ks = dcf.gen(r, beta, self.L, self.t)
         return {"bits": bc, "r": rc, "key": kc}, {"bits": bs, "r": rs, "key": ks}
 
@@ -185,6 +191,8 @@ class Dealer:
             return self.triples(count)
         if kind == "bits":
             return self.solved_bits(count)
+        if kind == "tbits":
+            return self.solved_bits(count, outputs=1)
         if kind == "matrix":
             return self.matrix_triples(count, *key)
         raise ProviderError(f"unknown kind {kind!r}")
@@ -197,7 +205,7 @@ class Dealer:
         return tuple({k_: parts[i][j] for i, k_ in enumerate("ABC")} for j in (0, 1))
 
 
-_FIELDS = {"triple": "abc", "bits": ("bits", "r", "key"), "matrix": "ABC"}
+_FIELDS = {"triple": "abc", "bits": ("bits", "r", "key"), "tbits": ("bits", "r", "key"), "matrix": "ABC"}
 
 
 class DealerProvider:
@@ -294,8 +302,8 @@ class DealerService:
     def _make(self, kind, count, key):
         if kind == "triple":
             return self.dealer.triples(count)
-        if kind == "bits":
-            return self.dealer.solved_bits(count)
+        if kind in ("bits", "tbits"):
+            return self.dealer.solved_bits(count, outputs=2 if kind == "bits" else 1)
         if kind == "matrix":
             return self.dealer.matrix_triples(count, *key)
         raise ProviderError(f"unknown kind {kind!r}")

@@ -44,7 +44,7 @@ from .errors import ChannelError, ProviderError, RoleError, ShapeError
 from .provider import _FIELDS, KINDS, Source, nbits
 
 ROLES = ("client", "server")
-MAGIC = b"CGD1"
+MAGIC = b"CGD2"  # 2: key layout of 2026-12-03 (packed t_CW bits) and the "tbits" kind
 HELLO_BYTES = len(MAGIC) + 32 + 32 + 8
 OK, ERR = 0, 1
 MAX_REQUEST_BYTES = 32 << 20  # one half of one request; the dealer may announce a smaller cap
@@ -66,8 +66,8 @@ def item_words(kind: str, t: int, key=None) -> int:
     """int64 words of one item of ``kind`` in one party's half."""
     if kind == "triple":
         return 3
-    if kind == "bits":
-        return nbits(t) + 1 + dcf.key_words(nbits(t))
+    if kind in ("bits", "tbits"):
+        return nbits(t) + 1 + dcf.key_words(nbits(t), 2 if kind == "bits" else 1)
     if kind == "matrix":
         m, k, n = key
         return m * k + k * n + m * n
@@ -237,9 +237,9 @@ class RemoteDealerSource(Source):
             self.consumed[kind] += count
             return pool.take(count)
 
-    def preprocess(self, triples: int = 0, bits: int = 0, matrix: dict | None = None) -> None:
+    def preprocess(self, triples: int = 0, bits: int = 0, matrix: dict | None = None, tbits: int = 0) -> None:
         """Make the pools hold at least this many items (asked for from what is asked, not what arrived)."""
-        wants = {("triple", None): triples, ("bits", None): bits}
+        wants = {("triple", None): triples, ("bits", None): bits, ("tbits", None): tbits}
         wants.update({("matrix", tuple(int(v) for v in k)): n for k, n in (matrix or {}).items()})
         if self.chan is None and not self._closed and any(n > 0 for n in wants.values()):
             self._connect()
@@ -394,7 +394,7 @@ def half_shapes(kind: str, count: int, L: int, key=None) -> tuple:
     """Shapes of the fields (``provider._FIELDS`` order) of one party's half of a batch."""
     if kind == "triple":
         return ((count,),) * 3
-    if kind == "bits":
-        return (count, L), (count,), (count, dcf.key_words(L))
+    if kind in ("bits", "tbits"):
+        return (count, L), (count,), (count, dcf.key_words(L, 2 if kind == "bits" else 1))
     m, k, n = key
     return (count, m, k), (count, k, n), (count, m, n)

@@ -13,31 +13,42 @@ from cryptogen.mpc import dcf
 T, L = DEFAULT_T, 42
 
 
-def _check(alpha, x, rng):
-    beta = rng.integers(0, T, (len(alpha), dcf.OUT))
+def _check(alpha, x, rng, out=dcf.OUT):
+    beta = rng.integers(0, T, (len(alpha), out))
     k0, k1 = dcf.gen(alpha, beta, L, T)
-    assert k0.shape == (len(alpha), dcf.key_words(L))
-    out = np.mod(dcf.eval_(0, k0, x, L, T) + dcf.eval_(1, k1, x, L, T), T)
+    assert k0.shape == (len(alpha), dcf.key_words(L, out)) and dcf.outputs(k0, L) == out
+    got = np.mod(dcf.eval_(0, k0, x, L, T) + dcf.eval_(1, k1, x, L, T), T)
     want = np.where((x < alpha)[:, None], beta, 0)
-    assert np.array_equal(out, want)
+    assert np.array_equal(got, want)
 
 
-def test_dcf_edges_and_random_points():
+@pytest.mark.parametrize("out", [1, 2])
+def test_dcf_edges_and_random_points(out):
     rng = np.random.default_rng(3)
     alpha = rng.integers(0, T, 3000)
     alpha[:4] = [0, 1, T - 1, 1 << 41]
     off = np.concatenate([np.zeros(1000), -np.ones(1000), np.ones(1000)]).astype(np.int64)
     x = np.clip(alpha + off, 0, (1 << L) - 1)
     x[3000 - 500:] = rng.integers(0, T, 500)
-    _check(alpha, x, rng)
+    _check(alpha, x, rng, out)
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, T - 1), st.integers(0, T - 1)), min_size=1, max_size=40))
-def test_dcf_property(pairs):
+@given(st.lists(st.tuples(st.integers(0, T - 1), st.integers(0, T - 1)), min_size=1, max_size=40), st.sampled_from([1, 2]))
+def test_dcf_property(pairs, out):
     a = np.array([p[0] for p in pairs], np.int64)
     x = np.array([p[1] for p in pairs], np.int64)
-    _check(a, x, np.random.default_rng(len(pairs)))
+    _check(a, x, np.random.default_rng(len(pairs)), out)
+
+
+def test_key_sizes_and_bad_shapes():
+    """174 words at L = 42 with two outputs, 131 with one (the t_CW bits packed in two words); a
+    beta or a key of any other width is one clear line."""
+    assert (dcf.key_words(42, 2), dcf.key_words(42, 1)) == (174, 131)
+    with pytest.raises(ValueError, match=r"beta must be \(n,\) or \(n, 1 \| 2\) for n = 2 points, got shape \(2, 3\)"):
+        dcf.gen(np.arange(2), np.ones((2, 3), np.int64), L, T)
+    with pytest.raises(ValueError, match=r"DCF keys must be \(n, 131\) or \(n, 174\) int64 for L = 42, got shape \(2, 214\)"):
+        dcf.eval_(0, np.zeros((2, 214), np.int64), np.zeros(2, np.int64), L, T)
 
 
 def test_one_key_alone_looks_uniform():
@@ -56,21 +67,23 @@ def test_one_key_alone_looks_uniform():
         assert abs(frac - 0.5) < 0.01 or abs(frac - (127 / 256)) < 0.01  # low bit of a seed is 0
 
 
-def _eval_reference(b, key, x, L, t):
-    """BCG+21 Fig. 1 evaluation as written, one reduction per level: the specification that
-    ``dcf.eval_`` (limb sums, one reduction at the end) must match share for share."""
+def _eval_reference(b, key, x, L, t, out):
+    """BCG+21 Fig. 1 evaluation as written, one reduction per level, the key laid out as
+    ``dcf.key_words`` says: the specification that ``dcf.eval_`` (limb sums, one reduction at the
+    end) must match share for share."""
     n = len(key)
     s = key[:, :2].view(np.uint64).copy()
     scw = key[:, 2:2 + 2 * L].view(np.uint64).reshape(n, L, 2)
-    vcw = key[:, 2 + 2 * L:2 + 4 * L].reshape(n, L, dcf.OUT)
-    tcw = key[:, 2 + 4 * L:2 + 5 * L]
-    cw_last = key[:, 2 + 5 * L:]
+    vcw = key[:, 2 + 2 * L:2 + (2 + out) * L].reshape(n, L, out)
+    masks = key[:, 2 + (2 + out) * L:4 + (2 + out) * L]  # t_CW bits of side L, side R; bit i: level i
+    cw_last = key[:, 4 + (2 + out) * L:]
+    assert cw_last.shape == (n, out)
     tt = np.full(n, b, np.int64)
-    V = np.zeros((n, dcf.OUT), np.int64)
+    V = np.zeros((n, out), np.int64)
     for i in range(L):
         side = (x >> (L - 1 - i)) & 1
-        blocks = np.stack([side, 2 + side * dcf.OUT, 3 + side * dcf.OUT], 1).astype(np.uint64)  # OUT = 2
-        xi = np.repeat(s[:, None, :], 3, 1)
+        blocks = np.stack([side] + [2 + side * out + o for o in range(out)], 1).astype(np.uint64)
+        xi = np.repeat(s[:, None, :], 1 + out, 1)
         xi[:, :, 0] ^= blocks
         y = dcf._aes(xi) ^ xi
         tn = (y[:, 0, 0] & np.uint64(1)).astype(np.int64)
@@ -79,21 +92,24 @@ def _eval_reference(b, key, x, L, t):
         v = dcf._to_field(y[:, 1:, 0], y[:, 1:, 1], t)
         s = sn ^ (scw[:, i] * tt[:, None].astype(np.uint64))
         V = np.mod(V + v + tt[:, None] * vcw[:, i], t)
-        tt = tn ^ (tt & ((tcw[:, i] >> side) & 1))
-    V = np.mod(V + dcf._convert(s, t) + tt[:, None] * cw_last, t)
+        tcw = (np.where(side == 1, masks[:, 1], masks[:, 0]) >> i) & 1
+        tt = tn ^ (tt & tcw)
+    V = np.mod(V + dcf._convert(s, t, out) + tt[:, None] * cw_last, t)
     return V if b == 0 else np.mod(-V, t)
 
 
 @settings(max_examples=10, deadline=None)
-@given(st.integers(1, 300), st.sampled_from([(42, T), (10, 1021), (20, (1 << 20) + 7)]), st.integers(0, 2**32))
-def test_eval_equals_the_per_level_construction_share_for_share(n, shape, seed):
+@given(st.integers(1, 300), st.sampled_from([(42, T), (10, 1021), (20, (1 << 20) + 7), (62, T)]),
+       st.integers(0, 2**32), st.sampled_from([1, 2]))
+def test_eval_equals_the_per_level_construction_share_for_share(n, shape, seed, out):
+    """Both output counts; L = 62 puts a t_CW bit at the top of its mask word."""
     L_, t = shape
     rng = np.random.default_rng(seed)
     alpha, x = rng.integers(0, min(t, 1 << L_), (2, n))
     x[: n // 3] = alpha[: n // 3]  # x = alpha: the path never leaves alpha's
-    k = dcf.gen(alpha, rng.integers(0, t, (n, dcf.OUT)), L_, t)
+    k = dcf.gen(alpha, rng.integers(0, t, (n, out)), L_, t)
     for b in (0, 1):
-        want = _eval_reference(b, k[b], x, L_, t)
+        want = _eval_reference(b, k[b], x, L_, t, out)
         assert np.array_equal(dcf.eval_numpy(b, k[b], x, L_, t), want)
         assert np.array_equal(dcf.eval_(b, k[b], x, L_, t), want)  # the C kernel where the CPU has AES-NI
 
@@ -144,19 +160,20 @@ def test_kernel_choice(monkeypatch):
 
 @needs_kernel
 @settings(max_examples=10, deadline=None)
-@given(st.integers(1, 300), st.sampled_from([(42, T), (10, 1021), (20, (1 << 20) + 7)]), st.integers(0, 2**32))
-def test_kernel_keys_equal_the_numpy_keys_word_for_word(n, shape, seed):
+@given(st.integers(1, 300), st.sampled_from([(42, T), (10, 1021), (20, (1 << 20) + 7), (62, T)]),
+       st.integers(0, 2**32), st.sampled_from([1, 2]))
+def test_kernel_keys_equal_the_numpy_keys_word_for_word(n, shape, seed, out):
     """The C dealer's keys from given seeds are gen_numpy's from the same seeds (alpha at 0, 2^L - 1
-    and random; beta random, with 0 and t - 1)."""
+    and random; beta random, with 0 and t - 1; one output and two)."""
     L_, t = shape
     rng = np.random.default_rng(seed)
     alpha = rng.integers(0, 1 << L_, n)
     alpha[:2] = [0, (1 << L_) - 1][:n]
-    beta = rng.integers(0, t, (n, dcf.OUT))
-    beta[0] = [0, t - 1]
+    beta = rng.integers(0, t, (n, out))
+    beta[0] = [0, t - 1][:out]
     seeds = rng.integers(0, 2**63, (2, n, 2), dtype=np.int64).view(np.uint64) ^ np.uint64(1)  # low bits flipped: both clear them
-    k0, k1 = (np.zeros((n, dcf.key_words(L_)), np.int64) for _ in range(2))
-    dcf._dcf.gen(k0, k1, alpha, beta, seeds, n, L_, t)
+    k0, k1 = (np.zeros((n, dcf.key_words(L_, out)), np.int64) for _ in range(2))
+    dcf._dcf.gen(k0, k1, alpha, beta, seeds, n, L_, t, out)
     want = dcf.gen_numpy(alpha, beta, L_, t, seeds)
     assert np.array_equal(k0, want[0]) and np.array_equal(k1, want[1])
 
@@ -193,7 +210,8 @@ def test_kernel_shares_on_the_pool_sizes_of_a_decode_step():
 @needs_kernel
 @pytest.mark.parametrize("bad, match", [
     (dict(x=-1), "outside"), (dict(x=1 << L), "outside"), (dict(words=-1), "keys has"),
-    (dict(t=1 << 48), "bad parameters"), (dict(b=2), "bad parameters"), (dict(out_items=2), "output has")])
+    (dict(t=1 << 48), "bad parameters"), (dict(b=2), "bad parameters"), (dict(out_items=2), "output has"),
+    (dict(words=-(L + 1)), "keys has")])  # a one-output key read as a two-output one
 def test_kernel_rejects_bad_input_with_one_line(bad, match):
     rng = np.random.default_rng(7)
     k = dcf.gen(rng.integers(0, T, 3), rng.integers(0, T, (3, dcf.OUT)), L, T)[0]
@@ -201,21 +219,21 @@ def test_kernel_rejects_bad_input_with_one_line(bad, match):
     key = k[:, :bad.get("words", 0) or None]
     out = np.zeros((bad.get("out_items", 3), dcf.OUT), np.int64)
     with pytest.raises(ValueError, match=match):
-        dcf._dcf.eval(out, np.ascontiguousarray(key), x, 3, L, bad.get("t", T), bad.get("b", 0))
+        dcf._dcf.eval(out, np.ascontiguousarray(key), x, 3, L, bad.get("t", T), bad.get("b", 0), dcf.OUT)
     assert not out.any()  # nothing written
 
 
 @needs_kernel
 @pytest.mark.parametrize("bad, match", [
     (dict(alpha=1 << L), "alpha 2 outside"), (dict(beta=T), "beta 2 outside"), (dict(beta=-1), "beta 2 outside"),
-    (dict(seeds=1), "seeds has"), (dict(t=1 << 48), "bad parameters")])
+    (dict(seeds=1), "seeds has"), (dict(t=1 << 48), "bad parameters"), (dict(out=3), "bad parameters")])
 def test_kernel_gen_rejects_bad_input_with_one_line(bad, match):
     alpha = np.array([1, 2, bad.get("alpha", 3)], np.int64)
     beta = np.array([[1, 1], [2, 2], [bad.get("beta", 3), 3]], np.int64)
     seeds = np.zeros((2, 3 - bad.get("seeds", 0), 2), np.uint64)
     k0, k1 = (np.zeros((3, dcf.key_words(L)), np.int64) for _ in range(2))
     with pytest.raises(ValueError, match=match):
-        dcf._dcf.gen(k0, k1, alpha, beta, seeds, 3, L, bad.get("t", T))
+        dcf._dcf.gen(k0, k1, alpha, beta, seeds, 3, L, bad.get("t", T), bad.get("out", dcf.OUT))
     assert not k0.any() and not k1.any()  # nothing written
 
 

@@ -74,19 +74,21 @@ def test_relu_and_select():
 
 @pytest.mark.parametrize("dcf,triples", [(True, 0), (False, 81)])
 def test_preprocess_then_online_consumes_from_pool(dcf, triples):
-    """With the dealer's DCF keys a truncation takes no triple; by the circuit, 81 per element."""
+    """With the dealer's DCF keys a truncation takes no triple, and a one-output key ("tbits"); by the
+    circuit, 81 triples per element and plain solved bits."""
     prov = DealerProvider(dcf=dcf)
     x = FP.encode(np.linspace(-5, 5, 100))
     xc, xs = share(x)
     st = {}
 
     def fn(p, a):
-        p.cr.preprocess(triples=20000, bits=200)
+        p.cr.preprocess(triples=20000, bits=200, tbits=200 if dcf else 0)
         before = dict(p.cr.produced)
         out = trunc(p, a, 12)
         return out, before, dict(p.cr.produced), dict(p.cr.consumed)
 
     (c, b0, b1, used), (s, *_) = simulate(fn, (xc,), (xs,), provider=prov, stats=st)
     assert b0 == b1  # nothing produced during the online phase
-    assert used["bits"] == 100 and used.get("triple", 0) == 100 * triples
+    assert used["tbits" if dcf else "bits"] == 100 and used.get("triple", 0) == 100 * triples
+    assert used.get("bits" if dcf else "tbits", 0) == 0
     assert np.abs(FP.decode(reconstruct(c, s), 0) - np.linspace(-5, 5, 100)).max() < 2

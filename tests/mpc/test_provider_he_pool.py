@@ -285,9 +285,11 @@ def test_inprocess_secure_generation_with_pooled_provider():
         assert worst <= 0.05
     cnt = runs["he"].client_parties[0].cr.counters()
     dealer_cnt = runs["dealer"].client_parties[0].cr.counters()
-    # the same solved bits and matrix triples; the HE provider's comparisons also take the
-    # circuit's Beaver triples where the dealer's DCF keys need none
-    assert cnt["provider"] == "he" and cnt["consumed"]["bits"] == dealer_cnt["consumed"]["bits"]
+    # the same solved bits (the dealer's truncations take their own kind, one-output keys) and matrix
+    # triples; the HE provider's comparisons also take the circuit's Beaver triples where the dealer's
+    # DCF keys need none
+    assert cnt["provider"] == "he" and cnt["consumed"].get("tbits", 0) == 0 and dealer_cnt["consumed"]["tbits"] > 0
+    assert cnt["consumed"]["bits"] == dealer_cnt["consumed"]["bits"] + dealer_cnt["consumed"]["tbits"]
     assert cnt["consumed"].get("matrix") == dealer_cnt["consumed"].get("matrix")
     assert cnt["consumed"]["triple"] > dealer_cnt["consumed"].get("triple", 0)
     assert runs["he"].client_parties[0].chan.stats.as_dict().get("offline") is None

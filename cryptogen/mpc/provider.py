@@ -205,6 +205,7 @@ class Dealer:
         return tuple({k_: parts[i][j] for i, k_ in enumerate("ABC")} for j in (0, 1))
 
 
+MAKE_BATCH = 1 << 16  # items per batch of the in-process dealer (DealerProvider.refill_locked)
 _FIELDS = {"triple": "abc", "bits": ("bits", "r", "key"), "tbits": ("bits", "r", "key"), "matrix": "ABC"}
 
 
@@ -229,13 +230,19 @@ class DealerProvider:
         return self._sources[role]
 
     def refill_locked(self, kind: str, count: int, key=None) -> None:
-        """Make `count` items and push each party's bundle into its pool (caller holds the lock)."""
-        bundles = self.dealer.make(kind, count, key)
-        for role, bundle in zip(("client", "server"), bundles):
-            src = self._sources.get(role)
-            if src is None:
+        """Make `count` items and push each party's bundle into its pool (caller holds the lock), at
+        most ``MAKE_BATCH`` items per batch: one batch of a GPT-2 step's 860,000 DCF items is ~3.8 GB
+        made at once, which the heap cannot take from the holes the step left, so it grew and faulted
+        every page in again (12 s of system time of 15 s at 127 context, docs/BENCHMARKS.md)."""
+        for role in ("client", "server"):
+            if role not in self._sources:
                 raise ProviderError(f"no {role} source registered with the dealer")
-            src._push(kind, tuple(bundle[f] for f in _FIELDS[kind]), key)
+        while count > 0:
+            n = min(count, MAKE_BATCH)
+            bundles = self.dealer.make(kind, n, key)
+            for role, bundle in zip(("client", "server"), bundles):
+                self._sources[role]._push(kind, tuple(bundle[f] for f in _FIELDS[kind]), key)
+            count -= n
 
 
 class DealerSource(Source):

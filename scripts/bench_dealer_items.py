@@ -6,7 +6,9 @@ Times, in this checkout (run it again in a ``git worktree`` of another commit, w
 ``PYTHONPATH=<worktree>``, for a side-by-side; both runs append to one --out file):
 
 * ``random_elements``: 42 field elements (one solved-bits item's bit shares);
-* the dealer's ``solved_bits`` (r, its 42 bit shares, a DCF key pair) and ``triples``, per item;
+* the dealer's ``solved_bits`` (r, its 42 bit shares, a DCF key pair; DReLU's two-output keys) and
+  ``triples``, per item, and from 2026-12-03 a truncation's item (kind "tbits", one-output keys; a
+  checkout without that kind gives none);
 * a truncation's online part per element (both parties in one process, the dealer's items made before
   the timer), checked against round(x / 2^12) within 1.5 ulp;
 * the softmax of GPT-2's 144 attention rows at 512 keys (one decode step at 511 context, 12 layers x 12
@@ -17,6 +19,7 @@ Times, in this checkout (run it again in a ``git worktree`` of another commit, w
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import subprocess
@@ -56,7 +59,7 @@ def main() -> None:
     import cryptogen
     from cryptogen.field import DEFAULT_T as T, FixedPoint, random_elements
     from cryptogen.mpc import simulate, softmax, trunc
-    from cryptogen.mpc.provider import Dealer
+    from cryptogen.mpc.provider import Dealer, Source
 
     n, times = a.items, {}
 
@@ -70,12 +73,15 @@ def main() -> None:
     timed("random_elements_42_us", lambda: random_elements((n, 42), T), n)
     timed("dealer_solved_bits_us", lambda: dealer.solved_bits(n), n)
     timed("dealer_triples_us", lambda: dealer.triples(n), n)
+    has_tbits = "tbits" in inspect.signature(Source.preprocess).parameters
+    if has_tbits:
+        timed("dealer_tbits_us", lambda: dealer.make("tbits", n), n)
 
     rng = np.random.default_rng(0)
     x = rng.integers(-(1 << 30), 1 << 30, n)
 
     def online_trunc(p, share):
-        p.cr.preprocess(bits=n)
+        p.cr.preprocess(**{"tbits" if has_tbits else "bits": n})  # the kind a truncation takes here
         t0 = time.perf_counter()
         return trunc(p, share, 12), time.perf_counter() - t0
     for _ in range(a.repeats):

@@ -33,6 +33,7 @@ from . import dcf
 from .errors import ProviderError, ShapeError
 
 KINDS = ("triple", "matrix", "bits", "tbits")  # the order gives the dealer requests' kind codes
+DCF_OUTPUTS = {"bits": 2, "tbits": 1}  # solved bits with a DCF key: DReLU's two outputs, a truncation's one
 
 
 def nbits(t: int) -> int:
@@ -143,7 +144,7 @@ class Source:
             raise ProviderError(f"the {self.name} provider makes no DCF keys")
         shape = tuple(shape)
         n = int(np.prod(shape, dtype=np.int64))
-        bits, r, key = self._take("bits" if outputs == 2 else "tbits", n)
+        bits, r, key = self._take(next(k for k, o in DCF_OUTPUTS.items() if o == outputs), n)
         return bits.reshape(shape + (self.L,)), r.reshape(shape), key
 
     def matrix_triple(self, m: int, k: int, n: int):
@@ -189,10 +190,8 @@ class Dealer:
         """(client_bundle, server_bundle) of ``count`` items of ``kind`` (matrix: key = (m, k, n))."""
         if kind == "triple":
             return self.triples(count)
-        if kind == "bits":
-            return self.solved_bits(count)
-        if kind == "tbits":
-            return self.solved_bits(count, outputs=1)
+        if kind in DCF_OUTPUTS:
+            return self.solved_bits(count, DCF_OUTPUTS[kind])
         if kind == "matrix":
             return self.matrix_triples(count, *key)
         raise ProviderError(f"unknown kind {kind!r}")
@@ -301,19 +300,10 @@ class DealerService:
                 if item[0] != (kind, count, key):
                     raise ProviderError("the two parties requested different correlated randomness")
                 return item[1]
-            bundles = self._make(kind, count, key)
+            bundles = self.dealer.make(kind, count, key)
             mine, theirs = bundles if role == "client" else bundles[::-1]
             self._pending[(other, seq)] = ((kind, count, key), theirs)
             return mine
-
-    def _make(self, kind, count, key):
-        if kind == "triple":
-            return self.dealer.triples(count)
-        if kind in ("bits", "tbits"):
-            return self.dealer.solved_bits(count, outputs=2 if kind == "bits" else 1)
-        if kind == "matrix":
-            return self.dealer.matrix_triples(count, *key)
-        raise ProviderError(f"unknown kind {kind!r}")
 
 
 class FetchSource(Source):

@@ -41,7 +41,7 @@ import numpy as np
 from ..field import DEFAULT_T
 from . import dcf
 from .errors import ChannelError, ProviderError, RoleError, ShapeError
-from .provider import _FIELDS, KINDS, Source, nbits
+from .provider import _FIELDS, DCF_OUTPUTS, KINDS, Source, nbits
 
 ROLES = ("client", "server")
 MAGIC = b"CGD2"  # 2: key layout of 2026-12-03 (packed t_CW bits) and the "tbits" kind
@@ -66,8 +66,8 @@ def item_words(kind: str, t: int, key=None) -> int:
     """int64 words of one item of ``kind`` in one party's half."""
     if kind == "triple":
         return 3
-    if kind in ("bits", "tbits"):
-        return nbits(t) + 1 + dcf.key_words(nbits(t), 2 if kind == "bits" else 1)
+    if kind in DCF_OUTPUTS:
+        return nbits(t) + 1 + dcf.key_words(nbits(t), DCF_OUTPUTS[kind])
     if kind == "matrix":
         m, k, n = key
         return m * k + k * n + m * n
@@ -394,7 +394,7 @@ def half_shapes(kind: str, count: int, L: int, key=None) -> tuple:
     """Shapes of the fields (``provider._FIELDS`` order) of one party's half of a batch."""
     if kind == "triple":
         return ((count,),) * 3
-    if kind in ("bits", "tbits"):
-        return (count, L), (count,), (count, dcf.key_words(L, 2 if kind == "bits" else 1))
+    if kind in DCF_OUTPUTS:
+        return (count, L), (count,), (count, dcf.key_words(L, DCF_OUTPUTS[kind]))
     m, k, n = key
     return (count, m, k), (count, k, n), (count, m, n)

@@ -15,6 +15,7 @@ from cryptogen import secure_plan as sp
 from cryptogen.field import add as f_add
 from cryptogen.he.convert import ClientRole
 from cryptogen.he.keys import ClientKeys
+from cryptogen.he.kvcache import KVShares
 from cryptogen.model import GPTConfig
 from cryptogen.mpc.argmax import argmax_last, argmax_pairs, encode_shift, open_to_client
 from cryptogen.mpc.compare import trunc
@@ -43,6 +44,7 @@ class ClientSession:
         self.fp = keys.config.fixed_point
         self.x_c = None
         self.partials: list[np.ndarray] = []
+        self.kv: dict[tuple[int, int], KVShares] = {}  # (layer, the group's first head in the model) -> own k, v shares
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(shard_plan.workers)))
 
     def close(self) -> None:
@@ -142,9 +144,11 @@ class ClientSession:
         qkv = trunc(p, self._linear(p, lay.qkv, self.h_c), fw)
         Q, K, V = qkv.reshape(T, 3, nh, dh).transpose(1, 0, 2, 3)  # each (T, heads, d_head)
         groups = sp.head_groups(nh, dh)  # the worker's KV-cache head groups
-        scores = np.concatenate([self._scores(p, start, Q[:, a:b], K[:, a:b], V[:, a:b]) for a, b in groups])
+        kv = [self.kv_shares(shard.layer, shard.heads[a], b - a) for a, b in groups]
+        scores = np.concatenate([self._scores(p, kv[g], start, Q[:, a:b], K[:, a:b], V[:, a:b])
+                                 for g, (a, b) in enumerate(groups)])
         probs = softmax_heads(p, trunc(p, scores, f), start)  # (heads, T, start+T)
-        ctx = np.concatenate([self._values(p, start, probs[a:b]) for a, b in groups])  # (heads, T, d_head)
+        ctx = np.concatenate([self._values(p, kv[g], start, probs[a:b]) for g, (a, b) in enumerate(groups)])
         ctx = trunc(p, ctx.transpose(1, 0, 2).reshape(T, nh * dh), f + PROBS_EXTRA_BITS)
         return trunc(p, self._linear(p, lay.o, ctx), fw)
 
@@ -157,21 +161,35 @@ class ClientSession:
     def _linear(self, p, plan, X_c) -> np.ndarray:
         return linear_many_client(p.chan, self.role, plan, X_c)
 
-    def _scores(self, p, start, Q, K, V) -> np.ndarray:
-        """One head group's KV write and scores: Q, K, V (T, heads, d_head) -> (heads, T, start+T)."""
-        lay = sp.kv_layout(self.cfg, self.n, Q.shape[1])
-        if Q.shape[0] == 1:
-            kv_append_client(p.chan, self.role, lay, start, K[0], V[0])
-            return scores_client(p.chan, self.role, lay, start + 1, Q[0])[:, None]
-        kv_prefill_client(p.chan, self.role, lay, start, K, V)
-        return scores_prefill_client(p.chan, self.role, lay, start, Q)
+    def kv_shares(self, layer: int, first_head: int, heads: int) -> KVShares:
+        """The client's own shares of a head group's cached k and v (its attention terms: he/arcc.py)."""
+        key = (layer, first_head)
+        if key not in self.kv:
+            self.kv[key] = KVShares(sp.kv_layout(self.cfg, self.n, heads))
+        return self.kv[key]
 
-    def _values(self, p, start, P) -> np.ndarray:
+    def assume_zero_cache(self, positions: int) -> None:
+        """Benchmarks only (scripts/bench_network.py --mode filled): the server's caches start with
+        ``positions`` encryptions of zero and zero shares; the client's own shares of them are zeros."""
+        for layer in range(self.cfg.n_layer):
+            for _, shard in self.plan.owners(layer):
+                for a, b in sp.head_groups(len(shard.heads), self.cfg.d_head):
+                    zeros = np.zeros((positions, b - a, self.cfg.d_head), np.int64)
+                    self.kv_shares(layer, shard.heads[a], b - a).write(0, zeros, zeros)
+
+    def _scores(self, p, kv: KVShares, start, Q, K, V) -> np.ndarray:
+        """One head group's KV write and scores: Q, K, V (T, heads, d_head) -> (heads, T, start+T)."""
+        if Q.shape[0] == 1:
+            kv_append_client(p.chan, self.role, kv, start, K[0], V[0])
+            return scores_client(p.chan, self.role, kv, start + 1, Q[0])[:, None]
+        kv_prefill_client(p.chan, self.role, kv, start, K, V)
+        return scores_prefill_client(p.chan, self.role, kv, start, Q)
+
+    def _values(self, p, kv: KVShares, start, P) -> np.ndarray:
         """One head group's p.V: P (heads, T, start+T) -> (heads, T, d_head)."""
-        lay = sp.kv_layout(self.cfg, self.n, P.shape[0])
         if P.shape[1] == 1:
-            return values_client(p.chan, self.role, lay, start + 1, P[:, 0])[:, None]
-        return values_prefill_client(p.chan, self.role, lay, start, P)
+            return values_client(p.chan, self.role, kv, start + 1, P[:, 0])[:, None]
+        return values_prefill_client(p.chan, self.role, kv, start, P)
 
     def _fan_out(self, parties: dict, layer: int, fn) -> list[np.ndarray]:
         owners = self.plan.owners(layer)

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .he.arcc import (pv_decode, pv_prefill, probs_cts_needed, probs_slots, qk_decode, qk_prefill,
-                      query_slots, read_pv, read_scores)
+from .field import add as f_add
+from .he.arcc import (local_pv, local_scores, pv_decode, pv_prefill, pv_span, probs_cts_needed, probs_slots,
+                      qk_decode, qk_prefill, query_slots, read_pv, read_scores)
 from .he.blocked import matmul_blocked, prefill_plan
 from .he.convert import ClientRole, h2s_server, s2h_server
 from .he.engine import ServerEngine
-from .he.kvcache import EncryptedKVCache, KVLayout
+from .he.kvcache import EncryptedKVCache, KVShares
 from .mpc.softmax import softmax
 from .he.linear import EncodedLinear, LinearPlan, matmul_ct_pt_decode
 
@@ -138,39 +139,46 @@ def kv_append_server(chan, cache: EncryptedKVCache, position: int, k_s: np.ndarr
     cache.append(position, k_c, k_s, v_c, v_s)
 
 
-def kv_append_client(chan, role: ClientRole, layout: KVLayout, position: int, k_c, v_c) -> None:
+def kv_append_client(chan, role: ClientRole, shares: KVShares, position: int, k_c, v_c) -> None:
+    """Encrypt and send the client's k, v shares; keep them (``shares``) for its own attention terms."""
+    layout = shares.layout
     send_ct(chan, role.s2h_send(layout.token_slots(position, k_c)))
     send_ct(chan, role.s2h_send(layout.token_slots(position, v_c)))
+    shares.write(position, layout.flat(k_c)[None], layout.flat(v_c)[None])
 
 
 # ---- ARCC: scores = q K^T and out = p V over a head group's cache -----------------------
 # Shares per token are (heads, d_head) for the group's heads; scores (heads, length), p.V (heads, d_head).
+# The server computes the cross terms under HE (he/arcc.py); the client adds its own term in the clear.
 def scores_server(chan, engine: ServerEngine, cache: EncryptedKVCache, q_s: np.ndarray) -> np.ndarray:
     lay = cache.layout
-    q = s2h_server(engine, recv_ct(chan), query_slots(lay, q_s))
-    outs = qk_decode(engine, cache, q, RemoteRefresh(chan))
+    outs = qk_decode(engine, cache, engine.receive(recv_ct(chan)), q_s, RemoteRefresh(chan))
     shares = [_h2s_send(chan, engine, c, "attention scores") for c in outs]
     return read_scores(lay, shares, cache.length, engine.config.t)
 
 
-def scores_client(chan, role: ClientRole, layout: KVLayout, length: int, q_c: np.ndarray) -> np.ndarray:
+def scores_client(chan, role: ClientRole, shares: KVShares, length: int, q_c: np.ndarray) -> np.ndarray:
+    layout, t = shares.layout, role.keys.config.t
     send_ct(chan, role.s2h_send(query_slots(layout, q_c)))
     n_out = probs_cts_needed(layout, length)
-    shares = [role.h2s_receive(recv_ct(chan, role)) for _ in range(n_out)]
-    return read_scores(layout, shares, length, role.keys.config.t)
+    got = [role.h2s_receive(recv_ct(chan, role)) for _ in range(n_out)]
+    return f_add(read_scores(layout, got, length, t), local_scores(layout.flat(q_c, "query").reshape(
+        layout.heads, layout.d_head), shares.k[:length], t), t)
 
 
 def values_server(chan, engine: ServerEngine, cache: EncryptedKVCache, p_s: np.ndarray) -> np.ndarray:
     lay = cache.layout
-    ps = [s2h_server(engine, recv_ct(chan), probs_slots(lay, p_s, c)) for c in range(len(cache.v))]
-    out = pv_decode(engine, cache, ps, RemoteRefresh(chan))
+    ps = [engine.receive(recv_ct(chan)) for _ in range(len(cache.v))]
+    out = pv_decode(engine, cache, ps, p_s, RemoteRefresh(chan))
     return read_pv(lay, _h2s_send(chan, engine, out, "attention output"), engine.config.t)
 
 
-def values_client(chan, role: ClientRole, layout: KVLayout, length: int, p_c: np.ndarray) -> np.ndarray:
+def values_client(chan, role: ClientRole, shares: KVShares, length: int, p_c: np.ndarray) -> np.ndarray:
+    layout, t = shares.layout, role.keys.config.t
     for c in range(probs_cts_needed(layout, length)):
         send_ct(chan, role.s2h_send(probs_slots(layout, p_c, c)))
-    return read_pv(layout, role.h2s_receive(recv_ct(chan, role)), role.keys.config.t)
+    return f_add(read_pv(layout, role.h2s_receive(recv_ct(chan, role)), t),
+                 local_pv(np.asarray(p_c).reshape(layout.heads, -1), shares.v[:length], t), t)
 
 
 # ---- prefill (many tokens at once: ``lanes`` tokens per ciphertext, causal attention) ----------
@@ -185,10 +193,11 @@ def kv_prefill_server(chan, cache: EncryptedKVCache, start: int, K_s: np.ndarray
     cache.prefill(start, k_c, K_s, v_c, V_s)
 
 
-def kv_prefill_client(chan, role: ClientRole, layout: KVLayout, start: int, K_c, V_c) -> None:
+def kv_prefill_client(chan, role: ClientRole, shares: KVShares, start: int, K_c, V_c) -> None:
     for M in (K_c, V_c):
-        for _, slots in layout.run_slots(start, M):
+        for _, slots in shares.layout.run_slots(start, M):
             send_ct(chan, role.s2h_send(slots))
+    shares.write(start, K_c, V_c)
 
 
 def _pad_scores(rows: list[np.ndarray], length: int) -> np.ndarray:
@@ -202,40 +211,45 @@ def _pad_scores(rows: list[np.ndarray], length: int) -> np.ndarray:
 def scores_prefill_server(chan, engine: ServerEngine, cache: EncryptedKVCache, start: int, Q_s) -> np.ndarray:
     """(heads, T, start+T) score shares; entries after each query's own position are junk (masked)."""
     lay = cache.layout
-    qs = [s2h_server(engine, recv_ct(chan), query_slots(lay, q)) for q in Q_s]
-    out = qk_prefill(engine, cache, qs, start, RemoteRefresh(chan))
+    qs = [engine.receive(recv_ct(chan)) for _ in Q_s]
+    out = qk_prefill(engine, cache, qs, Q_s, start, RemoteRefresh(chan))
     rows = [read_scores(lay, [_h2s_send(chan, engine, c, "attention scores") for c in row], start + i + 1,
                         engine.config.t) for i, row in enumerate(out)]
     return _pad_scores(rows, start + len(qs))
 
 
-def scores_prefill_client(chan, role: ClientRole, layout: KVLayout, start: int, Q_c) -> np.ndarray:
+def scores_prefill_client(chan, role: ClientRole, shares: KVShares, start: int, Q_c) -> np.ndarray:
+    layout, t = shares.layout, role.keys.config.t
     for q in Q_c:
         send_ct(chan, role.s2h_send(query_slots(layout, q)))
     rows = []
-    for i in range(len(Q_c)):
-        n = (start + i) // layout.tpc + 1
-        rows.append(read_scores(layout, [role.h2s_receive(recv_ct(chan, role)) for _ in range(n)], start + i + 1,
-                                role.keys.config.t))
+    for i, q in enumerate(Q_c):
+        n, length = (start + i) // layout.tpc + 1, start + i + 1
+        got = read_scores(layout, [role.h2s_receive(recv_ct(chan, role)) for _ in range(n)], length, t)
+        own = local_scores(np.asarray(q).reshape(layout.heads, layout.d_head), shares.k[:length], t)
+        rows.append(f_add(got, own, t))
     return _pad_scores(rows, start + len(Q_c))
 
 
 def values_prefill_server(chan, engine: ServerEngine, cache: EncryptedKVCache, start: int, P_s) -> np.ndarray:
     lay = cache.layout
-    ps = [[s2h_server(engine, recv_ct(chan), probs_slots(lay, P_s[:, i], c)) for c in range((start + i) // lay.tpc + 1)]
-          for i in range(P_s.shape[1])]
-    outs = pv_prefill(engine, cache, ps, start, RemoteRefresh(chan))
+    ps = [[engine.receive(recv_ct(chan)) for _ in range((start + i) // lay.tpc + 1)] for i in range(P_s.shape[1])]
+    outs = pv_prefill(engine, cache, ps, P_s, start, RemoteRefresh(chan))
     return np.stack([read_pv(lay, _h2s_send(chan, engine, o, "attention output"), engine.config.t) for o in outs],
                     axis=1)
 
 
-def values_prefill_client(chan, role: ClientRole, layout: KVLayout, start: int, P_c) -> np.ndarray:
-    T = P_c.shape[1]
+def values_prefill_client(chan, role: ClientRole, shares: KVShares, start: int, P_c) -> np.ndarray:
+    layout, t, T = shares.layout, role.keys.config.t, P_c.shape[1]
     for i in range(T):
         for c in range((start + i) // layout.tpc + 1):
             send_ct(chan, role.s2h_send(probs_slots(layout, P_c[:, i], c)))
-    return np.stack([read_pv(layout, role.h2s_receive(recv_ct(chan, role)), role.keys.config.t) for _ in range(T)],
-                    axis=1)
+    out = []
+    for i in range(T):
+        span = pv_span(layout, start, i, P_c.shape[2])
+        got = read_pv(layout, role.h2s_receive(recv_ct(chan, role)), t)
+        out.append(f_add(got, local_pv(P_c[:, i, :span], shares.v[:span], t), t))
+    return np.stack(out, axis=1)
 
 
 # Attention probabilities are shared at 2^(f + PROBS_EXTRA_BITS); p.V is truncated by as many bits.

@@ -124,5 +124,6 @@ class InProcessRunner:
                     K_c, V_c = np.mod(K - K_s, fp.t), np.mod(V - V_s, fp.t)
                     cache = shard._cache(self.sid, ls.layer, g, b - a)
                     cc, sc = channel_pair(timeout=600)
-                    _run_threads({"c": lambda: kv_prefill_client(cc, self.client.role, cache.layout, 0, K_c, V_c),
+                    own = self.client.kv_shares(ls.layer, ls.heads[a], b - a)
+                    _run_threads({"c": lambda: kv_prefill_client(cc, self.client.role, own, 0, K_c, V_c),
                                   "s": lambda: kv_prefill_server(sc, cache, 0, K_s, V_s)})

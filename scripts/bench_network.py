@@ -259,6 +259,7 @@ def _decode_after(c, ids, n: int, on_step) -> list[int]:
     ids = list(ids) + [ids[-1]]  # the token at position P (the first step's input)
     steps = [Forward(P + i, 1, "token") for i in range(n)]
     with c._session(ids, SamplingConfig(), "kv-reuse", "dealer", steps) as s:
+        s.session.assume_zero_cache(P)  # the client's own shares of the zero caches (he/arcc.py)
         for f in steps:
             s.step(f, "decode", on_step)
         return s.session.tokens[P + 1:]
@@ -292,6 +293,8 @@ def zero_caches(gw, positions: int) -> None:
                     cache.k = [engine.encrypt(zero) for _ in range(n_ct)]
                     cache.v = [engine.encrypt(zero) for _ in range(n_ct)]
                     cache.length = positions
+                    zeros = np.zeros((positions, hi - lo, gw.cfg.d_head), np.int64)
+                    cache.shares.write(0, zeros, zeros)  # the server's shares of the zeros
                     blobs[f"{sh.layer}/{g}"] = cache.to_bytes()
             out.append(({"exports": 0}, blobs))
         return out

@@ -154,7 +154,8 @@ class ServerEngine:
         self.noise = NoiseModel(ctx.config, tuple(ctx.qi))
         self._qi = list(ctx.qi)
         self.max_exports = (1 << ctx.config.max_exports_log2) // max(1, int(export_share))
-        # keep the cache operands' ct x ct preparation on them (2.25x their bytes, he/ctct.py "Memory")
+        # keep the cache ciphertexts' NTT forms for the attention (1.5x their bytes with their shares'
+        # plaintexts: kvcache.EncryptedKVCache.forms) and ct x ct preparations (2.25x, he/ctct.py "Memory")
         self.keep_prepared = True
 
     # ---- encoding / transport -------------------------------------------------
@@ -299,6 +300,44 @@ class ServerEngine:
         self.stats.additions += len(as_) - 1
         budget = self.noise.add(*[self.noise.after_ct_ct(a.budget, b.budget) for a, b in zip(as_, bs)])
         return Cipher(ntt.ct_from_words(self.ctx.he, prefix, out), budget)
+
+    # ---- ct x pt sums in the NTT domain (he/ntt.py; the attention's cross terms, he/arcc.py) ------
+    def ct_form(self, c: Cipher) -> np.ndarray | None:
+        """c's (2, k, n) words in NTT form (2k NTTs), or None without the kernel or for a 3-polynomial c."""
+        if not ntt.available() or c.ct.size() != 2:
+            return None
+        words = np.array(ntt.ct_words(c.ct)[1])
+        return ntt.forward(ntt.tables(self.config.n, tuple(self._qi[:words.shape[1]]), self.config.t), words)
+
+    def pt_form(self, slots, k: int) -> np.ndarray | None:
+        """The plaintext of ``slots`` in NTT form over the first k primes (k NTTs), or None without the kernel."""
+        if not ntt.available():
+            return None
+        tb = ntt.tables(self.config.n, tuple(self._qi[:k]), self.config.t)
+        return ntt.plain_ntt(tb, ntt.plain_coeffs(self.encode(slots), self.config.n))
+
+    def dot_ct_pt(self, terms: list[tuple]) -> Cipher:
+        """sum_i c_i * pt(slots_i) for terms (c_i, slots_i, c_i's ``ct_form`` or None, the slots'
+        ``pt_form`` or None): with the kernel one multiply-accumulate and 2k inverse NTTs (forms not
+        given are made here), else SEAL's multiply_plain per term. Word for word SEAL's sum either way."""
+        if not terms:
+            raise ShapeError("a sum of ct x pt products needs at least one term")
+        self.stats.ct_pt_mul += len(terms)
+        self.stats.additions += len(terms) - 1
+        budget = self.noise.add(*[self.noise.after_ct_pt(c.budget) for c, *_ in terms])
+        forms = [cf if cf is not None else self.ct_form(c) for c, _, cf, _ in terms]
+        ks = {f.shape[1] for f in forms if f is not None}
+        if any(f is None for f in forms) or len(ks) != 1:
+            ct = None
+            for c, s, *_ in terms:
+                part = self.ctx.he.multiply_plain(c.ct, self.encode(s), True)
+                ct = part if ct is None else ct + part
+            return Cipher(ct, budget)
+        (k,) = ks
+        tb = ntt.tables(self.config.n, tuple(self._qi[:k]), self.config.t)
+        pts = np.stack([pf if pf is not None else self.pt_form(s, k) for _, s, _, pf in terms])
+        out = ntt.inverse(tb, ntt.mac(tb, np.stack(forms), pts, np.arange(len(terms))))
+        return Cipher(ntt.ct_from_words(self.ctx.he, ntt.ct_words(terms[0][0].ct)[0], out), budget)
 
     def add_ct_ct(self, a: Cipher, b: Cipher) -> Cipher:
         self.stats.additions += 1

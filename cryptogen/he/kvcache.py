@@ -16,8 +16,12 @@ Steps of a decode append at position p (no server-side rotation):
      plaintext shares placed the same way, and adds the result into ciphertext p // tpc,
      or starts a new ciphertext when p % tpc == 0.
 Prefill writes a run of tokens with one client ciphertext per touched cache ciphertext.
-Who learns what: server sees ciphertexts and the (public) token count. Cost per append:
-two ciphertexts client->server, 4 additions; memory 2 * ct_bytes / tpc per token per group.
+Shares kept beside the cache (docs/HE.md, "Attention by ct x pt"): each party also keeps its own share of
+every cached k and v in plaintext (``KVShares``: the server's in the cache, the client's in its session),
+so that the attention's products are ct x pt (arcc.py): q.k = q_s.Enc(k) + Enc(q_c).k_s + q_c.k_c.
+Who learns what: server sees ciphertexts and the (public) token count; each party keeps only shares it
+already held. Cost per append: two ciphertexts client->server, 4 additions; memory 2 * ct_bytes / tpc
+plus 2 * width words per token per group (and each party's own shares, 2 * width words).
 """
 from __future__ import annotations
 
@@ -71,6 +75,18 @@ class KVLayout:
         out[s:s + self.width] = vec
         return out
 
+    def cipher_slots(self, mat) -> np.ndarray:
+        """One cache ciphertext's slots from its tokens' rows ``mat`` (at most tpc, each (heads, d_head)
+        or flat): token b of the ciphertext at block b, zeros after the last."""
+        mat = np.asarray(mat, np.int64).reshape(-1, self.width)
+        if mat.shape[0] > self.tpc:
+            raise ShapeError(f"a ciphertext holds {self.tpc} tokens, got {mat.shape[0]}")
+        out = np.zeros(self.n, np.int64)
+        for b, vec in enumerate(mat):
+            s = self.block_start(b)
+            out[s:s + self.width] = vec
+        return out
+
     def run_slots(self, start: int, mat) -> list[tuple[int, np.ndarray]]:
         """Prefill: [(ciphertext index, slots)] for tokens start .. start+T-1 (``mat``: (T, heads, d_head))."""
         mat = np.asarray(mat, np.int64)
@@ -85,6 +101,48 @@ class KVLayout:
         return sorted(out.items())
 
 
+class KVShares:
+    """One party's plaintext shares of a head group's cached k and v (each (length, heads, d_head) in
+    Z_t), in a buffer that grows by doubling. ``write(start, ...)`` drops positions from ``start`` on
+    first, so a step the parties redo after a retry overwrites its own earlier write."""
+
+    def __init__(self, layout: KVLayout):
+        self.layout, self.length = layout, 0
+        self._k = np.zeros((0, layout.heads, layout.d_head), np.int64)
+        self._v = self._k.copy()
+
+    @property
+    def k(self) -> np.ndarray:
+        return self._k[:self.length]
+
+    @property
+    def v(self) -> np.ndarray:
+        return self._v[:self.length]
+
+    def write(self, start: int, K, V) -> None:
+        lay = self.layout
+        K, V = (np.asarray(m, np.int64).reshape(-1, lay.heads, lay.d_head) for m in (K, V))
+        if not 0 <= start <= self.length:
+            raise CachePositionError(f"kv shares: write at position {start}, next free is {self.length}")
+        if K.shape != V.shape:
+            raise ShapeError(f"K share {K.shape} and V share {V.shape} differ")
+        end = start + K.shape[0]
+        if end > self._k.shape[0]:
+            cap = max(end, 2 * self._k.shape[0], 16)
+            grow = np.zeros((cap - self._k.shape[0], lay.heads, lay.d_head), np.int64)
+            self._k, self._v = np.concatenate([self._k, grow]), np.concatenate([self._v, grow])
+        self._k[start:end], self._v[start:end] = K, V
+        self.length = end
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, max(0, int(length)))
+
+    def rows(self, which: str, c: int) -> np.ndarray:
+        """The rows of cache ciphertext c (``which``: "k" or "v")."""
+        tpc = self.layout.tpc
+        return (self.k if which == "k" else self.v)[c * tpc:(c + 1) * tpc]
+
+
 class EncryptedKVCache:
     """Server: one head group's encrypted K and V for one layer (``group``: its index in the layer)."""
 
@@ -94,6 +152,8 @@ class EncryptedKVCache:
         self.k: list[Cipher] = []
         self.v: list[Cipher] = []
         self.length = 0
+        self.shares = KVShares(self.layout)  # the server's own shares of the cached k and v
+        self._forms: dict = {}  # (which, c) -> (the Cipher, its ct_form, its shares' pt_form): arcc.py
 
     def _check_position(self, position: int) -> None:
         if position != self.length:
@@ -115,6 +175,7 @@ class EncryptedKVCache:
         idx = position // lay.tpc
         self._write(self.k, idx, e.add_ct_pt(kc, ks))
         self._write(self.v, idx, e.add_ct_pt(vc, vs))
+        self.shares.write(position, lay.flat(k_server, "K share")[None], lay.flat(v_server, "V share")[None])
         self.length += 1
 
     def prefill(self, start: int, k_client: list[bytes], K_server, v_client: list[bytes], V_server) -> None:
@@ -131,7 +192,22 @@ class EncryptedKVCache:
         for (idx, ks), (_, vs), kc, vc in zip(runs_k, runs_v, kcs, vcs):
             self._write(self.k, idx, e.add_ct_pt(kc, ks))
             self._write(self.v, idx, e.add_ct_pt(vc, vs))
+        self.shares.write(start, K_server, V_server)
         self.length += K_server.shape[0]
+
+    def forms(self, which: str, c: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(ct_form of cache ciphertext c, pt_form of the server's shares in it) for arcc's ct x pt
+        sums; kept while that ciphertext object lives (a write or a refresh replaces it) if the engine
+        keeps preparations (``ServerEngine.keep_prepared``)."""
+        store, e = (self.k if which == "k" else self.v), self.engine
+        got = self._forms.get((which, c))
+        if got is not None and got[0] is store[c]:
+            return got[1], got[2]
+        cf = e.ct_form(store[c])
+        pf = None if cf is None else e.pt_form(self.layout.cipher_slots(self.shares.rows(which, c)), cf.shape[1])
+        if e.keep_prepared:
+            self._forms[(which, c)] = (store[c], cf, pf)
+        return cf, pf
 
     # ---- accounting / persistence ------------------------------------------
     def ciphertext_count(self) -> int:
@@ -146,6 +222,7 @@ class EncryptedKVCache:
                 "layer": self.layer, "group": self.group,
                 "k_budget": [c.budget for c in self.k], "v_budget": [c.budget for c in self.v]}
         blobs = [c.ct.to_bytes("none") for c in self.k + self.v]
+        blobs += [np.ascontiguousarray(m, "<i8").tobytes() for m in (self.shares.k, self.shares.v)]
         return serialize.pack("kv_cache", ctx.config.fingerprint, ctx.key_id, meta, serialize.join_blobs(blobs))
 
     @classmethod
@@ -157,10 +234,19 @@ class EncryptedKVCache:
         except (KeyError, TypeError, ValueError, ShapeError) as exc:
             raise SerializationError("kv cache metadata lacks a valid head-group layout") from exc
         blobs = serialize.split_blobs(payload)
-        nk = len(meta["k_budget"])
-        expected = -(-int(meta["length"]) // cache.layout.tpc)
-        if nk != expected or len(blobs) != 2 * nk or len(meta["v_budget"]) != nk:
-            raise SerializationError("kv cache metadata does not match its ciphertext count")
+        nk, length = len(meta["k_budget"]), int(meta["length"])
+        expected = -(-length // cache.layout.tpc)
+        if nk != expected or len(blobs) != 2 * nk + 2 or len(meta["v_budget"]) != nk:
+            raise SerializationError("kv cache metadata does not match its ciphertext and share count")
+        lay, t = cache.layout, engine.config.t
+        shares = []
+        for b in blobs[-2:]:
+            m = np.frombuffer(b, "<i8")
+            if m.size != length * lay.width or (m.size and (m.min() < 0 or m.max() >= t)):
+                raise SerializationError("kv cache shares do not match its length or are not field elements")
+            shares.append(m.reshape(length, lay.heads, lay.d_head))
+        cache.shares.write(0, *shares)
+        blobs = blobs[:-2]
         try:
             cts = [PyCtxt(pyfhel=ctx.he, bytestring=b) for b in blobs]
         except Exception as exc:

@@ -17,6 +17,10 @@ worst cases -- no tail probability is used anywhere (delta = 0 in the total belo
 Derivation (each rule is an upper bound on nu, i.e. a lower bound on b):
   1. fresh (SEAL: encrypt at level qP, divide-and-round by P, add round(q m / t)):
      raw noise <= (2n+1) B_e / P + 1/2 + n/2 + 1/2  =>  nu0 = (t/q)(n/2 + 1 + (2n+1) B_e / P).
+  1b. the export's Enc_pk(0) (``ServerEngine._enc_zero``: at the data level, no division by P):
+     (pk0 u + e0) + (pk1 u + e1) s = e0 + e1 s - e_pk u with u, s ternary, |e| <= B_e:
+     raw noise <= (2n+1) B_e  =>  nu_z = (t/q)((2n+1) B_e + 1) (SEAL's key-level Enc(0), the
+     fallback without the kernel, is below it: rule 1).
   2. sums: nu(x + y) <= nu(x) + nu(y) (triangle); plaintext add (rounded scaling) adds t/(2q).
   3. ct x pt: SEAL lifts plaintext coefficients to |p| <= (t-1)/2, and v' = v p exactly, so
      nu' <= n (t-1)/2 nu: cost log2(n (t-1)/2) = lt + ln - 1 bits (the proven worst case).
@@ -27,7 +31,7 @@ Derivation (each rule is an upper bound on nu, i.e. a lower bound on b):
      ||k_i|| <= n + 2 (ciphertext words in [0, q)), ||m_i|| <= t/2, rounding error <= L + 1/2 per
      tensor word times (1, s, s^2):  nu' <= t n (n + 5/2)(nu1 + nu2) + n nu1 nu2
      + (t/q)(L + 1/2)(1 + n + n^2) + nu_ks (relinearisation).
-  6. flooding (export): add Enc_pk(0) (noise nu0) and F to c0, F = floor(Y) - 3A/2 with
+  6. flooding (export): add Enc_pk(0) (noise nu_z, rule 1b) and F to c0, F = floor(Y) - 3A/2 with
      Y = U1 + U2 + U3, U_i uniform on [0, A), A = 2^a. floor(Y) = K1 + K2 + K3 + J with K_i uniform
      in [0, A) and J in {0,1,2} w.p. 1/6, 2/3, 1/6: sampled exactly from AES-256-CTR keyed by
      32 fresh bytes of os.urandom (a CSPRNG: engine._random_bytes).
@@ -103,6 +107,13 @@ class NoiseModel:
         return bits_of(c["t_over_q"] * (c["n"] / 2 + 1 + (2 * c["n"] + 1) * B_ERR / c["P"]))
 
     @property
+    def enc_zero(self) -> float:
+        """Rule 1b: the export's Enc_pk(0) at the data level (ServerEngine._enc_zero, no division by the
+        special prime): e0 + e1 s - e u with u, s ternary, |e| <= B_e: raw noise <= (2n+1) B_e."""
+        c = self._c
+        return bits_of(c["t_over_q"] * ((2 * c["n"] + 1) * B_ERR + 1))
+
+    @property
     def fresh(self) -> float:
         """Rule 1 + one plaintext add: what S2H and ``convert.refresh`` hand back (x_c + x_s)."""
         return self.after_add_plain(self.fresh_encryption)
@@ -154,12 +165,12 @@ class NoiseModel:
     def flood_exponent(self, b: float) -> int:
         """a with A = 2^a (rule 8) for a ciphertext of budget ``b`` (before Enc(0) is added)."""
         cfg = self.config
-        log_e = math.log2((nu_of(b) + nu_of(self.fresh_encryption)) / self._c["t_over_q"])
+        log_e = math.log2((nu_of(b) + nu_of(self.enc_zero)) / self._c["t_over_q"])
         return int(math.ceil(cfg.flood_sigma + (cfg.max_exports_log2 + self.ln) / 2 + TV_CONST + log_e))
 
     def after_flood(self, b: float) -> float:
         a = self.flood_exponent(b)
-        return bits_of(nu_of(b) + nu_of(self.fresh_encryption) + self._c["t_over_q"] * (1.5 * 2.0 ** a + 1))
+        return bits_of(nu_of(b) + nu_of(self.enc_zero) + self._c["t_over_q"] * (1.5 * 2.0 ** a + 1))
 
     def flood_cost(self, b: float | None = None) -> float:
         """Bits of budget flooding costs (for ``b``; default: a ciphertext with 60 bits)."""

@@ -169,6 +169,15 @@ def seal_ciphertext_header(payload: bytes) -> dict:
     return {"ntt": int(ntt), "size": int(size), "n": int(n), "k": int(k)}
 
 
+def public_key_words(pk_bytes: bytes, n: int, k: int) -> np.ndarray:
+    """A SEAL ``PublicKey`` blob's words, (2, k, n) uint64 in NTT form over all k primes (the special one
+    last), copied out. Call after SEAL accepted the key."""
+    head = seal_ciphertext_header(pk_bytes)
+    if not head["ntt"] or head["size"] != 2 or head["n"] != n or head["k"] != k or len(pk_bytes) < _KEY_PREFIX + 16 * k * n:
+        raise SerializationError("public context: the public key is not a 2-polynomial NTT-form key at the key level")
+    return np.frombuffer(pk_bytes, np.uint64, 2 * k * n, len(pk_bytes) - 16 * k * n).reshape(2, k, n).copy()
+
+
 def galois_elt(step: int, n: int) -> int:
     """SEAL's Galois element of a BFV row rotation by ``step`` (0: the row swap), ring degree ``n``."""
     m = 2 * n

@@ -170,3 +170,32 @@ def test_default_parameters_fit_the_kernels_worst_case():
     new = _chains(NoiseModel(HEConfig()), 16384)
     assert all(b >= 13 for b in new.values()), new  # >= 13 bits to spare at N = 16384
     assert all(b < 0 for b in _chains(NoiseModel(old), 8192).values())  # nothing fits at N = 8192
+
+
+def test_export_enc_zero_is_a_public_key_encryption_of_zero(cfg, engine, keys, client, rng, monkeypatch):
+    """The export's own Enc_pk(0) (data level): decrypts to 0 with its noise inside rule 1b's bound and
+    within 12 bits of it (measured 6-7 over: the bound takes every coefficient at its worst), a fresh c1
+    each time, u uniform ternary and e SEAL's CBD; exports with it, and without the kernel (SEAL's
+    Enc(0)), decrypt."""
+    from cryptogen.he import ntt
+    from cryptogen.he.engine import _cbd, _ternary
+    k = len(cfg.expected_qi) - 1
+    prefix = ntt.ct_words(engine.encrypt(np.zeros(cfg.n, np.int64)).ct)[0]
+    z1, z2 = engine._enc_zero(k), engine._enc_zero(k)
+    ct = ntt.ct_from_words(engine.ctx.he, prefix, z1)
+    assert np.all(keys.decrypt(ct) == 0)
+    measured = keys.noise_budget(ct)
+    assert engine.noise.enc_zero <= measured + 1 <= engine.noise.enc_zero + 12, measured
+    assert not np.array_equal(z1[1], z2[1]) and not np.array_equal(z1[0], z2[0])
+    u, e = _ternary(90000), _cbd(90000)
+    assert np.allclose(np.bincount(u + 1, minlength=3) / u.size, 1 / 3, atol=0.01) and u.min() == -1 and u.max() == 1
+    assert -21 <= e.min() and e.max() <= 21 and abs(e.mean()) < 0.05 and abs(e.std() - 10.5 ** 0.5) < 0.05
+    x = random_elements(cfg.n, cfg.t, rng)
+    c = engine.receive(client.s2h_send(x))
+    c1s = [np.frombuffer(keys.ct_from_bytes(engine.export(c)).to_bytes("none"), np.uint64)[-cfg.n:] for _ in range(2)]
+    assert not np.array_equal(*c1s)  # the flood touches c0 only: a fresh c1 is Enc(0)'s
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(ntt, "available", lambda: False)
+        data, r = h2s_server(engine, c)
+        assert np.array_equal((client.h2s_receive(data) + r) % cfg.t, x), kernel

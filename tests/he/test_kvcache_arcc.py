@@ -328,3 +328,22 @@ def test_cache_shares_are_checked_when_loaded(cfg, engine, client, rng):
     cache.shares._k[1, 0, 0] = cfg.t  # not a field element
     with pytest.raises(SerializationError, match="shares"):
         EncryptedKVCache.from_bytes(engine, cache.to_bytes())
+
+
+def test_prefill_pv_covers_the_masked_shares_of_zero(cfg, engine, client, keys, rng):
+    """In a prefill the softmax leaves shares of 0, not zeros, after each query's position: the client's
+    own term must cover the same tokens as the server's cross terms (``pv_span``), or they do not cancel."""
+    d, T, i = 32, 40, 5
+    cache = EncryptedKVCache(engine, d)
+    lay = cache.layout
+    K, V = random_elements((T, d), cfg.t, rng), random_elements((T, d), cfg.t, rng)
+    own = _fill(engine, client, cache, K, V, rng, cfg.t, prefill=T)
+    p = np.zeros((1, T), np.int64)
+    p[:, :i + 1] = random_elements((1, i + 1), cfg.t, rng)
+    pc, ps = _split(p, cfg.t, rng)  # beyond i: uniform shares of 0
+    enc = [engine.receive(client.s2h_send(probs_slots(lay, pc, c))) for c in range(i // lay.tpc + 1)]
+    out = pv_prefill(engine, cache, [enc], ps[:, None], i, client)[0]
+    span = pv_span(lay, i, 0, T)
+    assert span == T  # one cache ciphertext holds all 40 tokens
+    got = (read_pv(lay, keys.decrypt(out.ct), cfg.t) + local_pv(pc[:, :span], own.v[:span], cfg.t)) % cfg.t
+    assert np.array_equal(got[0], matmul(p[:, :i + 1], V[:i + 1], cfg.t)[0])

@@ -61,12 +61,12 @@ SANITY = Mutation(
 MUTATIONS = [
     Mutation("no_rerandomisation", "export does not add Enc_pk(0) (c1 not re-randomised)",
              "cryptogen/he/engine.py",
-             "        ct = ct + self.ctx.encrypt_public(np.zeros(self.config.n, np.int64))\n",
-             "        ct = ct  # MUTATION: no re-randomisation\n"),
+             "            data += self._enc_zero(k)\n",
+             "            pass  # MUTATION: no re-randomisation\n"),
     Mutation("no_flooding", "export does not flood the noise",
              "cryptogen/he/engine.py",
-             "ct = self._flood(ct, ",
-             "ct = (lambda ct, _budget: ct)(ct, "),  # MUTATION: no flooding
+             "            _flood_into(data[0], self.flood_bits(budget), self._qi[:k])\n",
+             "            pass  # MUTATION: no flooding\n"),
     Mutation("flood_sigma_0", "flooding at sigma = 0 bits (flood_bits drops flood_sigma)",
              "cryptogen/he/engine.py",
              "self.config.flood_sigma + math.log2(self.config.n)",

@@ -29,7 +29,7 @@ from cryptogen.he.engine import ServerEngine, exports_of
 from cryptogen.he.keys import PublicContext
 from cryptogen.he.params import HEConfig
 from cryptogen.he.kvcache import EncryptedKVCache
-from cryptogen.he.linear import EncodedLinear
+from cryptogen.he.linear import EncodedLinear, plan_linear
 from cryptogen.he.stats import HEStats
 from cryptogen.model import GPT
 from cryptogen.mpc.argmax import argmax_last, argmax_pairs, open_to_client
@@ -63,14 +63,8 @@ class ServerShard:
         self.key_share = key_share  # workers exporting under one session key (each gets 1/key_share of its budget)
         self.he_config = he_config or HEConfig()
         self.stats = HEStats()
-        if public_context is None:
-            self.ctx = PublicContext.for_encoding(self.he_config)
-        else:
-            self.ctx = PublicContext.from_bytes(public_context, self.he_config)
-        self.ctx.assert_public()
-        self.engine = ServerEngine(self.ctx, self.stats, key_share)  # encodes the weights (and serves sessions in tests)
-        self.fp = self.engine.config.fixed_point
-        self.plan, self.n = plan, self.engine.config.n
+        self.fp = self.he_config.fixed_point
+        self.plan, self.n = plan, self.he_config.n
         if embed_shards is None:
             embed_shards = range(len(sp.embed_shards(self.cfg))) if holds_ends else ()
         if head_cols is None and holds_ends:
@@ -79,10 +73,17 @@ class ServerShard:
         self.embed_idx = tuple(embed_shards)
         self.weights = model_weights(model, plan, self.fp, holds_ends, frozenset(lead_layers),
                                      self.embed_idx, head_cols)
-        self.linears = {name: EncodedLinear(self.engine, w) for name, w in self.weights.encodable().items()}
+        plans = {name: plan_linear(*w.shape, self.n) for name, w in self.weights.encodable().items()}
         # the linear layers', decode and batched prefill (attention rotates nothing: he/arcc.py)
-        self.required_steps = required_rotation_steps(enc.plan for enc in self.linears.values())
-        self.giant_steps = set().union(*(enc.plan.giant_steps() for enc in self.linears.values()))  # he/hoist.py
+        self.required_steps = required_rotation_steps(plans.values())
+        self.giant_steps = set().union(*(pl.giant_steps() for pl in plans.values()))  # he/hoist.py
+        if public_context is None:
+            self.ctx = PublicContext.for_encoding(self.he_config)
+        else:  # its giant steps' keys too, as a session's (``open_session``)
+            self.ctx = PublicContext.from_bytes(public_context, self.he_config, self.giant_steps)
+        self.ctx.assert_public()
+        self.engine = ServerEngine(self.ctx, self.stats, key_share)  # encodes the weights (and serves sessions in tests)
+        self.linears = {name: EncodedLinear(self.engine, w, plans[name]) for name, w in self.weights.encodable().items()}
         self.sessions: dict[str, dict] = {}
 
     # ---- sessions -----------------------------------------------------------------

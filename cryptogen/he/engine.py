@@ -16,8 +16,9 @@ Steps of ``export`` (server -> client):
      (steps 6-8) all 2^X exports of a key together are within statistical distance 2^-sigma
      (sigma = 40) of exports whose noise is independent of the server's weights and shares.
 Who learns what: the client later decrypts Enc(x - r) only (see convert.py).
-Cost: per export one encryption of zero (k forward and 2k inverse NTTs, ~4 ms at N = 16384, against
-~8 ms for SEAL's at the key level) and a few passes over c0's RNS words.
+Cost: per export one encryption of zero (k forward and 2k inverse NTTs, 6-7 ms at N = 16384, against
+~8 ms for SEAL's at the key level; made ahead on a helper thread: he/enczero.py) and a few passes over
+c0's RNS words.
 Every method is callable with a :class:`PublicContext` only; the noise model uses the primes
 read from the loaded SEAL context (``ctx.qi``).
 """
@@ -33,7 +34,7 @@ import numpy as np
 from Pyfhel import PyCtxt
 
 from ..field import random_bytes
-from . import ctct, ntt
+from . import ctct, enczero, ntt
 from .errors import HEError, SecretKeyError, SerializationError, ShapeError
 from .keys import ClientKeys, PublicContext
 from . import noise as noise_mod
@@ -99,39 +100,15 @@ def _uniform_limbs(bits: int, n: int) -> np.ndarray:
 
 def _irwin_hall_j(n: int) -> np.ndarray:
     """J in {0, 1, 2} with probabilities 1/6, 2/3, 1/6 (= floor of a sum of 3 uniform fractions),
-    exactly: rejection-sample u uniform in {0..5}, J = 0 if u == 0, 2 if u == 5, else 1."""
-    out, todo = np.empty(n, np.uint64), np.arange(n)
-    while todo.size:
-        u = np.frombuffer(_random_bytes(todo.size), dtype=np.uint8) & 7
-        ok = u < 6
-        out[todo[ok]] = np.where(u[ok] == 0, 0, np.where(u[ok] == 5, 2, 1))
-        todo = todo[~ok]
-    return out
-
-
-def _ternary(n: int) -> np.ndarray:
-    """n values uniform in {-1, 0, 1} (int64): bytes below 252 = 3 * 84 kept, each mod 3, minus 1."""
-    out, have = np.empty(n, np.int64), 0
+    exactly: bytes below 252 = 6 * 42 kept, r = byte mod 6 uniform on {0..5}; J = 0 if r == 0, 2 if
+    r == 5, else 1."""
+    out, have = np.empty(n, np.uint64), 0
     while have < n:
         b = np.frombuffer(_random_bytes(n - have + 64), dtype=np.uint8)
-        b = b[b < 252][:n - have]
-        out[have:have + b.size] = b.astype(np.int64) % 3 - 1
-        have += b.size
+        r = b[b < 252][:n - have] % 6
+        out[have:have + r.size] = (r != 0).astype(np.uint64) + (r == 5)
+        have += r.size
     return out
-
-
-def _cbd(n: int) -> np.ndarray:
-    """n draws of SEAL's RLWE error (centred binomial: popcount of 21 bits minus popcount of 21 more)."""
-    x = np.frombuffer(_random_bytes(8 * n), np.uint64)
-    m = np.uint64((1 << 21) - 1)
-    return np.bitwise_count(x & m).astype(np.int64) - np.bitwise_count((x >> np.uint64(21)) & m).astype(np.int64)
-
-
-def _lift(x: np.ndarray, qs: np.ndarray) -> np.ndarray:
-    """Small signed integers (..., n) -> residues (..., k, n) mod each of qs (k,)."""
-    x = x[..., None, :]
-    q = qs[:, None]
-    return np.where(x < 0, q - (-x).astype(np.uint64), x.astype(np.uint64))
 
 
 def _flood_residues(a: int, n: int, moduli: list[int]) -> np.ndarray:
@@ -182,6 +159,7 @@ class ServerEngine:
         self.noise = NoiseModel(ctx.config, tuple(ctx.qi))
         self._qi = list(ctx.qi)
         self._pk_ntt: dict = {}  # k -> the public key's words over the first k primes, NTT form (``_enc_zero``)
+        self._zeros = enczero.ZeroPool(self._make_enc_zero)
         self.max_exports = (1 << ctx.config.max_exports_log2) // max(1, int(export_share))
         # keep the cache ciphertexts' NTT forms for the attention (1.5x their bytes with their shares'
         # plaintexts: kvcache.EncryptedKVCache.forms) and ct x ct preparations (2.25x, he/ctct.py "Memory")
@@ -228,9 +206,9 @@ class ServerEngine:
         self._count_export()
         if ct.size() != 2:
             ct = self.ctx.he.relinearize(ct) or ct
-        ct = self._flood(ct, budget)  # adds Enc_pk(0) first (``_enc_zero``)
+        raw, words = self._flood(ct, budget)  # adds Enc_pk(0) first (``_enc_zero``)
         self.stats.rerandomizations += 1
-        data = self.ctx.ct_to_bytes(ct, "switched")  # fewer primes on the wire: after the flood
+        data = self.ctx.words_to_bytes(raw, words, "switched")  # fewer primes on the wire: after the flood
         self.stats.record_to_client(len(data))
         return data
 
@@ -241,7 +219,8 @@ class ServerEngine:
         bits = self.config.flood_sigma + math.log2(self.config.n) / 2 + self.config.max_exports_log2 / 2
         return int(math.ceil(bits + noise_mod.TV_CONST + log_e))
 
-    def _flood(self, ct: PyCtxt, budget: float) -> PyCtxt:
+    def _flood(self, ct: PyCtxt, budget: float) -> tuple[bytes, np.ndarray]:
+        """(``ct``'s SEAL bytes, its words (2, k, n) re-randomised and flooded): steps 3-4."""
         raw = ct.to_bytes("none")
         n = self.config.n
         (size, degree, k) = struct.unpack_from("<QQQ", raw, 16 + 32 + 1)
@@ -251,7 +230,8 @@ class ServerEngine:
         data = np.frombuffer(raw[-data_len:], dtype=np.uint64).reshape(size, k, n).copy()
         if ntt.available():
             data += self._enc_zero(k)
-            np.subtract(data, self._qs_col(k), out=data, where=data >= self._qs_col(k))
+            qs = self._qs_col(k)
+            np.subtract(data, qs, out=data, where=data >= qs)
             _flood_into(data[0], self.flood_bits(budget), self._qi[:k])
         else:  # no kernel: SEAL's Enc(0) at the key level (noise rule 1 <= rule 1b's bound)
             zero = self.ctx.encrypt_public(np.zeros(n, np.int64)).to_bytes("none")
@@ -262,27 +242,24 @@ class ServerEngine:
             for i in range(k):
                 q = np.uint64(self._qi[i])
                 data[0, i] = np.mod(data[0, i] + noise[i], q)
-        return PyCtxt(pyfhel=self.ctx.he, bytestring=raw[:-data_len] + data.tobytes())
+        return raw, data
 
     def _qs_col(self, k: int) -> np.ndarray:
         return np.array(self._qi[:k], np.uint64)[None, :, None]
 
     def _enc_zero(self, k: int) -> np.ndarray:
-        """Enc_pk(0) over the first k (data) primes, (2, k, n) coefficient-form words: (pk0 u + e0,
-        pk1 u + e1) with u uniform ternary and e0, e1 SEAL's CBD error, from the CSPRNG stream; the
-        public key's rows of those primes in NTT form (its special prime dropped: (pk0, pk1) mod Q is an
-        RLWE public key mod Q). k forward and 2k inverse NTTs (SEAL's encrypt_zero works at the key
-        level and divides by the special prime: twice the NTTs). Noise: noise.py rule 1b."""
-        n = self.config.n
-        tb = ntt.tables(n, tuple(self._qi[:k]), self.config.t)
+        """Enc_pk(0) over the first k (data) primes, (2, k, n) coefficient-form words (he/enczero.py:
+        made ahead on a helper thread; the public key's rows of those primes in NTT form, its special
+        prime dropped: (pk0, pk1) mod Q is an RLWE public key mod Q). k forward and 2k inverse NTTs,
+        6-7 ms at N = 16384 (SEAL's encrypt_zero works at the key level and divides by the special
+        prime: twice the NTTs). Noise: noise.py rule 1b."""
         if k not in self._pk_ntt:
-            words = public_key_words(self.ctx.he.to_bytes_public_key("none"), n, len(self._qi))
+            words = public_key_words(self.ctx.he.to_bytes_public_key("none"), self.config.n, len(self._qi))
             self._pk_ntt[k] = np.ascontiguousarray(words[None, :, :k])
-        u = ntt.forward(tb, np.ascontiguousarray(_lift(_ternary(n), tb.qs)))
-        out = ntt.inverse(tb, ntt.mac(tb, self._pk_ntt[k], u[None], np.zeros(1, np.int64)))
-        out += _lift(_cbd(2 * n).reshape(2, n), tb.qs)
-        np.subtract(out, self._qs_col(k)[0], out=out, where=out >= self._qs_col(k)[0])
-        return out
+        return self._zeros.take(k)
+
+    def _make_enc_zero(self, k: int) -> np.ndarray:
+        return enczero.enc_zero(ntt.tables(self.config.n, tuple(self._qi[:k]), self.config.t), self._pk_ntt[k])
 
     # ---- arithmetic -----------------------------------------------------------
     def mul_ct_pt(self, c: Cipher, pt) -> Cipher:

@@ -110,8 +110,12 @@ class _HEBase:
         """A ciphertext in a wire form (``wire``): ``packed`` (each coefficient in its prime's bits) or
         ``switched`` (a download: first modulus-switched to ``switch_keep`` primes; only after flooding)."""
         raw = ct.to_bytes("none")
-        body = (wire.to_switched(raw, self.widths, self.qi, self.switch_keep) if form == "switched"
-                else wire.to_packed(raw, self.widths))
+        return self.words_to_bytes(raw, wire.ct_words(raw), form)
+
+    def words_to_bytes(self, prefix: bytes, words: np.ndarray, form: str = "packed") -> bytes:
+        """``ct_to_bytes`` of the ciphertext with SEAL prefix ``prefix`` and words (size, k, n)."""
+        body = (wire.to_switched(prefix, words, self.widths, self.qi, self.switch_keep) if form == "switched"
+                else wire.to_packed(prefix, words, self.widths))
         return serialize.pack("ciphertext", self.config.fingerprint, self.key_id, {"form": form}, body)
 
     def ct_from_bytes(self, data: bytes) -> PyCtxt:

@@ -382,6 +382,9 @@ def rotations_ntt(e: ServerEngine, x: Cipher, steps) -> _NTTBabies:
     prefix, words = ntt.ct_words(x.ct)
     dec = hoist.decompose(tb, words) if any(s in keys for s in steps) else None
     out = np.empty((len(steps),) + words.shape, np.uint64)
+    hoisted = [i for i, s in enumerate(steps) if s and s in keys]
+    for i, words_i in zip(hoisted, hoist.rotate_many(tb, dec, [keys[steps[i]] for i in hoisted])):
+        out[i] = words_i
     budgets = []
     for i, s in enumerate(steps):
         if s == 0:
@@ -389,7 +392,6 @@ def rotations_ntt(e: ServerEngine, x: Cipher, steps) -> _NTTBabies:
             budgets.append(x.budget)
             continue
         if s in keys:
-            out[i] = hoist.rotate(tb, dec, keys[s])
             e.stats.rotations += 1
             budgets.append(e.noise.after_rotate(x.budget))
         else:

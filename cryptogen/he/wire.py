@@ -18,8 +18,8 @@ forms cut the bytes without touching the cryptography:
      at counter block ``i * 2^64`` (:func:`expand_seed`);
   3. SEAL computes ``-a*s`` exactly (``multiply_plain`` of ``(a, a)`` by the plaintext ``-s``, lifted
      centred) and ``Delta*m - a*s`` (``add_plain``, SEAL's BFV scaling);
-  4. ``e``: SEAL's error distribution, a centred binomial of 21 + 21 bits from ``os.urandom``
-     (sigma = 3.24), added to ``c0``.
+  4. ``e``: SEAL's error distribution, a centred binomial of 21 + 21 bits (sigma = 3.24) from
+     ``field.random_bytes`` (AES-256-CTR under a fresh ``os.urandom`` key), added to ``c0``.
 
 Who learns what: the seed is public, ``a`` is uniform given it, and ``c0`` is an RLWE sample under the
 client's secret key: the server learns what a SEAL symmetric ciphertext tells it, nothing. Packing is
@@ -31,11 +31,18 @@ from __future__ import annotations
 
 import os
 import struct
+from functools import lru_cache
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from ..field import random_bytes
 from .errors import SerializationError
+
+try:  # the HE kernels (setup.py; bin/bootstrap always builds them): the packing and switching in C
+    from . import _ntt
+except ImportError:  # pragma: no cover - a checkout without the build step
+    _ntt = None
 
 SEED_BYTES = 32
 # SEAL ciphertext bytes up to its coefficient words: SEAL header (16) | parms_id (32) | is_ntt_form u8
@@ -67,7 +74,17 @@ def mulmod_scalar(a: np.ndarray, c: int, q: int) -> np.ndarray:
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """``values`` (uint64, each below 2^bits, length a multiple of 64) in ``bits`` bits each."""
+    """``values`` (uint64, each below 2^bits, length a multiple of 64) in ``bits`` bits each (one C call
+    with the HE kernels built, else ``pack_bits_np``: the same bytes)."""
+    v = np.ascontiguousarray(values, dtype=np.uint64).reshape(-1)
+    if _ntt is None:
+        return pack_bits_np(v, bits)
+    out = bytearray(packed_len(v.size, bits))
+    _ntt.pack(out, v, bits, v.size)
+    return bytes(out)
+
+
+def pack_bits_np(values: np.ndarray, bits: int) -> bytes:
     g = np.ascontiguousarray(values, dtype=np.uint64).reshape(-1, 64)
     out = np.zeros((g.shape[0], bits), np.uint64)
     for j in range(64):
@@ -80,6 +97,14 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
 
 def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`: ``count`` values of ``bits`` bits from ``data``."""
+    if _ntt is None:
+        return unpack_bits_np(data, bits, count)
+    out = np.empty(count, np.uint64)
+    _ntt.unpack(out, data, bits, count)
+    return out
+
+
+def unpack_bits_np(data: bytes, bits: int, count: int) -> np.ndarray:
     g = np.frombuffer(data, np.uint64).reshape(-1, bits)
     out = np.empty((g.shape[0], 64), np.uint64)
     mask = np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -113,8 +138,9 @@ def expand_seed(seed: bytes, moduli, n: int) -> np.ndarray:
 
 
 def cbd_noise(n: int) -> np.ndarray:
-    """SEAL's RLWE error: centred binomial, popcount of 21 random bits minus popcount of 21 more."""
-    x = np.frombuffer(os.urandom(8 * n), np.uint64)
+    """SEAL's RLWE error: centred binomial, popcount of 21 random bits minus popcount of 21 more
+    (the bits from field.random_bytes, a CSPRNG)."""
+    x = np.frombuffer(random_bytes(8 * n), np.uint64)
     m = np.uint64((1 << 21) - 1)
     return np.bitwise_count(x & m).astype(np.int64) - np.bitwise_count((x >> np.uint64(21)) & m).astype(np.int64)
 
@@ -136,7 +162,8 @@ def read_prefix(payload: bytes) -> dict:
     return {"ntt": int(ntt), "size": int(size), "n": int(n), "k": int(k)}
 
 
-def _words(raw: bytes) -> np.ndarray:
+def ct_words(raw: bytes) -> np.ndarray:
+    """A SEAL ciphertext's bytes -> a read-only view of its words (size, k, n)."""
     head = read_prefix(raw)
     return np.frombuffer(raw, np.uint64, offset=PREFIX).reshape(head["size"], head["k"], head["n"])
 
@@ -173,9 +200,10 @@ def _unpack(payload: bytes, off: int, shape: tuple[int, int, int], widths, form:
     return out
 
 
-def to_packed(raw: bytes, widths) -> bytes:
-    """A SEAL ciphertext's bytes -> prefix | each (polynomial, prime) row in its prime's width."""
-    return raw[:PREFIX] + _pack(_words(raw), widths)
+def to_packed(prefix: bytes, words: np.ndarray, widths) -> bytes:
+    """A SEAL ciphertext's prefix and words (size, k, n) -> prefix | each (polynomial, prime) row in its
+    prime's width."""
+    return prefix[:PREFIX] + _pack(words, widths)
 
 
 def from_packed(payload: bytes, head: dict, widths) -> bytes:
@@ -199,7 +227,30 @@ def switch_down(words: np.ndarray, moduli, keep: int) -> np.ndarray:
     """BFV modulus switching in RNS (the server, after flooding): (size, k, n) residues mod q_0..q_{k-1}
     -> (size, keep, n) residues of round(c * Q'/Q) mod Q' = q_0..q_{keep-1}, dropping the last prime k - keep
     times: c_i <- q_L^-1 (c_i - [c_L]) mod q_i with [c_L] the centred residue (exact rounding). The
-    invariant noise stays v + t * rounding / Q'; a deterministic map of the flooded ciphertext."""
+    invariant noise stays v + t * rounding / Q'; a deterministic map of the flooded ciphertext. One C
+    call with the HE kernels built, else ``switch_down_np`` (the same words)."""
+    if _ntt is None:
+        return switch_down_np(words, moduli, keep)
+    w = np.array(words, np.uint64, order="C")
+    size, k, n = w.shape
+    _ntt.switch_down(w, np.array(moduli[:k], np.uint64), _switch_inverses(tuple(int(q) for q in moduli[:k])),
+                     size, k, keep, n)
+    return w[:, :keep]
+
+
+@lru_cache(maxsize=16)
+def _switch_inverses(qs: tuple[int, ...]) -> np.ndarray:
+    """(k, k, 2): q_L^-1 mod q_i and its Shoup quotient, at [L][i] for i < L."""
+    k = len(qs)
+    out = np.zeros((k, k, 2), np.uint64)
+    for L in range(k):
+        for i in range(L):
+            m = pow(qs[L], -1, qs[i])
+            out[L, i] = (m, (m << 64) // qs[i])
+    return out
+
+
+def switch_down_np(words: np.ndarray, moduli, keep: int) -> np.ndarray:
     w = words.copy()
     for L in range(words.shape[1] - 1, keep - 1, -1):
         qL, cL = int(moduli[L]), w[:, L]
@@ -225,9 +276,10 @@ def lift_up(words: np.ndarray, moduli, k: int) -> np.ndarray:
     return out
 
 
-def to_switched(raw: bytes, widths, moduli, keep: int) -> bytes:
-    """A download: switched to ``keep`` primes, then packed -> prefix (the top level's) | kept rows."""
-    return raw[:PREFIX] + _pack(switch_down(_words(raw), moduli, keep), widths)
+def to_switched(prefix: bytes, words: np.ndarray, widths, moduli, keep: int) -> bytes:
+    """A download, from its SEAL prefix and words (size, k, n): switched to ``keep`` primes, then
+    packed -> prefix (the top level's) | kept rows."""
+    return prefix[:PREFIX] + _pack(switch_down(words, moduli, keep), widths)
 
 
 def from_switched(payload: bytes, head: dict, widths, moduli, keep: int) -> bytes:

@@ -178,7 +178,8 @@ def test_export_enc_zero_is_a_public_key_encryption_of_zero(cfg, engine, keys, c
     each time, u uniform ternary and e SEAL's CBD; exports with it, and without the kernel (SEAL's
     Enc(0)), decrypt."""
     from cryptogen.he import ntt
-    from cryptogen.he.engine import _cbd, _ternary
+    from cryptogen.he.enczero import ternary
+    from cryptogen.he.wire import cbd_noise
     k = len(cfg.expected_qi) - 1
     prefix = ntt.ct_words(engine.encrypt(np.zeros(cfg.n, np.int64)).ct)[0]
     z1, z2 = engine._enc_zero(k), engine._enc_zero(k)
@@ -187,7 +188,7 @@ def test_export_enc_zero_is_a_public_key_encryption_of_zero(cfg, engine, keys, c
     measured = keys.noise_budget(ct)
     assert engine.noise.enc_zero <= measured + 1 <= engine.noise.enc_zero + 12, measured
     assert not np.array_equal(z1[1], z2[1]) and not np.array_equal(z1[0], z2[0])
-    u, e = _ternary(90000), _cbd(90000)
+    u, e = ternary(90000), cbd_noise(90000)
     assert np.allclose(np.bincount(u + 1, minlength=3) / u.size, 1 / 3, atol=0.01) and u.min() == -1 and u.max() == 1
     assert -21 <= e.min() and e.max() <= 21 and abs(e.mean()) < 0.05 and abs(e.std() - 10.5 ** 0.5) < 0.05
     x = random_elements(cfg.n, cfg.t, rng)

@@ -126,6 +126,18 @@ def test_hoisted_rotations_decrypt_as_seals(cfg, hoisting):
         assert got.budgets[i] == ref.budget
 
 
+def test_hoisted_rotations_on_threads_are_word_for_word_the_serial_ones(cfg, hoisting):
+    """rotate_many on the HE threads writes each step's words exactly as one rotate call does."""
+    keys, ctx = hoisting
+    c = keys.encrypt(np.arange(cfg.n) % cfg.t)
+    tb = ntt.tables(cfg.n, tuple(int(q) for q in ctx.qi), cfg.t)
+    dec = hoist.decompose(tb, ntt.ct_words(c)[1])
+    got = hoist.rotate_many(tb, dec, [ctx.hoist_keys[s] for s in (1, 2, 7, 15)])
+    assert hoist._threads() is not None  # two or more cores (the CI machine has 2)
+    for s, words in zip((1, 2, 7, 15), got):
+        assert np.array_equal(words, hoist.rotate(tb, dec, ctx.hoist_keys[s])), s
+
+
 def test_digits_take_the_ntt_rows_they_are_given(cfg, hoisting):
     """The digit kernel's shortcut (c1 already in NTT form: its rows are the digits on their own
     primes) gives the words of the full transform, under a Galois permutation too."""

@@ -25,3 +25,17 @@ def test_a_public_context_missing_a_galois_key_the_kernels_use_is_refused():
     assert "\n" not in str(err.value) and "short" not in shard.sessions
     shard.open_session("genuine", ClientKeys.generate(he, steps).public_context_bytes())
     assert "genuine" in shard.sessions
+
+
+def test_a_shard_built_with_one_clients_context_keeps_its_giant_steps_keys():
+    """In-process (the shard built with the client's public context, as the bench and the in-process
+    tests run it), the giant steps' keys are loaded as a session's are, so the giant steps are summed
+    before one mod-down (he/hoist.giant_sum) there too; every giant step of every plan is covered."""
+    cfg = GPTConfig(vocab_size=2000, n_positions=16, n_embd=64, n_layer=1, n_head=2)  # LM head: giant step 4
+    plan = make_plan(cfg.n_layer, cfg.n_head, cfg.d_ff, 1)
+    he = HEConfig()
+    keys = ClientKeys.generate(he, sorted(sp.rotation_steps(cfg, plan, he.n)))
+    shard = ServerShard(GPT.random(cfg, seed=0), plan.workers[0], keys.public_context_bytes(), holds_ends=True)
+    giants = set().union(*(enc.plan.giant_steps() for enc in shard.linears.values()))
+    assert giants, "the shape must have giant steps for this test to mean anything"
+    assert giants == shard.giant_steps <= set(shard.ctx.giant_keys)

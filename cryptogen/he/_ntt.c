@@ -512,6 +512,87 @@ done:
     return ret;
 }
 
+/* floor(x / q) (below 2^64) and x mod q, by barrett128's estimate (the quotient or one less). */
+static inline uint64_t divmod128(u128 x, uint64_t q, uint64_t rh, uint64_t rl, uint64_t *rem) {
+    const uint64_t x0 = (uint64_t)x, x1 = (uint64_t)(x >> 64);
+    const u128 p00 = (u128)x0 * rl, p01 = (u128)x0 * rh, p10 = (u128)x1 * rl;
+    const u128 mid = (p00 >> 64) + (uint64_t)p01 + (uint64_t)p10;
+    uint64_t qhat = x1 * rh + (uint64_t)(p01 >> 64) + (uint64_t)(p10 >> 64) + (uint64_t)(mid >> 64);
+    uint64_t r = x0 - qhat * q;
+    if (r >= q) { r -= q; qhat++; }
+    *rem = r;
+    return qhat;
+}
+
+/* The client's decryption of a switched download (cryptogen/he/decrypt.py), on its keep (1 or 2) primes:
+     1. the phase x_i = c0_i - INTT(NTT(c1_i) * NTT(-s)_i) mod q_i;
+     2. m = round(t x / Q') mod t, exactly: with v_i = x_i yhat_i mod q_i, yhat_i = (Q'/q_i)^-1 mod q_i,
+        x / Q' = sum_i v_i / q_i - (an integer), so t x / Q' = sum_i (f_i + r_i / q_i) mod t with
+        (f_i, r_i) = divmod(v_i t, q_i); the rounding of sum_i r_i / q_i is decided in 128-bit integers.
+   out (n) coefficients < t; c (2, keep, n); negs (keep, n) -s in NTT form; tables (keep, 4, n); qs (keep);
+   ninv, ratios, yhat (keep, 2): (value, Shoup quotient) / Barrett ratios / (yhat_i, its Shoup quotient).
+   Client only (it holds s). */
+static PyObject *py_decrypt_round(PyObject *self, PyObject *args) {
+    Py_buffer out, c, negs, tables, qs, ninv, ratios, yhat;
+    unsigned long long t;
+    Py_ssize_t keep, n;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*y*y*y*y*Knn", &out, &c, &negs, &tables, &qs, &ninv, &ratios, &yhat, &t,
+                          &keep, &n)) return NULL;
+    PyObject *ret = NULL;
+    uint64_t *u = NULL;
+    if (keep < 1 || keep > 2 || t < 2) {
+        PyErr_SetString(PyExc_ValueError, "HE kernel: decryption on 1 or 2 primes, t >= 2");
+        goto done;
+    }
+    if (check_len(&out, n * 8, "output") || check_len(&c, 2 * keep * n * 8, "ciphertext")
+        || check_len(&negs, keep * n * 8, "-s") || check_len(&tables, keep * 4 * n * 8, "tables")
+        || check_len(&qs, keep * 8, "primes") || check_len(&ninv, keep * 16, "N^-1")
+        || check_len(&ratios, keep * 16, "Barrett ratios") || check_len(&yhat, keep * 16, "CRT factors")) goto done;
+    u = malloc(8 * (size_t)(keep * n));
+    if (!u) { PyErr_NoMemory(); goto done; }
+    {
+        uint64_t *o = out.buf;
+        const uint64_t *cc = c.buf, *ns = negs.buf, *tb = tables.buf, *q = qs.buf, *ni = ninv.buf, *ra = ratios.buf,
+                       *yh = yhat.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < keep; i++) {
+            uint64_t *x = u + i * n;
+            const uint64_t qi = q[i], *c0 = cc + i * n, *c1 = cc + (keep + i) * n;
+            for (Py_ssize_t j = 0; j < n; j++) x[j] = c1[j];
+            forward_row(x, n, qi, tb + (i * 4) * n, tb + (i * 4 + 1) * n);
+            for (Py_ssize_t j = 0; j < n; j++) x[j] = barrett128((u128)x[j] * ns[i * n + j], qi, ra[2 * i], ra[2 * i + 1]);
+            inverse_row(x, n, qi, tb + (i * 4 + 2) * n, tb + (i * 4 + 3) * n, ni[2 * i], ni[2 * i + 1]);
+            for (Py_ssize_t j = 0; j < n; j++) {
+                uint64_t v = c0[j] + qi - x[j];  /* c0 + c1 s = c0 - c1 (-s) */
+                v = v >= qi ? v - qi : v;
+                v = shoup_lazy(v, yh[2 * i], yh[2 * i + 1], qi);
+                x[j] = v >= qi ? v - qi : v;
+            }
+        }
+        const uint64_t q0 = q[0], q1 = keep == 2 ? q[1] : 1;
+        const u128 D = (u128)q0 * q1;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            uint64_t r0, r1 = 0, f1 = 0;
+            const uint64_t f0 = divmod128((u128)u[j] * t, q0, ra[0], ra[1], &r0);
+            if (keep == 2) f1 = divmod128((u128)u[n + j] * t, q1, ra[2], ra[3], &r1);
+            const u128 F2 = 2 * ((u128)r0 * q1 + (u128)r1 * q0) + D;  /* round(F / D) = floor((2F + D) / 2D) */
+            const uint64_t jr = F2 >= 4 * D ? 2 : (F2 >= 2 * D ? 1 : 0);
+            uint64_t m = f0 + f1 + jr;  /* f_i < t */
+            m = m >= t ? m - t : m;
+            m = m >= t ? m - t : m;
+            o[j] = m >= t ? m - t : m;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    free(u);
+    PyBuffer_Release(&out); PyBuffer_Release(&c); PyBuffer_Release(&negs); PyBuffer_Release(&tables);
+    PyBuffer_Release(&qs); PyBuffer_Release(&ninv); PyBuffer_Release(&ratios); PyBuffer_Release(&yhat);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"forward", py_forward, METH_VARARGS, "forward(data, tables, qs, size, k, n): negacyclic NTT in place"},
     {"inverse", py_inverse, METH_VARARGS, "inverse(data, tables, qs, ninv, size, k, n): inverse NTT in place"},
@@ -529,6 +610,8 @@ static PyMethodDef methods[] = {
     {"unpack", py_unpack, METH_VARARGS, "unpack(out, data, bits, count): inverse of pack"},
     {"switch_down", py_switch_down, METH_VARARGS,
      "switch_down(words, qs, inv, size, k, keep, n): BFV modulus switching to keep primes, in place"},
+    {"decrypt_round", py_decrypt_round, METH_VARARGS,
+     "decrypt_round(out, c, negs, tables, qs, ninv, ratios, yhat, t, keep, n): a switched download's plaintext"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ntt", "NTT-domain kernels (see _ntt.c)", -1, methods};

@@ -47,6 +47,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..field import matmul
+from . import threads
 from .convert import ClientRole, refresh
 from .engine import Cipher, ServerEngine
 from .errors import NoiseBudgetError, ShapeError
@@ -162,11 +163,15 @@ def _qk_row(e: ServerEngine, cache: EncryptedKVCache, q_c: Cipher, q_s, need: in
     qs_slots = query_slots(lay, q_s)
     q_form = e.ct_form(q_c)
     qs_form = None if q_form is None else e.pt_form(qs_slots, q_form.shape[1])
-    out = []
-    for c in range(need):
-        kf, ksf = cache.forms("k", c)
+    forms = [cache.forms("k", c) for c in range(need)]
+
+    def product(c: int) -> Cipher:  # on the HE threads (he/threads.py); counted below
+        kf, ksf = forms[c]
         ks_slots = lay.cipher_slots(cache.shares.rows("k", c))
-        out.append(e.dot_ct_pt([(cache.k[c], qs_slots, kf, qs_form), (q_c, ks_slots, q_form, ksf)]))
+        return e.dot_ct_pt([(cache.k[c], qs_slots, kf, qs_form), (q_c, ks_slots, q_form, ksf)], count=False)
+    out = threads.map_tasks(product, range(need))
+    for _ in out:
+        e.count_dot(2)
     return out
 
 

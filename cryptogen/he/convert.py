@@ -69,7 +69,7 @@ class ClientRole:
     def h2s_receive(self, data: bytes) -> np.ndarray:
         """Decrypt Enc(x - r): the client's share of every slot."""
         self.stats.decryptions += 1
-        return self.keys.decrypt(self.keys.ct_from_bytes(data))
+        return self.keys.decrypt_bytes(data)
 
     def refresh(self, data: bytes) -> bytes:
         return self.s2h_send(self.h2s_receive(data))

@@ -34,7 +34,7 @@ import numpy as np
 from Pyfhel import PyCtxt
 
 from ..field import random_bytes
-from . import ctct, enczero, ntt
+from . import ctct, enczero, ntt, threads
 from .errors import HEError, SecretKeyError, SerializationError, ShapeError
 from .keys import ClientKeys, PublicContext
 from . import noise as noise_mod
@@ -346,16 +346,19 @@ class ServerEngine:
         tb = ntt.tables(self.config.n, tuple(self._qi[:k]), self.config.t)
         return ntt.plain_ntt(tb, ntt.plain_coeffs(self.encode(slots), self.config.n))
 
-    def dot_ct_pt(self, terms: list[tuple]) -> Cipher:
+    def dot_ct_pt(self, terms: list[tuple], count: bool = True) -> Cipher:
         """sum_i c_i * pt(slots_i) for terms (c_i, slots_i, c_i's ``ct_form`` or None, the slots'
-        ``pt_form`` or None): with the kernel one multiply-accumulate and 2k inverse NTTs (forms not
-        given are made here), else SEAL's multiply_plain per term. Word for word SEAL's sum either way."""
+        ``pt_form`` or None): with the kernel one multiply-accumulate per HE thread over its part of
+        the terms (he/threads.py), the parts summed, and 2k inverse NTTs (forms not given are made
+        here), else SEAL's multiply_plain per term. Word for word SEAL's sum either way.
+        ``count=False``: the caller counts the ops (``count_dot``; calls on the HE threads)."""
         if not terms:
             raise ShapeError("a sum of ct x pt products needs at least one term")
-        self.stats.ct_pt_mul += len(terms)
-        self.stats.additions += len(terms) - 1
+        if count:
+            self.count_dot(len(terms))
         budget = self.noise.add(*[self.noise.after_ct_pt(c.budget) for c, *_ in terms])
-        forms = [cf if cf is not None else self.ct_form(c) for c, _, cf, _ in terms]
+        made = threads.map_tasks(lambda c: self.ct_form(c), [c for c, _, cf, _ in terms if cf is None])[::-1]
+        forms = [cf if cf is not None else made.pop() for c, _, cf, _ in terms]
         ks = {f.shape[1] for f in forms if f is not None}
         if any(f is None for f in forms) or len(ks) != 1:
             ct = None
@@ -365,9 +368,23 @@ class ServerEngine:
             return Cipher(ct, budget)
         (k,) = ks
         tb = ntt.tables(self.config.n, tuple(self._qi[:k]), self.config.t)
-        pts = np.stack([pf if pf is not None else self.pt_form(s, k) for _, s, _, pf in terms])
-        out = ntt.inverse(tb, ntt.mac(tb, np.stack(forms), pts, np.arange(len(terms))))
+        made = threads.map_tasks(lambda s: self.pt_form(s, k), [s for _, s, _, pf in terms if pf is None])[::-1]
+        pts = [pf if pf is not None else made.pop() for _, s, _, pf in terms]
+
+        def part(r: range) -> np.ndarray:
+            return ntt.mac(tb, np.stack(forms[r.start:r.stop]), np.stack(pts[r.start:r.stop]), np.arange(len(r)))
+        sums = threads.map_tasks(part, threads.halves(len(terms)) if len(terms) >= 8 else [range(len(terms))])
+        out = sums[0]
+        qs = tb.qs[:, None]
+        for extra in sums[1:]:
+            out += extra
+            np.subtract(out, qs, out=out, where=out >= qs)
+        out = ntt.inverse(tb, out)
         return Cipher(ntt.ct_from_words(self.ctx.he, ntt.ct_words(terms[0][0].ct)[0], out), budget)
+
+    def count_dot(self, terms: int) -> None:
+        self.stats.ct_pt_mul += terms
+        self.stats.additions += terms - 1
 
     def add_ct_ct(self, a: Cipher, b: Cipher) -> Cipher:
         self.stats.additions += 1

@@ -34,19 +34,12 @@ steps a worker asks for when a context loads (``PublicContext.from_bytes(.., gia
 """
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
-from . import ntt
-
-THREADS_ENV = "CRYPTOGEN_HE_THREADS"  # threads for a step's hoisted rotations (``rotate_many``)
-_POOL = None
-_POOL_LOCK = threading.Lock()
+from . import ntt, threads
 
 # Steps 1..HOIST_STEPS-1 (the decode baby steps: linear.plan_linear keeps g1 <= HOIST_STEPS) get a
 # prepared key when a public context loads; other steps rotate through SEAL.
@@ -127,23 +120,10 @@ def _digits(tb: ntt.Tables, c1: np.ndarray, perm: np.ndarray, c1_ntt: np.ndarray
     return out
 
 
-def _threads() -> ThreadPoolExecutor | None:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            raw = os.environ.get(THREADS_ENV, "")
-            n = int(raw) if raw.isdigit() else min(2, os.cpu_count() or 1)
-            _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="cryptogen-hoist") if n > 1 else False
-        return _POOL or None
-
-
 def rotate_many(tb: ntt.Tables, d: Decomposed, keys: list[GaloisKey]) -> list[np.ndarray]:
-    """[rotate(tb, d, key) for key in keys], on the HE threads (``CRYPTOGEN_HE_THREADS``, default
-    min(2, cores)): each step's kernels release the GIL and write only their own output."""
-    pool = _threads()
-    if pool is None or len(keys) < 2:
-        return [rotate(tb, d, key) for key in keys]
-    return list(pool.map(lambda key: rotate(tb, d, key), keys))
+    """[rotate(tb, d, key) for key in keys], on the HE threads (he/threads.py: each step's kernels
+    release the GIL and write only their own output)."""
+    return threads.map_tasks(lambda key: rotate(tb, d, key), keys)
 
 
 def rotate(tb: ntt.Tables, d: Decomposed, key: GaloisKey) -> np.ndarray:

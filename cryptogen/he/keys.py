@@ -32,6 +32,7 @@ import numpy as np
 from Pyfhel import Pyfhel, PyCtxt, PyPtxt
 
 from . import hoist, ntt, serialize, wire
+from .decrypt import SwitchedDecryptor
 from .errors import ConfigError, HEError, SecretKeyError, SerializationError, ShapeError
 from .params import SEAL_MAX_BITS, HEConfig
 
@@ -118,10 +119,8 @@ class _HEBase:
                 else wire.to_packed(prefix, words, self.widths))
         return serialize.pack("ciphertext", self.config.fingerprint, self.key_id, {"form": form}, body)
 
-    def ct_from_bytes(self, data: bytes) -> PyCtxt:
-        """A peer's ciphertext (packed, seeded or switched form): a fresh-form BFV ciphertext of 2 polynomials at
-        the top level, in this key set (SEAL checks the coefficients; the layout is checked here first:
-        SEAL would load an NTT-form or lower-level ciphertext that later fails inside an operation)."""
+    def _wire_head(self, data: bytes) -> tuple[str, bytes, dict]:
+        """(form, SEAL payload, its checked prefix) of a peer's ciphertext bytes (``ct_from_bytes``)."""
         meta, payload, _, _ = serialize.unpack(data, "ciphertext", self.config.fingerprint, self.key_id)
         form = meta.get("form") if isinstance(meta, dict) else None
         if form not in wire.FORMS or len(meta) != 1:
@@ -132,6 +131,13 @@ class _HEBase:
                                      "(NTT form, degree or prime count differ)")
         if head["size"] != 2:
             raise SerializationError(f"ciphertext: {head['size']} polynomials, expected 2")
+        return form, payload, head
+
+    def ct_from_bytes(self, data: bytes) -> PyCtxt:
+        """A peer's ciphertext (packed, seeded or switched form): a fresh-form BFV ciphertext of 2 polynomials at
+        the top level, in this key set (SEAL checks the coefficients; the layout is checked here first:
+        SEAL would load an NTT-form or lower-level ciphertext that later fails inside an operation)."""
+        form, payload, head = self._wire_head(data)
         if form == "packed":
             raw = wire.from_packed(payload, head, self.widths)
         elif form == "seeded":
@@ -260,6 +266,7 @@ class ClientKeys(_HEBase):
         self._neg_s = None  # the plaintext -s, made on the first seeded encryption
         self._neg_s_ntt = None  # -s in NTT form, per prime (the NTT kernel's encryption)
         self._qdt = None  # floor(Q/t) mod q_i (_q_div_t)
+        self._decryptor = None  # downloads decrypted on their own primes (decrypt_bytes)
 
     @classmethod
     def generate(cls, config: HEConfig, rotation_steps=()) -> "ClientKeys":
@@ -371,6 +378,18 @@ class ClientKeys(_HEBase):
     def decrypt(self, ct: PyCtxt) -> np.ndarray:
         """Slots of ``ct`` as field elements in [0, t)."""
         return np.mod(np.asarray(self.he.decryptInt(ct), np.int64), self.config.t)
+
+    def decrypt_bytes(self, data: bytes) -> np.ndarray:
+        """``decrypt(ct_from_bytes(data))``; a download (switched form) on its own primes with the NTT
+        kernel (he/decrypt.py: the same slots, without lifting it back to every data prime)."""
+        form, payload, head = self._wire_head(data)
+        if form != "switched" or not ntt.available() or self.switch_keep > 2:
+            return self.decrypt(self.ct_from_bytes(data))
+        low = wire.switched_words(payload, head, self.widths, self.qi, self.switch_keep)
+        if self._decryptor is None:
+            neg = ntt.plain_coeffs(self._secret_plain(), self.config.n)
+            self._decryptor = SwitchedDecryptor(self.config.n, self.config.t, self.qi[:self.switch_keep], neg)
+        return self._decryptor(low)
 
     def noise_budget(self, ct: PyCtxt) -> int:
         """Measured invariant noise budget in bits (needs the secret key)."""

@@ -282,11 +282,17 @@ def to_switched(prefix: bytes, words: np.ndarray, widths, moduli, keep: int) -> 
     return prefix[:PREFIX] + _pack(switch_down(words, moduli, keep), widths)
 
 
-def from_switched(payload: bytes, head: dict, widths, moduli, keep: int) -> bytes:
-    """Inverse of :func:`to_switched` up to the scaling by P (:func:`lift_up`): SEAL bytes at the top level."""
+def switched_words(payload: bytes, head: dict, widths, moduli, keep: int) -> np.ndarray:
+    """A download's words (size, keep, n), each checked to be below its prime."""
     low = _unpack(payload, PREFIX, (head["size"], keep, head["n"]), widths, "switched")
     if any(int(low[:, i].max()) >= int(moduli[i]) for i in range(keep)):
         raise SerializationError("ciphertext: a coefficient is not below its prime")
+    return low
+
+
+def from_switched(payload: bytes, head: dict, widths, moduli, keep: int) -> bytes:
+    """Inverse of :func:`to_switched` up to the scaling by P (:func:`lift_up`): SEAL bytes at the top level."""
+    low = switched_words(payload, head, widths, moduli, keep)
     return payload[:PREFIX] + lift_up(low, moduli, head["k"]).tobytes()
 
 

@@ -188,7 +188,7 @@ class ClientMaker(_Maker):
                 raise Stopped()
             lo, hi = ci * N, min(n, ci * N + N)
             for o in outs:
-                o[lo:hi] = keys.decrypt(keys.ct_from_bytes(chan.recv(dtype=np.uint8).tobytes()))[:hi - lo]
+                o[lo:hi] = keys.decrypt_bytes(chan.recv(dtype=np.uint8).tobytes())[:hi - lo]
         return outs
 
     def triples(self, chan, count, stop=None):
@@ -395,7 +395,7 @@ class HEClientSource(_HESource):
             for c in chunk:
                 self.chan.send(_to_arr(self.keys.encrypt_to_bytes(c)))
             reply = self.chan.recv().tobytes()
-            out.append(self.keys.decrypt(self.keys.ct_from_bytes(reply))[: len(u1[s:s + N])])
+            out.append(self.keys.decrypt_bytes(reply)[: len(u1[s:s + N])])
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 

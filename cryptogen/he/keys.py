@@ -235,7 +235,8 @@ class PublicContext(_HEBase):
         raw = serialize.seal_galois_key_words(gk_b, elts, config.n, len(actual["qi"])) if elts else {}
         ctx = cls(config, he, kid, tuple(steps), actual["qi"],
                   {babies[e]: hoist.prepare_key(config.n, e, raw[e]) for e in babies if e in raw})
-        ctx.giant_keys = {giants[e]: hoist.prepare_key(config.n, e, raw[e], prepermute=False) for e in giants if e in raw}
+        ctx.giant_keys = hoist.stack_keys({giants[e]: hoist.prepare_key(config.n, e, raw[e], prepermute=False)
+                                           for e in giants if e in raw})
         return ctx
 
     @classmethod

@@ -168,3 +168,25 @@ def test_summed_giant_steps_decrypt_as_seals_rotations_summed(cfg):
     ref = engine.sum([cts[0]] + [engine.rotate(c, s) for c, s in zip(cts[1:], steps)])
     assert np.array_equal(keys.decrypt(ct), keys.decrypt(ref.ct))
     assert keys.noise_budget(ct) >= keys.noise_budget(ref.ct) - 1
+
+
+def test_stacked_giant_sum_is_word_for_word_the_loop(cfg):
+    """giant_sum with the keys in one stack (one multiply-accumulate over all terms, digits on the HE
+    threads, c0 summed unreduced) gives exactly the words of the term-by-term loop, for 1 and 9 switched
+    terms (past the c0 sum's reduction every 7 terms) with and without a step-0 term."""
+    steps = (16, 32, 48)
+    keys = ClientKeys.generate(cfg, steps)
+    ctx = keys.public_context(steps)
+    assert all(k.stack is not None for k in ctx.giant_keys.values())
+    loose = {s: hoist.GaloisKey(k.perm, np.ascontiguousarray(k.words)) for s, k in ctx.giant_keys.items()}
+    tb = ntt.tables(cfg.n, tuple(int(q) for q in ctx.qi), cfg.t)
+    rng = np.random.default_rng(9)
+    words = [ntt.forward(tb, np.array(ntt.ct_words(keys.encrypt(rng.integers(0, cfg.t, cfg.n)))[1]))
+             for _ in range(10)]
+    for plan in ([16], [16, 32, 48, 16, 32, 48, 16, 32, 48]):
+        for zero in (False, True):
+            terms = [(w, s) for w, s in zip(words[1:], plan)]
+            head = [(words[0], None)] if zero else []
+            got = hoist.giant_sum(tb, head + [(w, ctx.giant_keys[s]) for w, s in terms])
+            want = hoist.giant_sum(tb, head + [(w, loose[s]) for w, s in terms])
+            assert np.array_equal(got, want), (len(plan), zero)

@@ -39,10 +39,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from ..field import random_bytes
 from .errors import SerializationError
 
-try:  # the HE kernels (setup.py; bin/bootstrap always builds them): the packing and switching in C
-    from . import _ntt
+try:  # the wire's kernels (setup.py; bin/bootstrap always builds them): the packing and switching in C
+    from . import _wire
 except ImportError:  # pragma: no cover - a checkout without the build step
-    _ntt = None
+    _wire = None
 
 SEED_BYTES = 32
 # SEAL ciphertext bytes up to its coefficient words: SEAL header (16) | parms_id (32) | is_ntt_form u8
@@ -77,10 +77,10 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
     """``values`` (uint64, each below 2^bits, length a multiple of 64) in ``bits`` bits each (one C call
     with the HE kernels built, else ``pack_bits_np``: the same bytes)."""
     v = np.ascontiguousarray(values, dtype=np.uint64).reshape(-1)
-    if _ntt is None:
+    if _wire is None:
         return pack_bits_np(v, bits)
     out = bytearray(packed_len(v.size, bits))
-    _ntt.pack(out, v, bits, v.size)
+    _wire.pack(out, v, bits, v.size)
     return bytes(out)
 
 
@@ -97,10 +97,10 @@ def pack_bits_np(values: np.ndarray, bits: int) -> bytes:
 
 def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`: ``count`` values of ``bits`` bits from ``data``."""
-    if _ntt is None:
+    if _wire is None:
         return unpack_bits_np(data, bits, count)
     out = np.empty(count, np.uint64)
-    _ntt.unpack(out, data, bits, count)
+    _wire.unpack(out, data, bits, count)
     return out
 
 
@@ -229,11 +229,11 @@ def switch_down(words: np.ndarray, moduli, keep: int) -> np.ndarray:
     times: c_i <- q_L^-1 (c_i - [c_L]) mod q_i with [c_L] the centred residue (exact rounding). The
     invariant noise stays v + t * rounding / Q'; a deterministic map of the flooded ciphertext. One C
     call with the HE kernels built, else ``switch_down_np`` (the same words)."""
-    if _ntt is None:
+    if _wire is None:
         return switch_down_np(words, moduli, keep)
     w = np.array(words, np.uint64, order="C")
     size, k, n = w.shape
-    _ntt.switch_down(w, np.array(moduli[:k], np.uint64), _switch_inverses(tuple(int(q) for q in moduli[:k])),
+    _wire.switch_down(w, np.array(moduli[:k], np.uint64), _switch_inverses(tuple(int(q) for q in moduli[:k])),
                      size, k, keep, n)
     return w[:, :keep]
 

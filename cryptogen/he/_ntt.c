@@ -405,18 +405,6 @@ done:
     return ret;
 }
 
-/* floor(x / q) (below 2^64) and x mod q, by barrett128's estimate (the quotient or one less). */
-static inline uint64_t divmod128(u128 x, uint64_t q, uint64_t rh, uint64_t rl, uint64_t *rem) {
-    const uint64_t x0 = (uint64_t)x, x1 = (uint64_t)(x >> 64);
-    const u128 p00 = (u128)x0 * rl, p01 = (u128)x0 * rh, p10 = (u128)x1 * rl;
-    const u128 mid = (p00 >> 64) + (uint64_t)p01 + (uint64_t)p10;
-    uint64_t qhat = x1 * rh + (uint64_t)(p01 >> 64) + (uint64_t)(p10 >> 64) + (uint64_t)(mid >> 64);
-    uint64_t r = x0 - qhat * q;
-    if (r >= q) { r -= q; qhat++; }
-    *rem = r;
-    return qhat;
-}
-
 /* The client's decryption of a switched download (cryptogen/he/decrypt.py), on its keep (1 or 2) primes:
      1. the phase x_i = c0_i - INTT(NTT(c1_i) * NTT(-s)_i) mod q_i;
      2. m = round(t x / Q') mod t, exactly: with v_i = x_i yhat_i mod q_i, yhat_i = (Q'/q_i)^-1 mod q_i,

@@ -370,6 +370,7 @@ class _Session:
         """One step; after a server worker restart or a dropped connection, the step is redone from
         the last confirmed position (``retry``), at most ``MAX_RECOVERIES`` times."""
         c = self.conn
+        waited = self.runner.settle()  # a dealer's items for this step, asked after the last one
         t0 = time.perf_counter()
         mark = self._mark()
         for _ in range(MAX_RECOVERIES + 1):
@@ -390,7 +391,7 @@ class _Session:
                                          "times on the server; try again later")
         self.cached, self.done_steps = fwd.start + fwd.T, self.done_steps + 1
         c.kv_bytes = int(msg.get("kv_bytes", 0)) if isinstance(msg.get("kv_bytes", 0), int) else 0
-        timing = StepTiming(fwd.start + fwd.T - 1, phase, time.perf_counter() - t0)
+        timing = StepTiming(fwd.start + fwd.T - 1, phase, time.perf_counter() - t0, waited)
         for w, party in self.parties.items():  # calibrate the dealer-free provider's forecast (public counts)
             now, last = dict(party.cr.counters()["consumed"]), self._consumed.get(w, {})
             if self.provider == "he":  # a dealer's truncations take their own kind: other counts

@@ -3,6 +3,8 @@ driver names over the session's parties (one per worker link), with telemetry of
 counts (bytes, rounds, randomness made and used)."""
 from __future__ import annotations
 
+import time
+
 from cryptogen.telemetry import TRIPLE_KINDS, Telemetry
 
 from .session import ClientSession
@@ -28,6 +30,21 @@ class ClientRunner:
 
     def reset_cache(self) -> None:
         """The cache is the server's."""
+
+    def step_done(self, decoded_at: int | None) -> None:
+        """A remote dealer's sources ask for the next step's items (the server's workers do alike)."""
+        for party in self.parties.values():
+            done = getattr(party.cr, "step_done", None)
+            if done is not None:
+                done(decoded_at)
+
+    def settle(self) -> float:
+        """Before a step: wait for the items asked after the last one; the seconds waited."""
+        t0 = time.perf_counter()
+        for party in self.parties.values():  # each link's fetches run in its own thread meanwhile
+            if hasattr(party.cr, "settle"):
+                party.cr.settle()
+        return time.perf_counter() - t0
 
     def _record(self, w: int, party) -> None:
         phases = party.chan.stats.phases.values()

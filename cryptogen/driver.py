@@ -32,6 +32,7 @@ class StepTiming:
     position: int
     phase: str  # prefill | decode
     seconds: float
+    offline_s: float = 0.0  # before the step: waiting for its correlated randomness (remote dealer)
 
 
 class Driver:
@@ -66,6 +67,7 @@ class Driver:
             heads = self.stage("head", self.heads, client=(reveal,), server=(ln[self.ends], reveal))
             if reveal == "token" and len(self.heads) > 1:  # the workers' winners meet on the ends worker
                 self.stage("pick", [self.ends], client=(), server=tuple(heads[w] for w in self.heads))
+        self.r.step_done(start if T == 1 else None)  # a dealer's next items, between the steps
 
     def stage(self, name: str, workers: list[int], client: tuple, server: tuple) -> dict:
         return self.r.stage(name, workers, client, server)

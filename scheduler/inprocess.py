@@ -102,6 +102,9 @@ class InProcessRunner:
     def barrier(self) -> None:
         """Stages run synchronously here: nothing is outstanding."""
 
+    def step_done(self, decoded_at: int | None) -> None:
+        """Both parties' sources are in this process: the bench's ``dealer_ahead`` works ahead."""
+
     def reset_cache(self) -> None:
         for shard in self.shards.values():
             shard.reset_cache(self.sid)

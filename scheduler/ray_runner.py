@@ -145,6 +145,12 @@ class RayRunner:
             self._last_worker[w] = actor.reset_cache.remote(self.sid, after=self._last_worker.get(w))
             self._step_refs.append(self._last_worker[w])
 
+    def step_done(self, decoded_at: int | None) -> None:
+        """Every worker, after its part of the step: a remote dealer's next items (``WorkerActor.step_done``)."""
+        for w, actor in enumerate(self.pool.workers):
+            self._last_worker[w] = actor.step_done.remote(self.sid, decoded_at, after=self._last_worker.get(w))
+            self._step_refs.append(self._last_worker[w])
+
     def settle(self, timeout: float = 120.0) -> None:
         """After a failure: wait until every call of this step has ended, and collect their errors
         (expected now: the gateway decides; Ray would log them as unhandled)."""

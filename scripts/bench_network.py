@@ -30,7 +30,9 @@ Modes:
 Per run: the peak resident memory of the server's worker processes and of this process (client,
 gateway and dealer threads). Per step: the client's rounds and payload bytes (its channels' own counters, control connection
 included), the client's seconds blocked on correlated randomness (``client_cr_wait_s``: dealer fetches
-or short HE pools), the bytes the relays forwarded (TLS records) and the relay process's CPU seconds.
+or short HE pools), the seconds before the step waiting for the dealer's items asked after the
+last one (``offline_s``; a decode step after a decode step has them made between the steps,
+``decode_s_items_ahead``), the bytes the relays forwarded (TLS records) and the relay process's CPU seconds.
 Model check against the loopback run: predicted = loopback seconds + rounds * RTT + bytes * 8 /
 rate (every round a full RTT, the two directions one after the other), and the overlapped form
 rounds * RTT / 2 + max(bytes each way) * 8 / rate (both parties send, then both receive).
@@ -200,7 +202,8 @@ def run_session(conn_file: str, dealer_file, ids, provider: str, key: str, plan,
         # the client's online seconds blocked on correlated randomness (dealer fetches, short HE pools)
         w = sum(getattr(p.cr, "wait_s", 0.0) for s_ in sessions for p in s_.parties.values())
         steps.append(dict(profile=profile_of[i], phase=t.phase, position=t.position, T=T, seconds=round(t.seconds, 3),
-                          client_cr_wait_s=round(w - waited[0], 3), stages=dict(by_stage)))
+                          offline_s=round(t.offline_s, 3), client_cr_wait_s=round(w - waited[0], 3),
+                          stages=dict(by_stage)))
         waited[0] = w
         by_stage.clear()
         if i + 1 < len(shape_of) and shape_of[i + 1] != shape_now[0]:
@@ -353,6 +356,10 @@ def summarize(steps, rec: dict, shape, base=None, offline=True) -> dict:
                down_per_token=round(_mean(s["bytes_to_client"] for s in dec)),
                offline_link_MiB_in_decode_steps=round(sum(s["offline_link_bytes"] for s in dec) / 2**20, 1),
                relay_cpu_s_per_token=round(_mean(s["relay_cpu_s"] for s in dec), 3))
+    ahead = dec[1:]  # a decode step after a decode step: its dealer items were made between the steps
+    if ahead and any(s.get("offline_s") for s in ahead):
+        out.update(decode_s_items_ahead=round(_mean(s["seconds"] for s in ahead), 3),
+                   offline_s_between_steps=round(_mean(s["offline_s"] for s in ahead), 3))
     if base is None:
         return out
     rtt, rate = shape

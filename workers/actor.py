@@ -137,6 +137,17 @@ class WorkerActor:
             self.telemetry.refreshes(d.refreshes)
         return out
 
+    def step_done(self, sid: str, decoded_at: int | None, after=None) -> bool:
+        """The step has ended on this worker: a remote dealer's source asks for the next step's items
+        (the client's does alike, at the same point of its takes; ``RemoteDealerSource.step_done``)."""
+        party = self.parties.get(sid)
+        if party is None:
+            raise SessionError("unknown or closed session")
+        done = getattr(party.cr, "step_done", None)
+        if done is not None:
+            done(decoded_at)
+        return True
+
     def telemetry_snapshot(self):
         kv = self.shard.cache_stats()
         self.telemetry.kv_cache(self.index, kv["ciphertexts"], kv["bytes"])

@@ -51,6 +51,10 @@ MAX_REQUEST_BYTES = 32 << 20  # one half of one request; the dealer may announce
 MAX_MATRIX_DIM = 1 << 16
 DEFAULT_TIMEOUT = 900.0       # how long a party waits for one answer of the dealer
 DEFAULT_AHEAD = 64 << 20      # per kind, how far a party's fetches may run ahead of its consumption
+STEP_AHEAD_MARGIN = 1.02      # after a decode step: the next step's items, as a multiple of this step's (+ growth)
+STEP_AHEAD_MAX = 64 << 20     # ... at most this many bytes per kind (the rest is fetched inside the step); more
+# is faster but costs memory: GPT-2 base's whole step at 511 held ahead (~1 GB per party) got the worker
+# killed for memory on a 23 GB machine, and so did 256 MiB per kind (docs/BENCHMARKS.md)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -188,7 +192,9 @@ class RemoteDealerSource(Source):
       1. a take the pool plus the fetches already asked for cannot cover asks for the rest
          (at least one ``min_batch``), as on demand;
       2. look-ahead: while fewer items are asked for than have been taken so far (up to
-         ``ahead_bytes`` of the kind, the provider's), ask for the difference once it is a batch.
+         ``ahead_bytes`` of the kind, the provider's), ask for the difference once it is a batch;
+      3. after a decode step (``step_done``): ask for the next step's items, and ``settle`` waits for
+         them before the next step, so the dealer's work falls between the steps.
     The thread sends the requests in that order; a take waits only for the items it needs.
     """
 
@@ -207,8 +213,10 @@ class RemoteDealerSource(Source):
         self._taken: Counter = Counter()
         self._error: BaseException | None = None
         self._fetcher: threading.Thread | None = None
-        self.asks: Counter = Counter()  # requests queued: "need" (step 1), "ahead" (step 2)
+        self._step_seen: Counter = Counter()  # _taken at the last step_done
+        self.asks: Counter = Counter()  # requests queued: "need" (step 1), "ahead" (step 2), "step" (step_done)
         self.short_takes, self.wait_s = 0, 0.0  # takes that waited for a fetch, and how long
+        self.settle_s = 0.0  # seconds settle() waited (between steps)
 
     # -- consumption -------------------------------------------------------------------------
     def _take(self, kind, count, key=None):
@@ -252,6 +260,39 @@ class RemoteDealerSource(Source):
                 self._check()
                 self._cv.wait(1.0)
 
+    def step_done(self, decoded_at: int | None) -> None:
+        """The end of a step, at the same point of both parties' takes (``Driver.forward`` ends with it
+        on the client and on every server worker). After a decode step at position p, ask for the next
+        step's items now, so the dealer makes and sends them between the steps: what this step took of
+        each kind times ``STEP_AHEAD_MARGIN`` + 2 / (p + 1) (the next step attends to one more position),
+        at most ``STEP_AHEAD_MAX`` bytes of a kind. Nothing after a prefill (``decoded_at`` None): the
+        next step's items are fetched as it takes them. Decided from the takes alone: both ends ask alike."""
+        with self._cv:
+            took = {k: n - self._step_seen[k] for k, n in self._taken.items()}
+            self._step_seen = Counter(self._taken)
+            if decoded_at is None:
+                return
+            self._check()
+            grow = STEP_AHEAD_MARGIN + 2 / (int(decoded_at) + 1)
+            for (kind, key), n in took.items():
+                cap = STEP_AHEAD_MAX // (8 * item_words(kind, self.t, key))
+                more = min(int(n * grow), cap) - self._asked[(kind, key)]
+                if more > 0:
+                    self._ask((kind, key), more, "step")
+
+    def settle(self) -> float:
+        """Wait until every item asked for has arrived: the client calls it before a step, so the
+        dealer's work for it falls between the steps (the offline phase). Returns the seconds waited."""
+        t0 = time.monotonic()
+        with self._cv:
+            while self._jobs:
+                self._check()
+                self._cv.wait(1.0)
+            self._check()
+        waited = time.monotonic() - t0
+        self.settle_s += waited
+        return waited
+
     def _ask(self, k, count: int, why: str) -> None:
         """Queue a request (caller holds the lock)."""
         self.asks[why] += 1
@@ -282,6 +323,7 @@ class RemoteDealerSource(Source):
                 self._refill(kind, count, key)
                 with self._cv:
                     self._jobs.popleft()
+                    self._cv.notify_all()
         except BaseException as e:  # noqa: BLE001 - surfaced on the next take
             with self._cv:
                 if not self._stopping:
@@ -383,7 +425,8 @@ class RemoteDealerSource(Source):
             self._cv.notify_all()
 
     def counters(self) -> dict:
-        out = dict(super().counters(), asks=dict(self.asks), short_takes=self.short_takes, wait_s=self.wait_s)
+        out = dict(super().counters(), asks=dict(self.asks), short_takes=self.short_takes, wait_s=self.wait_s,
+                   settle_s=self.settle_s)
         if self.chan is not None:
             out["dealer_link"] = self.chan.stats.as_dict()
         return out

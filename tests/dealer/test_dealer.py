@@ -399,3 +399,41 @@ def test_preprocess_fills_both_pools_with_the_same_requests(dealer):
         assert np.array_equal((reconstruct(bits, bits2) << np.arange(bits.shape[-1])).sum(-1), reconstruct(r, r2))
     finally:
         sc.close(), ss.close()
+
+
+def test_step_done_makes_the_next_decode_steps_items_between_the_steps(dealer, monkeypatch):
+    """After a decode step at position p both parties ask for what it took times 1.02 + 2 / (p + 1)
+    (nothing after a prefill), at most ``STEP_AHEAD_MAX`` bytes of a kind; ``settle`` waits for it,
+    so a next step that takes up to that needs no fetch. Both ends send the same requests and the
+    halves pair up into valid items."""
+    import cryptogen.mpc.provider_remote as pr
+    monkeypatch.setattr(pr, "STEP_AHEAD_MAX", 3_000_000)  # 125,000 triples, 1728 solved bits
+    link = link_id(new_secret())
+    pc = RemoteDealerProvider(dealer.client_file, link, ahead_bytes=0)  # only the steps' asks
+    ps = RemoteDealerProvider(dealer.server_file, link, ahead_bytes=0)
+    sc, ss = pc.source("client"), ps.source("server")
+
+    def steps(s):
+        first = (s.triples((10000,)), s.solved_bits((1500,)))  # a prefill: on demand, nothing asked after it
+        s.step_done(None)
+        need = dict(s.asks)
+        second = (s.triples((200_000,)), s.solved_bits((1500,)))  # a decode step at position 99
+        s.step_done(99)
+        waited, asked = s.settle(), (s._asked[("triple", None)], s._asked[("bits", None)])
+        short = s.short_takes
+        third = (s.triples((125_000,)), s.solved_bits((1560,)))  # 1500 * (1.02 + 2 / 100) = 1560
+        return [first, second, third], need, waited, asked, s.short_takes - short
+    try:
+        (oc, need_c, wc, asked, short_c), (os_, need_s, ws, _, short_s) = fetch_both(sc, ss, steps)
+        assert need_c == need_s and "step" not in need_c  # nothing after the prefill
+        assert asked == (125_000, 1560)  # triples: the cap
+        assert short_c == short_s == 0 and wc >= 0 and ws >= 0  # the third step found its items
+        assert sc.asks == ss.asks and sc.asks["step"] == 2
+        for (t1, b1), (t2, b2) in zip(oc, os_):
+            (a, b, c), (a2, b2_, c2) = t1, t2
+            assert np.array_equal(mul(reconstruct(a, a2), reconstruct(b, b2_), T), reconstruct(c, c2))
+            (bits, r), (bits2, r2) = b1, b2
+            assert np.array_equal((reconstruct(bits, bits2) << np.arange(bits.shape[-1])).sum(-1),
+                                  reconstruct(r, r2))
+    finally:
+        sc.close(), ss.close()

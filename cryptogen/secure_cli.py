@@ -150,6 +150,9 @@ def generate_secure(prompt, model, max_new_tokens, sampling, workers, mode, addr
     msg += f"prefill {timings[0].seconds:.1f} s"
     if dec:
         msg += f", {1000 * sum(dec) / len(dec):.0f} ms per decoded token"
+    between = sum(t.offline_s for t in timings)
+    if between > 0.05:  # a remote dealer's items for the next step, waited for before it (not in the step)
+        msg += f"; {between:.1f} s between the steps waiting for the dealer's items"
     _say(msg + ban_note(bans))
 
 

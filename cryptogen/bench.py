@@ -23,10 +23,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .mpc.provider import next_step_items
+
 DEFAULT_CONTEXTS = (64, 128, 256, 512)
 MODES = ("kv-reuse", "recompute")
 OPS = ("ct_pt_mul", "ct_ct_mul", "rotations")
-AHEAD_MARGIN = 1.02  # in process: the next decode step's dealer items, as a multiple of the last step's (+ growth)
 # ... but at most this many per worker (both parties' halves, with DCF keys, ~3 GB): a recompute step at
 # 128 context takes a whole prefill's, which held ahead did not fit in 23 GB; the rest is made in the step
 AHEAD_MAX = {"triple": 1 << 25, "bits": 1 << 20, "tbits": 1 << 21}
@@ -201,8 +202,8 @@ def _traffic(chans) -> dict:
 def dealer_ahead(runner):
     """The in-process dealer working ahead of the steps, as in deployment: ``ahead(p)``, called after
     each step with the position it decoded (None after a prefill), makes for the next step what the
-    decode step at p took, times ``AHEAD_MARGIN`` + 2 / (p + 1) (the next step sees one more token: a
-    recompute step's attention grows by up to 2 / (p + 1)), at most ``AHEAD_MAX``, and returns the seconds
+    decode step at p took, grown by ``mpc.provider.next_step_items`` (the remote dealer's rule: times
+    1.02 + 2 / (p + 1), one more position attended), at most ``AHEAD_MAX``, and returns the seconds
     that took. After a prefill there is no such measure: the next step makes its items on demand, inside it."""
     parties = runner.client_parties
 
@@ -216,9 +217,9 @@ def dealer_ahead(runner):
         took, seen = {w: {k: now[w].get(k, 0) - seen[w].get(k, 0) for k in AHEAD_MAX} for w in now}, now
         if decoded_at is None:
             return 0.0
-        t0, grow = time.perf_counter(), AHEAD_MARGIN + 2 / (decoded_at + 1)
+        t0 = time.perf_counter()
         for w, d in took.items():
-            parties[w].cr.preprocess(**{("triples" if k == "triple" else k): int(min(n * grow, AHEAD_MAX[k]))
+            parties[w].cr.preprocess(**{("triples" if k == "triple" else k): min(next_step_items(n, decoded_at), AHEAD_MAX[k])
                                         for k, n in d.items()})
         return time.perf_counter() - t0
     return ahead

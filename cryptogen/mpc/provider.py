@@ -40,6 +40,18 @@ def nbits(t: int) -> int:
     return int(t - 1).bit_length()
 
 
+NEXT_STEP_MARGIN = 1.02  # the next decode step's dealer items, as a multiple of the last step's (+ growth)
+
+
+def next_step_items(took: int, decoded_at: int) -> int:
+    """How many items of a kind to make ahead for the decode step after the one at position
+    ``decoded_at``, which took ``took`` of them: ``took`` times ``NEXT_STEP_MARGIN`` + 2 / (p + 1). The
+    next step attends to one more position, so its attention (recompute: its whole softmax) grows by up
+    to 2 / (p + 1); the margin covers the rest. The one rule for the remote dealer's step-ahead asks
+    and the in-process bench's (callers cap it)."""
+    return int(took * (NEXT_STEP_MARGIN + 2 / (int(decoded_at) + 1)))
+
+
 class _Fifo:
     """FIFO of items made of aligned arrays with a leading 'count' axis."""
 

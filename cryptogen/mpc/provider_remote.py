@@ -41,7 +41,7 @@ import numpy as np
 from ..field import DEFAULT_T
 from . import dcf
 from .errors import ChannelError, ProviderError, RoleError, ShapeError
-from .provider import _FIELDS, DCF_OUTPUTS, KINDS, Source, nbits
+from .provider import _FIELDS, DCF_OUTPUTS, KINDS, Source, nbits, next_step_items
 
 ROLES = ("client", "server")
 MAGIC = b"CGD2"  # 2: key layout of 2026-12-03 (packed t_CW bits) and the "tbits" kind
@@ -51,8 +51,8 @@ MAX_REQUEST_BYTES = 32 << 20  # one half of one request; the dealer may announce
 MAX_MATRIX_DIM = 1 << 16
 DEFAULT_TIMEOUT = 900.0       # how long a party waits for one answer of the dealer
 DEFAULT_AHEAD = 64 << 20      # per kind, how far a party's fetches may run ahead of its consumption
-STEP_AHEAD_MARGIN = 1.02      # after a decode step: the next step's items, as a multiple of this step's (+ growth)
-STEP_AHEAD_MAX = 64 << 20     # ... at most this many bytes per kind (the rest is fetched inside the step); more
+STEP_AHEAD_MAX = 64 << 20     # after a decode step, the next step's items (provider.next_step_items) are asked
+# for ahead, at most this many bytes per kind (the rest is fetched inside the step); more
 # is faster but costs memory: GPT-2 base's whole step at 511 held ahead (~1 GB per party) got the worker
 # killed for memory on a 23 GB machine, and so did 256 MiB per kind (docs/BENCHMARKS.md)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -264,19 +264,18 @@ class RemoteDealerSource(Source):
         """The end of a step, at the same point of both parties' takes (``Driver.forward`` ends with it
         on the client and on every server worker). After a decode step at position p, ask for the next
         step's items now, so the dealer makes and sends them between the steps: what this step took of
-        each kind times ``STEP_AHEAD_MARGIN`` + 2 / (p + 1) (the next step attends to one more position),
-        at most ``STEP_AHEAD_MAX`` bytes of a kind. Nothing after a prefill (``decoded_at`` None): the
-        next step's items are fetched as it takes them. Decided from the takes alone: both ends ask alike."""
+        each kind grown by ``next_step_items`` (times 1.02 + 2 / (p + 1): one more position attended), at
+        most ``STEP_AHEAD_MAX`` bytes of a kind. Nothing after a prefill (``decoded_at`` None): the next
+        step's items are fetched as it takes them. Decided from the takes alone: both ends ask alike."""
         with self._cv:
             took = {k: n - self._step_seen[k] for k, n in self._taken.items()}
             self._step_seen = Counter(self._taken)
             if decoded_at is None:
                 return
             self._check()
-            grow = STEP_AHEAD_MARGIN + 2 / (int(decoded_at) + 1)
             for (kind, key), n in took.items():
                 cap = STEP_AHEAD_MAX // (8 * item_words(kind, self.t, key))
-                more = min(int(n * grow), cap) - self._asked[(kind, key)]
+                more = min(next_step_items(n, decoded_at), cap) - self._asked[(kind, key)]
                 if more > 0:
                     self._ask((kind, key), more, "step")
 

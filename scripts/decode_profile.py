@@ -1,8 +1,8 @@
 """Where a secure decode step's time goes: both parties in one process (no Ray, one worker), a
 prefill of --context tokens, one unsampled decode step (it measures a step's demand of correlated
 randomness), then --tokens decode steps sampled by py-spy (a sampling profiler that sees every thread;
-``ray[default]`` installs it), and the samples put into the kernels' buckets (the innermost bucket on
-each stack wins: a truncation inside LayerNorm counts as truncation). Before each sampled step the
+``ray[default]`` installs it), and the samples put into buckets by what the work is for (the innermost
+bucket on each stack wins: a truncation inside LayerNorm counts as truncation). Before each sampled step the
 dealer makes that step's items (offline, as the bench and the deployed client do); those samples are
 counted apart, not in the table.
 
@@ -26,56 +26,78 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# (bucket, who runs it, function names that mark it on a stack, and, if not empty, the outer functions
-# one of which must be below that frame), innermost match first
+# (bucket, who runs it, the functions that mark it on a stack) by what the work is for. A mark matches a
+# frame whose qualified name has it as a part ("dot_ct_pt" marks "ServerEngine.dot_ct_pt.<locals>.part"),
+# so the work an HE thread runs (he/threads.py: its stack starts at the pool, not at the caller) is
+# still found. The innermost marked frame wins: a truncation inside LayerNorm counts as truncation.
 BUCKETS = [
-    ("HE rotations: linear layers (baby and giant steps; the folds are summed in shares)", "server",
-     ("rotate",), ("_apply", "_babies", "matmul_blocked")),
-    ("HE encode: batched prefill's diagonals (per call)", "server", ("encode", "ntt_terms", "diagonals"),
-     ("matmul_blocked",)),
-    ("HE attention: q.K and p.V cross terms (ct x pt, NTT domain)", "server", ("_qk_row", "_pv_row"), ()),
-    ("attention: the client's own terms q_c.k_c and p_c.v_c, in the clear", "client",
-     ("local_scores", "local_pv"), ()),
-    ("HE ct x ct (not on the attention path since the ct x pt attention)", "server",
-     ("mul_ct_ct", "mul_ct_ct_many", "dot_ct_ct"), ()),
-    ("HE ct x pt, ntt kernel: NTTs, words in and out of Pyfhel, multiply-accumulate", "server",
-     ("babies_ntt", "giant_ntt"), ()),
-    ("HE ct x pt: linear layers, embedding, LM head", "server", ("matmul_ct_pt_decode", "_apply", "matmul_blocked"), ()),
-    ("HE export: re-randomise and flood, then H2S", "server", ("export", "h2s_server"), ()),
-    ("HE encrypt: S2H uploads, KV appends", "client", ("encrypt_to_bytes", "encrypt_public", "s2h_send"), ()),
-    ("HE decrypt: H2S downloads", "client", ("decrypt",), ()),
-    ("DCF key generation", "dealer", ("gen", "make"), ()),
-    ("2PC truncation (DCF evaluation)", "both", ("trunc", "trunc_many"), ()),
-    ("2PC comparison (DReLU)", "both", ("drelu", "ge_const"), ()),
-    ("2PC softmax", "both", ("softmax", "softmax_heads"), ()),
-    ("2PC GELU", "both", ("gelu",), ()),
-    ("2PC LayerNorm", "both", ("layernorm",), ()),
-    ("waiting for the other party", "both", ("wait", "_wait_for_tstate_lock", "acquire"), ()),
+    ("HE attention: q.K and p.V cross terms (ct x pt in the NTT domain, the step's fresh forms)", "server",
+     ("_qk_row", "_pv_row", "qk_decode", "pv_decode", "dot_ct_pt")),
+    ("HE linear layers, embedding, LM head (hoisted baby rotations, multiply-accumulate, giant sums)",
+     "server", ("rotate_many", "rotations_ntt", "_giant_sum_stacked", "giant_sum", "giants_hoisted",
+                "giant_words", "_apply", "_babies", "matmul_blocked", "matmul_ct_pt_decode")),
+    ("HE export: Enc(0), re-randomise and flood, switch down, pack (H2S)", "server",
+     ("export", "h2s_server", "_h2s_send", "_make_enc_zero", "enc_zero", "_flood")),
+    ("HE encrypt: S2H uploads, KV appends", "client", ("encrypt_to_bytes", "encrypt_public", "s2h_send")),
+    ("HE decrypt: H2S downloads", "client", ("decrypt", "decrypt_bytes", "h2s_receive", "SwitchedDecryptor")),
+    ("attention: the client's own terms q_c.k_c and p_c.v_c, in the clear", "client", ("local_scores", "local_pv")),
+    ("DCF key generation", "dealer", ("gen", "make")),
+    ("the dealer's items taken from the pools", "both", ("_take",)),
+    ("2PC truncation (DCF evaluation)", "both", ("trunc", "trunc_many")),
+    ("2PC comparison (DReLU)", "both", ("drelu", "ge_const")),
+    ("2PC softmax", "both", ("softmax", "softmax_heads")),
+    ("2PC GELU", "both", ("gelu",)),
+    ("2PC LayerNorm", "both", ("layernorm",)),
 ]
+WAITING = "waiting: for the other party, a channel, or a thread's task"
+# the innermost frame of a thread that waits; an HE thread with no task sits in the pool's ``_worker``
+# and is left out (it is no party's work)
+IDLE_LEAVES = ("wait", "_wait_for_tstate_lock", "acquire", "_recv_raw", "_run_threads", "_fan_out")
+NO_TASK = "_worker"
+
+
+def _parts(frame: str) -> list[str]:
+    return frame.split(" (")[0].split(".")
 
 
 def bucket_of(frames: list[str]) -> str:
-    names = [f.split(" (")[0].rsplit(".", 1)[-1] for f in frames]  # outermost first
-    for i in range(len(names) - 1, -1, -1):  # leaf first
-        for label, _, marks, under in BUCKETS:
-            if names[i] in marks and (not under or any(n in under for n in names[:i])):
+    """The bucket of one py-spy stack (outermost frame first)."""
+    if frames and _parts(frames[-1])[-1] == NO_TASK:
+        return NO_TASK
+    if frames and any(p in IDLE_LEAVES for p in _parts(frames[-1])):
+        return WAITING
+    for frame in reversed(frames):  # innermost first
+        parts = _parts(frame)
+        for label, _, marks in BUCKETS:
+            if any(m in parts for m in marks):
                 return label
     return "other (numpy glue, framing, Python)"
 
 
-def report(raw: Path) -> None:
-    counts, total, offline = Counter(), 0, 0
+def bucket_counts(raw: Path) -> tuple[Counter, int, int]:
+    """Samples per bucket in the decode steps, the samples of HE threads with no task, and the samples
+    of the dealer making the next step's items between the steps (both left out of the buckets)."""
+    counts, no_task, offline = Counter(), 0, 0
     for line in raw.read_text().splitlines():
         stack, n = line.rsplit(" ", 1)
         frames = stack.split(";")
-        if any(f.split(" (")[0].rsplit(".", 1)[-1] == "preprocess" for f in frames):
+        if any(_parts(f)[-1] == "preprocess" for f in frames):
             offline += int(n)  # the dealer making the next step's items between steps
             continue
-        counts[bucket_of(frames)] += int(n)
-        total += int(n)
-    who = {label: w for label, w, _, _ in BUCKETS}
-    print(f"\n{total} samples over all threads in the decode steps ({offline} more, left out, in the dealer's "
-          f"making of their items before them)\n\n| share | who | bucket |\n|---:|---|---|")
+        label = bucket_of(frames)
+        if label == NO_TASK:
+            no_task += int(n)
+        else:
+            counts[label] += int(n)
+    return counts, no_task, offline
+
+
+def report(raw: Path) -> None:
+    counts, no_task, offline = bucket_counts(raw)
+    total = sum(counts.values())
+    who = {label: w for label, w, _ in BUCKETS} | {WAITING: "both"}
+    print(f"\n{total} samples over all threads in the decode steps (left out: {no_task} of HE threads with no "
+          f"task, {offline} of the dealer making the items before the steps)\n\n| share | who | bucket |\n|---:|---|---|")
     for label, n in counts.most_common():
         print(f"| {100 * n / total:.1f} % | {who.get(label, '')} | {label} |")
 

@@ -7,8 +7,9 @@
  * share for share and key word for key word (tests/mpc/test_dcf.py). Evaluation: one item at a
  * time, its path's 1 + out blocks per level encrypted side by side (independent, so the AES rounds
  * pipeline); the v blocks summed as 32-bit limbs, reduced mod t once at the end. Generation: one
- * item at a time, both parties' 2 + 2 out blocks per level. out = 1 (a truncation's [x < alpha])
- * or 2 (DReLU's pair); a key is key_words(L, out) words.
+ * item at a time, both parties' 2 + 2 out blocks per level in one batch (8 or 12 blocks whose
+ * rounds interleave: a truncation's item 1.2x faster than a party at a time). out = 1 (a
+ * truncation's [x < alpha]) or 2 (DReLU's pair); a key is key_words(L, out) words.
  *
  *   eval(res, keys, x, n, L, t, b, out)
  *                                    res (n, out) int64 <- party b's shares of beta [x < alpha];
@@ -76,6 +77,8 @@ AES_ATTR static void expand_key(void) {
 DEF_MMO(2)
 DEF_MMO(3)
 DEF_MMO(4)
+DEF_MMO(8)
+DEF_MMO(12)
 
 AES_ATTR static inline __m128i aes1(__m128i x) {
     x = _mm_xor_si128(x, RK[0]);
@@ -211,10 +214,18 @@ AES_ATTR static void gen_one(uint64_t alpha, const int64_t *beta, const uint64_t
         __m128i y[2][2 + 2 * OUTMAX];
         uint64_t tLR[2][2];
         int64_t v[2][2][OUTMAX];  /* (party, side, out) */
+        /* both parties' 2 + 2 out blocks in one batch, so the AES rounds of the two interleave */
+        __m128i x[2][2 + 2 * OUTMAX];
+        for (int b = 0; b < 2; b++)
+            for (int j = 0; j < 2 + 2 * out; j++) x[b][j] = _mm_xor_si128(s[b], _mm_set_epi64x(0, j));
+        if (out == 2) mmo12(x[0], y[0]);  /* x, y are (2, 6): both parties' blocks contiguous */
+        else {
+            __m128i xx[8], yy[8];
+            for (int j = 0; j < 4; j++) { xx[j] = x[0][j]; xx[4 + j] = x[1][j]; }
+            mmo8(xx, yy);
+            for (int j = 0; j < 4; j++) { y[0][j] = yy[j]; y[1][j] = yy[4 + j]; }
+        }
         for (int b = 0; b < 2; b++) {
-            __m128i x[2 + 2 * OUTMAX];
-            for (int j = 0; j < 2 + 2 * out; j++) x[j] = _mm_xor_si128(s[b], _mm_set_epi64x(0, j));
-            if (out == 2) { mmo3(x, y[b]); mmo3(x + 3, y[b] + 3); } else mmo4(x, y[b]);
             for (int side = 0; side < 2; side++) {
                 tLR[b][side] = (uint64_t)_mm_cvtsi128_si64(y[b][side]) & 1;
                 y[b][side] = _mm_xor_si128(y[b][side], _mm_set_epi64x(0, (long long)tLR[b][side]));

@@ -28,6 +28,19 @@ def test_decode_exact_in_field(cfg, engine, client, plans, rng, shape):
     assert engine.stats.ct_pt_mul <= plan.decode_ct_pt <= 1.5 * plan.ideal_ct_pt
 
 
+def test_a_field_matrix_is_held_once_and_other_integers_reduced(cfg, engine, client, plans, rng):
+    """A shard's weights are already field matrices: the layer keeps that array (no second copy of a
+    worker's weights); signed integers are reduced mod t into a copy, and both decode to x W mod t."""
+    plan = plans[(100, 37)]
+    W = random_elements((100, 37), cfg.t, rng)
+    assert EncodedLinear(engine, W, plan).W is W
+    signed = np.where(W > cfg.t // 2, W - cfg.t, W)  # the same matrix, negative entries signed
+    enc = EncodedLinear(engine, signed, plan)
+    assert enc.W is not signed and np.array_equal(enc.W, W)
+    x = random_elements(100, cfg.t, rng)
+    assert np.array_equal(_decode(engine, client, plan, enc, x, rng, cfg.t), matmul(x[None], W, cfg.t)[0])
+
+
 def test_decode_fixed_point(cfg, engine, client, plans, rng):
     """Reals at f fractional bits: |error| <= d_in * 2^-f * (|x|max + |w|max) / 2 + 2^-2f."""
     fp = cfg.fixed_point

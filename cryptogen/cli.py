@@ -317,6 +317,9 @@ def dealer_cmd(
     listen: str = typer.Option("127.0.0.1:7870", help="TLS address the two parties connect to."),
     state_dir: Optional[str] = typer.Option(None, help="Certificate folder (default ~/.local/state/cryptogen/dealer)."),
     out: str = typer.Option(".", help="Folder for the two parties' connection files."),
+    step_ahead_mib: int = typer.Option(64, help="After each decode step, make up to this many MiB of each kind "
+                                                "of the next step's items between the steps (both parties hold "
+                                                "them: more is faster and costs each party that memory)."),
 ):
     """Run a dealer of correlated randomness (a third party trusted by both sides, on its own machine)."""
     def go():
@@ -326,9 +329,11 @@ def dealer_cmd(
         state = state_dir or str(Path.home() / ".local" / "state" / "cryptogen" / "dealer")
         check_writable_dir("--state-dir", state)
         check_writable_dir("--out", out)
+        if step_ahead_mib < 0:
+            raise UsageError(f"--step-ahead-mib must be 0 or more, got {step_ahead_mib}")
         from .dealer.service import run_dealer
         try:
-            run_dealer(listen, state, out)
+            run_dealer(listen, state, out, step_ahead_bytes=step_ahead_mib << 20)
         except ValueError as e:
             raise UsageError(str(e)) from None
     _run(go)

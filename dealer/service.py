@@ -35,8 +35,8 @@ import numpy as np
 
 from cryptogen.mpc.errors import ChannelError, ProviderError
 from cryptogen.mpc.provider import _FIELDS, Dealer
-from cryptogen.mpc.provider_remote import (HELLO_BYTES, MAGIC, MAX_REQUEST_BYTES, OK, ROLES, decode_request,
-                                           error_frames, split_address)
+from cryptogen.mpc.provider_remote import (HELLO_BYTES, MAGIC, MAX_REQUEST_BYTES, OK, ROLES, STEP_AHEAD_MAX,
+                                           decode_request, error_frames, split_address)
 from cryptogen.net.channel import frame, read_frame
 from cryptogen.net.tls import TLSError, ensure_certificate, fingerprint, new_secret, same_secret, server_context
 
@@ -120,7 +120,7 @@ class DealerServer:
     def __init__(self, listen: str = "127.0.0.1:0", state_dir=".cryptogen-dealer", out_dir=None,
                  max_links: int = DEFAULT_MAX_LINKS, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  max_pending_bytes: int = DEFAULT_MAX_PENDING, advertise: str | None = None,
-                 record: bool = False):
+                 record: bool = False, step_ahead_bytes: int = STEP_AHEAD_MAX):
         self.host, self.port = split_address(str(listen))
         if advertise is not None and (not advertise.strip() or any(c.isspace() or c in "[]/" for c in advertise)):
             raise ValueError(f"--advertise must be a host name or address, got {advertise!r}")
@@ -130,6 +130,9 @@ class DealerServer:
             raise ValueError(f"idle_timeout must be positive, got {idle_timeout}")
         if int(max_pending_bytes) < 4096:
             raise ValueError(f"max_pending_bytes must be at least 4096, got {max_pending_bytes}")
+        if int(step_ahead_bytes) < 0:
+            raise ValueError(f"the step look-ahead must be 0 or more MiB, got {int(step_ahead_bytes) / (1 << 20):g}")
+        self.step_ahead = int(step_ahead_bytes)  # announced at the hello: both parties ask alike (DEALER.md rule 3)
         self.state_dir, self.out_dir = Path(state_dir).expanduser(), Path(out_dir or state_dir).expanduser()
         self.max_links, self.idle_timeout = int(max_links), float(idle_timeout)
         self.max_pending = int(max_pending_bytes)
@@ -288,7 +291,7 @@ class DealerServer:
                 return
             role, lid, t = self._authenticate(hello)
             lk = self._attach(lid, role, t, writer)
-            await self._send(writer, np.array([OK, ROLES.index(role), self.max_request], np.int64))
+            await self._send(writer, np.array([OK, ROLES.index(role), self.max_request, self.step_ahead], np.int64))
             while True:
                 req = await self._recv(reader, self.idle_timeout, "request")
                 if req is None:
@@ -427,10 +430,11 @@ class DealerServer:
 
 def run_dealer(listen: str, state_dir: str, out_dir: str, max_links: int = DEFAULT_MAX_LINKS,
                idle_timeout: float = DEFAULT_IDLE_TIMEOUT, max_pending_bytes: int = DEFAULT_MAX_PENDING,
-               advertise: str | None = None) -> None:
+               advertise: str | None = None, step_ahead_bytes: int = STEP_AHEAD_MAX) -> None:
     """``cryptogen dealer``: serve until SIGINT/SIGTERM. ValueError (one line) on bad input."""
     server = DealerServer(listen, state_dir, out_dir, max_links=max_links, idle_timeout=idle_timeout,
-                          max_pending_bytes=max_pending_bytes, advertise=advertise).start()
+                          max_pending_bytes=max_pending_bytes, advertise=advertise,
+                          step_ahead_bytes=step_ahead_bytes).start()
     print(f"dealer listening on {server.address} ({server.fingerprint}); connection files: "
           f"client {server.client_file}, server {server.server_file}", flush=True)
     stop = threading.Event()

@@ -399,6 +399,8 @@ def main() -> None:
                     help="raise the data links' frame cap (control.link_cap, both sides: computed in this process) "
                          "to at least this; at 128 prompt tokens the prefill's GELU opening of this model is 24.8 MB, "
                          "over the shipped 16 MiB cap")
+    ap.add_argument("--step-ahead-mib", type=int, default=64, help="the dealer's look-ahead between decode steps, MiB "
+                    "per kind (cryptogen dealer --step-ahead-mib; 1024: GPT-2 base's whole step, ~1 GB per party)")
     ap.add_argument("--out", default=None, help="JSON file; the entry of this mode and context (\"session-128\") is replaced, others kept")
     a = ap.parse_args()
     providers, profiles = a.providers.split(","), a.profiles.split(",")
@@ -407,6 +409,8 @@ def main() -> None:
         ap.error(f"--providers: he, dealer; --profiles: loopback and any of {', '.join(PROFILES)}")
     if a.mode == "filled" and providers != ["dealer"]:
         ap.error("--mode filled runs with --providers dealer only")
+    if a.step_ahead_mib < 0:
+        ap.error(f"--step-ahead-mib must be 0 or more, got {a.step_ahead_mib}")
     profiles = ["loopback"] + [p for p in profiles if p != "loopback"]
     shapes = {p: PROFILES.get(p, (0.0, float("inf"))) for p in profiles}
 
@@ -422,7 +426,8 @@ def main() -> None:
     dealer = None
     if "dealer" in providers:
         from cryptogen.dealer.service import DealerServer
-        dealer = DealerServer(listen="127.0.0.1:0", state_dir=str(tmp / "dealer"), out_dir=str(tmp / "dealer")).start()
+        dealer = DealerServer(listen="127.0.0.1:0", state_dir=str(tmp / "dealer"), out_dir=str(tmp / "dealer"),
+                              step_ahead_bytes=a.step_ahead_mib << 20).start()
     opts = ServeOptions(model=a.model, workers=a.workers, listen="127.0.0.1:0",
                         connection_file=str(tmp / "server.json"),
                         state_dir=str(tmp / "state"), num_cpus=a.workers + 2,

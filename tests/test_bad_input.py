@@ -224,6 +224,7 @@ CASES = [
     (DEALER + ["--listen", "1.2.3.4:99999"], "is not HOST:PORT"),
     (DEALER + ["--out", "{file}/out"], "--out {file}/out: {file} is not a folder"),
     (DEALER + ["--state-dir", "{file}/state"], "--state-dir {file}/state: {file} is not a folder"),
+    (DEALER + ["--step-ahead-mib", "-1"], "--step-ahead-mib must be 0 or more, got -1"),
     # ---- train
     (["train", "--lr", "nan"], "--lr nan is not a finite number"),
     (["train", "--lr", "0"], "--lr 0 is out of range; use a number > 0"),

@@ -52,7 +52,8 @@ MAX_MATRIX_DIM = 1 << 16
 DEFAULT_TIMEOUT = 900.0       # how long a party waits for one answer of the dealer
 DEFAULT_AHEAD = 64 << 20      # per kind, how far a party's fetches may run ahead of its consumption
 STEP_AHEAD_MAX = 64 << 20     # after a decode step, the next step's items (provider.next_step_items) are asked
-# for ahead, at most this many bytes per kind (the rest is fetched inside the step); more
+# for ahead, at most this many bytes per kind (the rest is fetched inside the step): the dealer's
+# default, which it announces to both parties at the hello (``cryptogen dealer --step-ahead-mib``); more
 # is faster but costs memory: GPT-2 base's whole step at 511 held ahead (~1 GB per party) got the worker
 # killed for memory on a 23 GB machine, and so did 256 MiB per kind (docs/BENCHMARKS.md)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -206,6 +207,7 @@ class RemoteDealerSource(Source):
         self.provider, self.seq = provider, 0
         self.chan = None
         self.max_request = MAX_REQUEST_BYTES
+        self.step_ahead = STEP_AHEAD_MAX  # until the dealer's hello answer says otherwise
         self._closed = self._stopping = False  # closed: the link is down; stopping: close() was called
         self._cv = threading.Condition()
         self._jobs: deque = deque()      # ((kind, key), count) to fetch, in request order
@@ -265,8 +267,9 @@ class RemoteDealerSource(Source):
         on the client and on every server worker). After a decode step at position p, ask for the next
         step's items now, so the dealer makes and sends them between the steps: what this step took of
         each kind grown by ``next_step_items`` (times 1.02 + 2 / (p + 1): one more position attended), at
-        most ``STEP_AHEAD_MAX`` bytes of a kind. Nothing after a prefill (``decoded_at`` None): the next
-        step's items are fetched as it takes them. Decided from the takes alone: both ends ask alike."""
+        most ``step_ahead`` bytes of a kind (the dealer announces it to both ends at the hello). Nothing
+        after a prefill (``decoded_at`` None): the next step's items are fetched as it takes them.
+        Decided from the takes and the dealer's announcement alone: both ends ask alike."""
         with self._cv:
             took = {k: n - self._step_seen[k] for k, n in self._taken.items()}
             self._step_seen = Counter(self._taken)
@@ -274,7 +277,7 @@ class RemoteDealerSource(Source):
                 return
             self._check()
             for (kind, key), n in took.items():
-                cap = STEP_AHEAD_MAX // (8 * item_words(kind, self.t, key))
+                cap = self.step_ahead // (8 * item_words(kind, self.t, key))
                 more = min(next_step_items(n, decoded_at), cap) - self._asked[(kind, key)]
                 if more > 0:
                     self._ask((kind, key), more, "step")
@@ -343,12 +346,13 @@ class RemoteDealerSource(Source):
         self.chan = chan
         with chan.phase("offline"):
             chan.send(np.frombuffer(hello, np.uint8))
-            status = self._status(3)
+            status = self._status(4)
         if ROLES[int(status[1]) % 2] != self.role:  # a key of the other role: refuse to use its halves
             self._drop()
             raise RoleError(f"the dealer knows this key as the {ROLES[int(status[1]) % 2]} role's, "
                             f"but the connection file says {self.role}")
         self.max_request = max(8, min(MAX_REQUEST_BYTES, int(status[2])))
+        self.step_ahead = max(0, int(status[3]))  # the same for both ends of the link: they ask alike
 
     def _status(self, size: int) -> np.ndarray:
         try:

@@ -401,13 +401,21 @@ def test_preprocess_fills_both_pools_with_the_same_requests(dealer):
         sc.close(), ss.close()
 
 
-def test_step_done_makes_the_next_decode_steps_items_between_the_steps(dealer, monkeypatch):
+@pytest.fixture(scope="module")
+def small_step_dealer(tmp_path_factory):
+    """A dealer announcing a 3,000,000-byte step look-ahead (125,000 triples, 1728 solved bits)."""
+    d = tmp_path_factory.mktemp("dealer3m")
+    srv = DealerServer("127.0.0.1:0", d / "state", d / "out", idle_timeout=60, step_ahead_bytes=3_000_000).start()
+    yield srv
+    srv.stop()
+
+
+def test_step_done_makes_the_next_decode_steps_items_between_the_steps(small_step_dealer):
     """After a decode step at position p both parties ask for what it took times 1.02 + 2 / (p + 1)
-    (nothing after a prefill), at most ``STEP_AHEAD_MAX`` bytes of a kind; ``settle`` waits for it,
-    so a next step that takes up to that needs no fetch. Both ends send the same requests and the
-    halves pair up into valid items."""
-    import cryptogen.mpc.provider_remote as pr
-    monkeypatch.setattr(pr, "STEP_AHEAD_MAX", 3_000_000)  # 125,000 triples, 1728 solved bits
+    (nothing after a prefill), at most the dealer's announced look-ahead in bytes of a kind;
+    ``settle`` waits for it, so a next step that takes up to that needs no fetch. Both ends learn
+    the same cap at the hello, send the same requests, and the halves pair up into valid items."""
+    dealer = small_step_dealer
     link = link_id(new_secret())
     pc = RemoteDealerProvider(dealer.client_file, link, ahead_bytes=0)  # only the steps' asks
     ps = RemoteDealerProvider(dealer.server_file, link, ahead_bytes=0)
@@ -428,7 +436,7 @@ def test_step_done_makes_the_next_decode_steps_items_between_the_steps(dealer, m
         assert need_c == need_s and "step" not in need_c  # nothing after the prefill
         assert asked == (125_000, 1560)  # triples: the cap
         assert short_c == short_s == 0 and wc >= 0 and ws >= 0  # the third step found its items
-        assert sc.asks == ss.asks and sc.asks["step"] == 2
+        assert sc.asks == ss.asks and sc.asks["step"] == 2 and sc.step_ahead == ss.step_ahead == 3_000_000
         for (t1, b1), (t2, b2) in zip(oc, os_):
             (a, b, c), (a2, b2_, c2) = t1, t2
             assert np.array_equal(mul(reconstruct(a, a2), reconstruct(b, b2_), T), reconstruct(c, c2))
@@ -437,3 +445,9 @@ def test_step_done_makes_the_next_decode_steps_items_between_the_steps(dealer, m
                                   reconstruct(r, r2))
     finally:
         sc.close(), ss.close()
+
+
+def test_a_negative_step_look_ahead_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ValueError, match=r"^the step look-ahead must be 0 or more MiB, got -1$"):
+        DealerServer("127.0.0.1:0", tmp_path / "state", tmp_path / "out", step_ahead_bytes=-(1 << 20))
+    assert not (tmp_path / "out").exists()  # refused before anything was written

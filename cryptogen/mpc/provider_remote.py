@@ -20,8 +20,8 @@ and the timing of requests. Security needs the dealer not to collude with either
 
 Wire protocol (``cryptogen.net.channel`` frames over TLS, the dealer's certificate pinned):
 
-* party -> dealer ``HELLO``: uint8[76] = b"CGD1" | key (32 bytes) | link id (32 bytes) | t (u64 LE);
-* dealer -> party: int64 [OK, role index, max request bytes];
+* party -> dealer ``HELLO``: uint8[76] = MAGIC (b"CGD3") | key (32 bytes) | link id (32 bytes) | t (u64 LE);
+* dealer -> party: int64 [OK, role index, max request bytes, step look-ahead bytes per kind];
 * party -> dealer ``REQUEST``: int64 [seq, kind code, count, m, k, n] (m, k, n = 0 unless matrix);
 * dealer -> party: int64 [OK, nfields] and the fields (int64 arrays, leading axis = count);
 * any error: int64 [ERR, 0] and a uint8 UTF-8 message, then the dealer closes the connection.
@@ -44,7 +44,8 @@ from .errors import ChannelError, ProviderError, RoleError, ShapeError
 from .provider import _FIELDS, DCF_OUTPUTS, KINDS, Source, nbits, next_step_items
 
 ROLES = ("client", "server")
-MAGIC = b"CGD2"  # 2: key layout of 2026-12-03 (packed t_CW bits) and the "tbits" kind
+MAGIC = b"CGD3"  # 2: key layout of 2026-12-03 (packed t_CW bits) and the "tbits" kind; 3: the hello's
+# answer announces the step look-ahead (2026-12-04)
 HELLO_BYTES = len(MAGIC) + 32 + 32 + 8
 OK, ERR = 0, 1
 MAX_REQUEST_BYTES = 32 << 20  # one half of one request; the dealer may announce a smaller cap

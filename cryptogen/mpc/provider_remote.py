@@ -55,8 +55,9 @@ DEFAULT_AHEAD = 64 << 20      # per kind, how far a party's fetches may run ahea
 STEP_AHEAD_MAX = 64 << 20     # after a decode step, the next step's items (provider.next_step_items) are asked
 # for ahead, at most this many bytes per kind (the rest is fetched inside the step): the dealer's
 # default, which it announces to both parties at the hello (``cryptogen dealer --step-ahead-mib``); more
-# is faster but costs memory: GPT-2 base's whole step at 511 held ahead (~1 GB per party) got the worker
-# killed for memory on a 23 GB machine, and so did 256 MiB per kind (docs/BENCHMARKS.md)
+# is faster but costs each party that memory: GPT-2 base's whole step at 511 (~1 GB per party) fits a
+# 23 GB machine since a worker holds its weights once, with 1.6 GB to spare; at 1,000 context it
+# would not (docs/BENCHMARKS.md)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -322,6 +322,8 @@ def dealer_cmd(
                                                 "them: more is faster and costs each party that memory)."),
 ):
     """Run a dealer of correlated randomness (a third party trusted by both sides, on its own machine)."""
+    # --step-ahead-mib's 64 is provider_remote.DEFAULT_STEP_AHEAD (not imported here: the CLI starts
+    # without numpy; tests/dealer/test_dealer.py checks they agree)
     def go():
         from pathlib import Path
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from cryptogen.mpc.errors import ChannelError, ProviderError
 from cryptogen.mpc.provider import _FIELDS, Dealer
-from cryptogen.mpc.provider_remote import (HELLO_BYTES, MAGIC, MAX_REQUEST_BYTES, OK, ROLES, STEP_AHEAD_MAX,
+from cryptogen.mpc.provider_remote import (DEFAULT_STEP_AHEAD, HELLO_BYTES, MAGIC, MAX_REQUEST_BYTES, OK, ROLES,
                                            decode_request, error_frames, split_address)
 from cryptogen.net.channel import frame, read_frame
 from cryptogen.net.tls import TLSError, ensure_certificate, fingerprint, new_secret, same_secret, server_context
@@ -120,7 +120,7 @@ class DealerServer:
     def __init__(self, listen: str = "127.0.0.1:0", state_dir=".cryptogen-dealer", out_dir=None,
                  max_links: int = DEFAULT_MAX_LINKS, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  max_pending_bytes: int = DEFAULT_MAX_PENDING, advertise: str | None = None,
-                 record: bool = False, step_ahead_bytes: int = STEP_AHEAD_MAX):
+                 record: bool = False, step_ahead_bytes: int = DEFAULT_STEP_AHEAD):
         self.host, self.port = split_address(str(listen))
         if advertise is not None and (not advertise.strip() or any(c.isspace() or c in "[]/" for c in advertise)):
             raise ValueError(f"--advertise must be a host name or address, got {advertise!r}")
@@ -430,7 +430,7 @@ class DealerServer:
 
 def run_dealer(listen: str, state_dir: str, out_dir: str, max_links: int = DEFAULT_MAX_LINKS,
                idle_timeout: float = DEFAULT_IDLE_TIMEOUT, max_pending_bytes: int = DEFAULT_MAX_PENDING,
-               advertise: str | None = None, step_ahead_bytes: int = STEP_AHEAD_MAX) -> None:
+               advertise: str | None = None, step_ahead_bytes: int = DEFAULT_STEP_AHEAD) -> None:
     """``cryptogen dealer``: serve until SIGINT/SIGTERM. ValueError (one line) on bad input."""
     server = DealerServer(listen, state_dir, out_dir, max_links=max_links, idle_timeout=idle_timeout,
                           max_pending_bytes=max_pending_bytes, advertise=advertise,

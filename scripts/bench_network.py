@@ -380,6 +380,7 @@ def main() -> None:
     from cryptogen.memory import keep_freed_memory
 
     keep_freed_memory()  # as every CryptoGen process does (cryptogen/memory.py)
+    from cryptogen.mpc.provider_remote import DEFAULT_STEP_AHEAD
     from cryptogen.net.shaper import PROFILES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -399,7 +400,7 @@ def main() -> None:
                     help="raise the data links' frame cap (control.link_cap, both sides: computed in this process) "
                          "to at least this; at 128 prompt tokens the prefill's GELU opening of this model is 24.8 MB, "
                          "over the shipped 16 MiB cap")
-    ap.add_argument("--step-ahead-mib", type=int, default=64, help="the dealer's look-ahead between decode steps, MiB "
+    ap.add_argument("--step-ahead-mib", type=int, default=DEFAULT_STEP_AHEAD >> 20, help="the dealer's look-ahead between decode steps, MiB "
                     "per kind (cryptogen dealer --step-ahead-mib; 1024: GPT-2 base's whole step, ~1 GB per party)")
     ap.add_argument("--out", default=None, help="JSON file; the entry of this mode and context (\"session-128\") is replaced, others kept")
     a = ap.parse_args()

@@ -52,7 +52,7 @@ MAX_REQUEST_BYTES = 32 << 20  # one half of one request; the dealer may announce
 MAX_MATRIX_DIM = 1 << 16
 DEFAULT_TIMEOUT = 900.0       # how long a party waits for one answer of the dealer
 DEFAULT_AHEAD = 64 << 20      # per kind, how far a party's fetches may run ahead of its consumption
-STEP_AHEAD_MAX = 64 << 20     # after a decode step, the next step's items (provider.next_step_items) are asked
+DEFAULT_STEP_AHEAD = 64 << 20 # after a decode step, the next step's items (provider.next_step_items) are asked
 # for ahead, at most this many bytes per kind (the rest is fetched inside the step): the dealer's
 # default, which it announces to both parties at the hello (``cryptogen dealer --step-ahead-mib``); more
 # is faster but costs each party that memory: GPT-2 base's whole step at 511 (~1 GB per party) fits a
@@ -209,7 +209,7 @@ class RemoteDealerSource(Source):
         self.provider, self.seq = provider, 0
         self.chan = None
         self.max_request = MAX_REQUEST_BYTES
-        self.step_ahead = STEP_AHEAD_MAX  # until the dealer's hello answer says otherwise
+        self.step_ahead = DEFAULT_STEP_AHEAD  # until the dealer's hello answer says otherwise
         self._closed = self._stopping = False  # closed: the link is down; stopping: close() was called
         self._cv = threading.Condition()
         self._jobs: deque = deque()      # ((kind, key), count) to fetch, in request order

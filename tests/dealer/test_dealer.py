@@ -447,6 +447,14 @@ def test_step_done_makes_the_next_decode_steps_items_between_the_steps(small_ste
         sc.close(), ss.close()
 
 
+def test_the_cli_default_look_ahead_is_the_dealers():
+    import inspect
+
+    from cryptogen.cli import dealer_cmd
+    from cryptogen.mpc.provider_remote import DEFAULT_STEP_AHEAD
+    assert inspect.signature(dealer_cmd).parameters["step_ahead_mib"].default.default << 20 == DEFAULT_STEP_AHEAD
+
+
 def test_a_negative_step_look_ahead_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"^the step look-ahead must be 0 or more MiB, got -1$"):
         DealerServer("127.0.0.1:0", tmp_path / "state", tmp_path / "out", step_ahead_bytes=-(1 << 20))

@@ -87,13 +87,16 @@ class ServerPool:
             self.identities = now
         return now
 
-    def checkpoint(self, sid: str, after: dict) -> list:
-        """Per worker (meta ref, cache ref), owned by this process: they survive the worker's process."""
-        return [w.checkpoint.options(num_returns=2).remote(sid, after=after.get(i))
+    def checkpoint(self, sid: str, after: dict, serial: int, base: int | None) -> list:
+        """Per worker (meta ref, cache ref), owned by this process: they survive the worker's process.
+        Each is whole or only the changes since checkpoint ``base`` (``WorkerActor.checkpoint``)."""
+        return [w.checkpoint.options(num_returns=2).remote(sid, serial, base, after=after.get(i))
                 for i, w in enumerate(self.workers)]
 
-    def restore(self, sid: str, ckpt: list | None) -> None:
-        ray.get([w.restore.remote(sid, *(ckpt[i] if ckpt else (None, None))) for i, w in enumerate(self.workers)])
+    def restore(self, sid: str, serial: int, chains: list | None) -> None:
+        """Every worker's cache from its chain [(meta ref, cache ref)], whole first (None: empty)."""
+        ray.get([w.restore.remote(sid, serial, *[r for pair in (chains[i] if chains else []) for r in pair])
+                 for i, w in enumerate(self.workers)])
 
     def open_session(self, sid: str, public_context: bytes, tokens: list[dict]) -> None:
         ctx_ref = ray.put(public_context)  # once, shared by all workers
@@ -164,9 +167,9 @@ class RayRunner:
                 pass
         self._last_worker.clear()
 
-    def checkpoint(self) -> list:
+    def checkpoint(self, serial: int, base: int | None) -> list:
         """Per worker (meta ref, cache ref) of the cache after the calls so far (ordered after them)."""
-        return self.pool.checkpoint(self.sid, self._last_worker)
+        return self.pool.checkpoint(self.sid, self._last_worker, serial, base)
 
     def barrier(self, alive=None) -> None:
         """Wait for the step; ``alive()`` False (the client went away) ends the wait at once."""

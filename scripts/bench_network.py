@@ -299,14 +299,14 @@ def zero_caches(gw, positions: int) -> None:
                     zeros = np.zeros((positions, hi - lo, gw.cfg.d_head), np.int64)
                     cache.shares.write(0, zeros, zeros)  # the server's shares of the zeros
                     blobs[f"{sh.layer}/{g}"] = cache.to_bytes()
-            out.append(({"exports": 0}, blobs))
+            out.append([({"exports": 0}, blobs)])
         return out
 
     def open_epoch(sess, pool, restore=None):
         links = orig(sess, pool, restore)
         if restore is None and sess.cached == 0:
             t0 = time.perf_counter()
-            pool.restore(sess.wsid, caches(sess))
+            pool.restore(sess.wsid, None, caches(sess))  # no serial: the first checkpoint is whole
             sess.cached = positions
             print(f"[bench_network] caches of {positions} positions filled in {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr, flush=True)

@@ -298,7 +298,8 @@ class Gateway:
                 driver.forward(step.start, step.T, step.logits)
                 runner.barrier(alive=lambda: not chan.peer_gone)  # a client gone mid-step: parked now
                 # the cache after the step, kept by this process (the client's next step waits for "done")
-                ckpt = sess.commit(step.start + step.T, runner.checkpoint() if sess.mode == "kv-reuse" else None)
+                refs = runner.checkpoint(*sess.base()) if sess.mode == "kv-reuse" else None
+                ckpt = sess.commit(step.start + step.T, refs)
             except ClientGone:
                 sess.close_epoch(self.pool, runner)
                 raise

@@ -32,9 +32,23 @@ from cryptogen.net.tls import new_secret
 
 @dataclass
 class Checkpoint:
+    """Every worker's cache after a step, as a chain: per worker [(meta ref, cache ref)] of its last
+    whole checkpoint and of each delta since (``WorkerActor.checkpoint``), oldest first. A decode
+    step's delta is ~2 ciphertexts per cache where the whole cache grows with the context; a chain
+    starts again whole once its deltas weigh as much as its whole part (so the objects kept stay
+    within twice the cache, as two whole checkpoints were)."""
     cached: int  # positions in the cache
-    refs: list | None  # per worker (meta ref, cache ref); None: the empty cache
+    refs: list | None  # per worker, its chain; None: the empty cache
     kv_bytes: int = 0  # the whole session's cache, all workers (public)
+    serial: int = 0  # this session's count of checkpoints: a worker's delta names the one it follows
+    sizes: list | None = None  # per worker, the bytes of each link of its chain
+
+    @property
+    def takes_delta(self) -> bool:
+        """Can the next checkpoint be a delta after this one?"""
+        if self.refs is None:
+            return False
+        return sum(sum(s[1:]) for s in self.sizes) < sum(s[0] for s in self.sizes)
 
 
 @dataclass
@@ -72,7 +86,7 @@ class ServerSession:
                        for _ in range(n)]
         pool.open_session(self.wsid, self.public_context, self.tokens)
         if restore is not None:
-            pool.restore(self.wsid, restore.refs)
+            pool.restore(self.wsid, restore.serial, restore.refs)
             self.cached = restore.cached
         return [dict(worker=i, host=h, port=p, tokens=self.tokens[i]) for i, (h, p) in enumerate(pool.addresses)]
 
@@ -87,13 +101,25 @@ class ServerSession:
             runner.settle()
 
     # ---- checkpoints ---------------------------------------------------------------------------
+    def base(self) -> tuple[int, int | None]:
+        """(the next checkpoint's serial, the checkpoint it may be a delta after, or None: whole)."""
+        last = self.checkpoints[-1]
+        return last.serial + 1, (last.serial if last.takes_delta else None)
+
     def commit(self, cached: int, refs: list | None) -> Checkpoint:
-        """A completed step: wait for the workers' checkpoints (their small metas only)."""
-        kv = 0
+        """A completed step: wait for the workers' checkpoints (their small metas only) and chain
+        each worker's delta after the last checkpoint's chain."""
+        last = self.checkpoints[-1]
+        ckpt = Checkpoint(cached, None, serial=last.serial + 1)
         if refs is not None:
-            kv = sum(int(m["bytes"]) for m in ray.get([meta for meta, _ in refs]))
-        ckpt = Checkpoint(cached, refs, kv)
-        self.checkpoints = [self.checkpoints[-1], ckpt]
+            metas = ray.get([meta for meta, _ in refs])
+            ckpt.kv_bytes = sum(int(m["bytes"]) for m in metas)
+            ckpt.refs, ckpt.sizes = [], []
+            for w, (m, pair) in enumerate(zip(metas, refs)):  # a worker that wrote a whole one starts again
+                keep = not m["whole"] and last.refs is not None
+                ckpt.refs.append((last.refs[w] if keep else []) + [pair])
+                ckpt.sizes.append((last.sizes[w] if keep else []) + [int(m["written"])])
+        self.checkpoints = [last, ckpt]
         self.cached, self.retries = cached, 0
         return ckpt
 

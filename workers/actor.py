@@ -154,33 +154,37 @@ class WorkerActor:
         self.telemetry.kv_cache(self.index, kv["ciphertexts"], kv["bytes"])
         return self.telemetry.snapshot()
 
-    def checkpoint(self, sid: str, after=None) -> tuple[dict, dict]:
-        """After a completed step: (public facts, the session's encrypted KV cache as bytes). Called
-        with ``num_returns=2`` by the gateway, which owns both objects: they outlive this process, so
-        a restarted worker restores from them (``restore``). Only ciphertexts under the client's key
-        and public counts; they stay inside the server's cluster. Each blob goes out as a uint8 array
-        (a view of its bytes): Ray writes an array into its object store in one copy, where a bytes
-        object passes through its msgpack serialiser first (GPT-2 base at 511 context, ~0.6 GB per
-        step: 2.1-2.7 s against 0.06-0.8 s until the meta, docs/BENCHMARKS.md)."""
-        blobs, exports = self.shard.checkpoint(sid)
+    def checkpoint(self, sid: str, serial: int, base: int | None, after=None) -> tuple[dict, dict]:
+        """After a completed step: (public facts, the session's encrypted KV cache as bytes), numbered
+        ``serial``: whole, or only what changed since checkpoint ``base`` when this session's cache was
+        last saved or restored as that one (``WorkerShard.checkpoint``; meta "whole" says which).
+        Called with ``num_returns=2`` by the gateway, which owns both objects: they outlive this
+        process, so a restarted worker restores from them (``restore``). Only ciphertexts under the
+        client's key and public counts; they stay inside the server's cluster. Each blob goes out as
+        a uint8 array (a view of its bytes): Ray writes an array into its object store in one copy,
+        where a bytes object passes through its msgpack serialiser first (docs/BENCHMARKS.md)."""
+        blobs, whole, exports = self.shard.checkpoint(sid, serial, base)
         blobs = {k: np.frombuffer(b, np.uint8) for k, b in blobs.items()}
         with self._lock:
             since = self._double.pop(sid, None)
         if since is not None:  # the lost attempt of the redone step exported no more than the redo
             add_exports(self.shard.key_id(sid), exports - since)
             exports += exports - since
-        meta = {"exports": exports, "bytes": sum(len(b) for b in blobs.values()), "caches": len(blobs)}
+        meta = {"exports": exports, "whole": whole, "written": sum(len(b) for b in blobs.values()),
+                "bytes": self.shard.cache_stats(sid)["bytes"], "caches": len(blobs)}
         return meta, blobs
 
-    def restore(self, sid: str, meta: dict | None, blobs: dict | None) -> bool:
-        """Put a checkpoint's cache into a (re)opened session (None: the empty cache of a session that
+    def restore(self, sid: str, serial: int | None, *chain) -> bool:
+        """Put a checkpoint's cache into a (re)opened session: ``chain`` is (meta, blobs) of its whole
+        checkpoint and of each delta after it, oldest first (none: the empty cache of a session that
         failed in its first step). A restarted process lost its count of the key's exports: it
         resumes from the checkpoint's count, and the exports of the step being redone are counted
         twice at the next checkpoint (the lost attempt made at most as many)."""
-        self.shard.restore(sid, {k: bytes(memoryview(b)) for k, b in (blobs or {}).items()})
+        metas, blobs = chain[0::2], chain[1::2]
+        self.shard.restore(sid, [{k: bytes(memoryview(b)) for k, b in one.items()} for one in blobs], serial)
         kid = self.shard.key_id(sid)
-        floor = int(meta["exports"]) if meta else 0
-        if exports_of(kid) < floor or (meta is None and exports_of(kid) == 0):
+        floor = int(metas[-1]["exports"]) if metas else 0
+        if exports_of(kid) < floor or (not metas and exports_of(kid) == 0):
             restore_exports(kid, floor)
             with self._lock:
                 self._double[sid] = floor

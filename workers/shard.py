@@ -24,8 +24,9 @@ from __future__ import annotations
 import numpy as np
 
 from cryptogen import secure_plan as sp
-from cryptogen.he import required_rotation_steps
+from cryptogen.he import required_rotation_steps, serialize
 from cryptogen.he.engine import ServerEngine, exports_of
+from cryptogen.he.errors import SerializationError
 from cryptogen.he.keys import PublicContext
 from cryptogen.he.params import HEConfig
 from cryptogen.he.kvcache import EncryptedKVCache
@@ -107,26 +108,46 @@ class ServerShard:
         self.sessions.pop(sid, None)
 
     # ---- per-step checkpoints (workers/actor.py; the gateway keeps them, RELIABILITY.md) --------
-    def checkpoint(self, sid: str) -> tuple[dict, int]:
-        """The session's encrypted KV cache as bytes per (layer, head group), and this key's export count."""
+    def checkpoint(self, sid: str, serial: int, base: int | None = None) -> tuple[dict, bool, int]:
+        """The session's encrypted KV cache per (layer, head group) as bytes, this key's export count,
+        and whether it is whole: only what changed since checkpoint ``base`` when that is the last one
+        this session wrote or restored (``EncryptedKVCache.delta_bytes``), else every cache whole.
+        The checkpoint is numbered ``serial`` (the gateway's)."""
         session = self._session(sid)
-        blobs = {f"{layer}/{group}": c.to_bytes() for (layer, group), c in session["caches"].items()}
-        return blobs, exports_of(session["engine"].ctx.key_id)
+        whole = base is None or session.get("saved") != base
+        blobs = {}
+        for (layer, group), c in session["caches"].items():
+            delta = None if whole else c.delta_bytes()
+            blobs[f"{layer}/{group}"] = c.to_bytes() if delta is None else delta
+            c.mark_saved()
+        session["saved"] = serial
+        return blobs, whole, exports_of(session["engine"].ctx.key_id)
 
     def key_id(self, sid: str) -> bytes:
         return self._engine(sid).ctx.key_id
 
-    def restore(self, sid: str, blobs: dict) -> None:
-        """Replace the session's cache by a checkpoint's (each checked against the session's key)."""
+    def restore(self, sid: str, chain: list[dict], serial: int | None = None) -> None:
+        """Replace the session's cache by a checkpoint's: a whole one and the deltas after it, oldest
+        first (each checked against the session's key); nothing changes on an error."""
         session = self._session(sid)
         caches = {}
-        for key, data in blobs.items():
-            layer, group = (int(v) for v in key.split("/"))
-            caches[(layer, group)] = EncryptedKVCache.from_bytes(session["engine"], data)
-        session["caches"] = caches
+        for blobs in chain:
+            for key, data in blobs.items():
+                layer, group = (int(v) for v in key.split("/"))
+                if serialize.kind_of(data) != "kv_delta":
+                    caches[(layer, group)] = EncryptedKVCache.from_bytes(session["engine"], data)
+                elif (layer, group) in caches:
+                    caches[(layer, group)].apply_delta(data)
+                else:
+                    raise SerializationError(f"a checkpoint's delta of cache {key} has no whole cache before it")
+        for c in caches.values():
+            c.mark_saved()
+        session["caches"], session["saved"] = caches, serial
 
     def reset_cache(self, sid: str) -> None:
-        self._session(sid)["caches"].clear()
+        session = self._session(sid)
+        session["caches"].clear()
+        session["saved"] = None  # the next checkpoint is whole
 
     def _session(self, sid: str) -> dict:
         if sid not in self.sessions:

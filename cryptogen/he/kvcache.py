@@ -108,6 +108,7 @@ class KVShares:
 
     def __init__(self, layout: KVLayout):
         self.layout, self.length = layout, 0
+        self.dirty_from = 0  # rows from here on may differ from the last checkpoint's (``EncryptedKVCache.delta_bytes``)
         self._k = np.zeros((0, layout.heads, layout.d_head), np.int64)
         self._v = self._k.copy()
 
@@ -132,10 +133,11 @@ class KVShares:
             grow = np.zeros((cap - self._k.shape[0], lay.heads, lay.d_head), np.int64)
             self._k, self._v = np.concatenate([self._k, grow]), np.concatenate([self._v, grow])
         self._k[start:end], self._v[start:end] = K, V
-        self.length = end
+        self.length, self.dirty_from = end, min(self.dirty_from, start)
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, max(0, int(length)))
+        self.dirty_from = min(self.dirty_from, self.length)
 
     def rows(self, which: str, c: int) -> np.ndarray:
         """The rows of cache ciphertext c (``which``: "k" or "v")."""
@@ -154,6 +156,7 @@ class EncryptedKVCache:
         self.length = 0
         self.shares = KVShares(self.layout)  # the server's own shares of the cached k and v
         self._forms: dict = {}  # (which, c) -> (the Cipher, its ct_form, its shares' pt_form): arcc.py
+        self._saved: tuple[list, list] | None = None  # the K, V Cipher objects the last checkpoint holds
 
     def _check_position(self, position: int) -> None:
         if position != self.length:
@@ -214,7 +217,8 @@ class EncryptedKVCache:
         return len(self.k) + len(self.v)
 
     def nbytes(self) -> int:
-        return sum(len(c.ct.to_bytes("none")) for c in self.k + self.v)
+        """The ciphertexts' serialised size (SEAL's own count: nothing is serialised)."""
+        return sum(c.ct.sizeof_ciphertext("none") for c in self.k + self.v)
 
     def to_bytes(self) -> bytes:
         ctx = self.engine.ctx
@@ -224,6 +228,74 @@ class EncryptedKVCache:
         blobs = [c.ct.to_bytes("none") for c in self.k + self.v]
         blobs += [np.ascontiguousarray(m, "<i8").tobytes() for m in (self.shares.k, self.shares.v)]
         return serialize.pack("kv_cache", ctx.config.fingerprint, ctx.key_id, meta, serialize.join_blobs(blobs))
+
+    # ---- incremental checkpoints: what changed since the last one -----------
+    # Every change of a cache ciphertext (an append's add, a prefill's write, a refresh) puts a new
+    # ``Cipher`` object into ``k``/``v``; a checkpoint remembers the objects it holds, so the next one
+    # carries only the ciphertexts that are not those objects any more, and the share rows from the
+    # first one written since. A decode step touches one K and one V ciphertext per cache: the delta is
+    # ~2 ciphertexts where the whole cache is 2 * ceil(length / tpc) (docs/RELIABILITY.md).
+    def mark_saved(self) -> None:
+        """The cache as it is now is what the last checkpoint holds (after ``to_bytes``, ``delta_bytes``
+        or a restore)."""
+        self._saved = (list(self.k), list(self.v))
+        self.shares.dirty_from = self.length
+
+    def delta_bytes(self) -> bytes | None:
+        """The changes since ``mark_saved`` (``apply_delta`` on the saved cache gives this one), or None
+        when there is no saved base to be relative to (then ``to_bytes``)."""
+        if self._saved is None or len(self.k) < len(self._saved[0]) or len(self.v) < len(self._saved[1]):
+            return None
+        ki, vi = (_changed(now, old) for now, old in zip((self.k, self.v), self._saved))
+        lo = min(self.shares.dirty_from, self.length)
+        meta = {"layer": self.layer, "group": self.group, "length": self.length, "shares_from": lo,
+                "k_index": ki, "v_index": vi, "k_budget": [self.k[i].budget for i in ki],
+                "v_budget": [self.v[i].budget for i in vi]}
+        blobs = [self.k[i].ct.to_bytes("none") for i in ki] + [self.v[i].ct.to_bytes("none") for i in vi]
+        blobs += [np.ascontiguousarray(m[lo:], "<i8").tobytes() for m in (self.shares.k, self.shares.v)]
+        ctx = self.engine.ctx
+        return serialize.pack("kv_delta", ctx.config.fingerprint, ctx.key_id, meta, serialize.join_blobs(blobs))
+
+    def apply_delta(self, data: bytes) -> None:
+        """Bring this cache (as its last checkpoint had it) to a later checkpoint's state; checked
+        against this cache's key, layout and length first (nothing changes on an error)."""
+        ctx, lay, t = self.engine.ctx, self.layout, self.engine.config.t
+        meta, payload, _, _ = serialize.unpack(data, "kv_delta", ctx.config.fingerprint, ctx.key_id)
+        try:
+            length, lo = int(meta["length"]), int(meta["shares_from"])
+            ki, vi = [int(i) for i in meta["k_index"]], [int(i) for i in meta["v_index"]]
+            budgets = [float(b) for b in list(meta["k_budget"]) + list(meta["v_budget"])]
+            where = (int(meta["layer"]), int(meta["group"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SerializationError("kv cache delta metadata is incomplete") from exc
+        nk = -(-length // lay.tpc)
+        if where != (self.layer, self.group) or not 0 <= lo <= min(self.length, length):
+            raise SerializationError("kv cache delta belongs to another cache or starts past its shares")
+        for idx, store in ((ki, self.k), (vi, self.v)):
+            if idx != sorted(set(idx)) or any(not 0 <= i < nk for i in idx) or \
+                    not set(range(len(store), nk)) <= set(idx) or len(store) > nk:
+                raise SerializationError("kv cache delta does not cover the cache's new ciphertexts")
+        blobs = serialize.split_blobs(payload)
+        if len(blobs) != len(ki) + len(vi) + 2 or len(budgets) != len(ki) + len(vi):
+            raise SerializationError("kv cache delta metadata does not match its ciphertext count")
+        rows = []
+        for b in blobs[-2:]:
+            m = np.frombuffer(b, "<i8")
+            if m.size != (length - lo) * lay.width or (m.size and (m.min() < 0 or m.max() >= t)):
+                raise SerializationError("kv cache delta shares do not match its length or are not field elements")
+            rows.append(m.reshape(length - lo, lay.heads, lay.d_head))
+        try:
+            cts = [Cipher(PyCtxt(pyfhel=ctx.he, bytestring=b), bud) for b, bud in zip(blobs[:-2], budgets)]
+        except Exception as exc:
+            raise SerializationError("kv cache delta ciphertext rejected by SEAL") from exc
+        k, v = list(self.k) + [None] * (nk - len(self.k)), list(self.v) + [None] * (nk - len(self.v))
+        for i, c in zip(ki, cts[:len(ki)]):
+            k[i] = c
+        for i, c in zip(vi, cts[len(ki):]):
+            v[i] = c
+        self.shares.truncate(lo)
+        self.shares.write(lo, *rows)
+        self.k, self.v, self.length = k, v, length
 
     @classmethod
     def from_bytes(cls, engine: ServerEngine, data: bytes) -> "EncryptedKVCache":
@@ -256,3 +328,8 @@ class EncryptedKVCache:
         cache.v = [Cipher(c, float(b)) for c, b in zip(cts[nk:], budgets[nk:])]
         cache.length = int(meta["length"])
         return cache
+
+
+def _changed(now: list, old: list) -> list[int]:
+    """Indices of ``now`` not holding the same object as ``old`` (new ones included)."""
+    return [i for i, c in enumerate(now) if i >= len(old) or c is not old[i]]

@@ -28,7 +28,7 @@ from .errors import KeyMismatchError, ParameterMismatchError, SerializationError
 MAGIC = b"CGHE"
 VERSION = 1
 KINDS = {"public_context": 1, "ciphertext": 2, "client_keys": 3, "kv_cache": 4, "cipher_list": 5,
-         "linear_weights": 6}
+         "linear_weights": 6, "kv_delta": 7}
 _KIND_NAMES = {v: k for k, v in KINDS.items()}
 _HEAD = struct.Struct("<4sBB16s16sI")
 _DIGEST = 16
@@ -73,6 +73,16 @@ def unpack(data: bytes, kind: str, fingerprint: bytes | None = None,
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SerializationError(f"{kind}: unreadable metadata") from exc
     return meta, data[off + 8:end], fp, kid
+
+
+def kind_of(data: bytes) -> str:
+    """An envelope's kind from its header alone (``unpack`` checks the rest)."""
+    if len(data) < _HEAD.size:
+        raise SerializationError(f"truncated envelope ({len(data)} bytes)")
+    magic, version, kcode, _, _, _ = _HEAD.unpack_from(data)
+    if magic != MAGIC or version != VERSION or kcode not in _KIND_NAMES:
+        raise SerializationError("not a CryptoGen HE envelope (bad magic, version or kind)")
+    return _KIND_NAMES[kcode]
 
 
 def join_blobs(blobs: list[bytes]) -> bytes:

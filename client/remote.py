@@ -370,7 +370,10 @@ class _Session:
         """One step; after a server worker restart or a dropped connection, the step is redone from
         the last confirmed position (``retry``), at most ``MAX_RECOVERIES`` times."""
         c = self.conn
-        waited = self.runner.settle()  # a dealer's items for this step, asked after the last one
+        try:
+            waited = self.runner.settle()  # a dealer's items for this step, asked after the last one
+        except (ChannelError, ValueError):  # the dealer's link failed (its party may have gone): the
+            waited = 0.0  # step's first take raises it again, and the attempt asks the server why
         t0 = time.perf_counter()
         mark = self._mark()
         for _ in range(MAX_RECOVERIES + 1):

@@ -37,7 +37,7 @@ from cryptogen.mpc.errors import ChannelError, ProviderError
 from cryptogen.mpc.provider import _FIELDS, Dealer
 from cryptogen.mpc.provider_remote import (DEFAULT_STEP_AHEAD, HELLO_BYTES, MAGIC, MAX_REQUEST_BYTES, OK, ROLES,
                                            decode_request, error_frames, split_address)
-from cryptogen.net.channel import frame, read_frame
+from cryptogen.net.channel import frame, read_frame, tune_writes, write_chunked
 from cryptogen.net.tls import TLSError, ensure_certificate, fingerprint, new_secret, same_secret, server_context
 
 log = logging.getLogger("cryptogen.dealer")
@@ -273,8 +273,7 @@ class DealerServer:
         return arr
 
     async def _send(self, writer, *arrays) -> None:
-        writer.write(b"".join(frame(np.ascontiguousarray(a)) for a in arrays))
-        await asyncio.wait_for(writer.drain(), self.idle_timeout)
+        await write_chunked(writer, b"".join(frame(np.ascontiguousarray(a)) for a in arrays), self.idle_timeout)
 
     async def _handle(self, reader, writer) -> None:
         peer = (writer.get_extra_info("peername") or ("?",))[0]
@@ -282,6 +281,7 @@ class DealerServer:
         clean = False
         self._conns += 1
         self._writers.add(writer)
+        tune_writes(writer)
         try:
             if self._conns > self.max_conns:
                 raise _Refuse("the dealer has too many open connections; try again later")
@@ -349,7 +349,7 @@ class DealerServer:
         lk.ends[role] = "closed"
         lk.writers.pop(role, None)
         if not clean:
-            lk.fail(f"the {role} party's link to the dealer ended abnormally")
+            lk.fail(f"the {role} party went away (its link to the dealer was lost mid-session)")
         lk.notify()
         if "open" not in lk.ends.values() and (len(lk.ends) == 2 or lk.failed):
             self._forget(lid, lk)

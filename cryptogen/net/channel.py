@@ -40,12 +40,13 @@ DEFAULT_MAX_FRAME = 64 << 20
 SEND_TAP = None
 
 # asyncio's SSL transport encrypts all it is given into a memory BIO at once, and stops reading that BIO
-# while the socket's buffer is over its high-water mark: a frame of megabytes grows the BIO by
-# reallocation and is copied again on the way out. In pieces of 256 KiB, each drained first, the sender
-# spends ~7x less CPU (400 MiB in 8 MiB frames over loopback: 3.9 -> 0.55 s, 85 -> ~500 MiB/s;
-# scripts/bench_tls.py, docs/BENCHMARKS.md).
-WRITE_CHUNK = 256 << 10
-WRITE_HIGH_WATER = 1 << 20
+# while the socket's buffer is over its high-water mark: frames handed over faster than the socket
+# drains grow the BIO by reallocation and are copied again on the way out. In pieces of 1 MiB, each
+# drained first, the sender spends 3-4x less CPU (400 MiB over loopback in 1-8 MiB frames: 2.5-3.1 ->
+# 0.7-0.8 s, 105-141 -> 305-470 MiB/s; scripts/bench_tls.py). 256 KiB pieces made GPT-2 base's Ray
+# step slower (33.8 against 29.5 s at 511 context, more event-loop turns; docs/BENCHMARKS.md).
+WRITE_CHUNK = 1 << 20
+WRITE_HIGH_WATER = 4 << 20
 
 
 async def write_chunked(writer: asyncio.StreamWriter, data, timeout: float | None = None) -> None:

@@ -3,7 +3,8 @@ kernels, cryptogen/he/_ctct.c, ct x ct, cryptogen/he/_wire.c, the wire's packing
 and cryptogen/mpc/_dcf.c, the DCF evaluation with AES-NI."""
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("cryptogen.he._ntt", ["cryptogen/he/_ntt.c"], depends=["cryptogen/he/_modarith.h"],
+setup(ext_modules=[Extension("cryptogen.he._ntt", ["cryptogen/he/_ntt.c"],
+                             depends=["cryptogen/he/_modarith.h", "cryptogen/he/_ntt_rows.h"],
                              extra_compile_args=["-O3"]),
                    Extension("cryptogen.he._ctct", ["cryptogen/he/_ctct.c"], depends=["cryptogen/he/_modarith.h"],
                              extra_compile_args=["-O3"]),

@@ -7,7 +7,8 @@
  *
  *   forward(data, tables, qs, size, k, n)                negacyclic NTT of every (polynomial, prime)
  *                                                        row in place (Cooley-Tukey, Harvey's lazy
- *                                                        butterflies, Shoup twiddles);
+ *                                                        butterflies, Shoup twiddles; _ntt_rows.h, with
+ *                                                        AVX-512 stages where the CPU has them);
  *   inverse(data, tables, qs, ninv, size, k, n)          its inverse (Gentleman-Sande), times N^-1;
  *   mac(out, babies, pts, idx, ratios, qs, ...)          out = sum_t babies[idx[t]] * pts[t] mod q,
  *                                                        element-wise, 128-bit accumulation and one
@@ -27,58 +28,8 @@
  * = floor(2^128 / q) as (high, low) words.
  */
 #include "_modarith.h"
+#include "_ntt_rows.h"  /* forward_row, inverse_row: scalar, or 8 coefficients at a time with AVX-512 */
 #include <stdlib.h>
-
-static void forward_row(uint64_t *a, size_t n, uint64_t q, const uint64_t *w, const uint64_t *ws) {
-    const uint64_t two_q = 2 * q;
-    size_t t = n;
-    for (size_t m = 1; m < n; m <<= 1) {
-        t >>= 1;
-        for (size_t i = 0; i < m; i++) {
-            const uint64_t W = w[m + i], Ws = ws[m + i];
-            uint64_t *x = a + 2 * i * t, *y = x + t;
-            for (size_t j = 0; j < t; j++) {  /* inputs < 4q, outputs < 4q */
-                uint64_t u = x[j];
-                if (u >= two_q) u -= two_q;
-                const uint64_t v = shoup_lazy(y[j], W, Ws, q);
-                x[j] = u + v;
-                y[j] = u + two_q - v;
-            }
-        }
-    }
-    for (size_t j = 0; j < n; j++) {
-        uint64_t u = a[j];
-        if (u >= two_q) u -= two_q;
-        if (u >= q) u -= q;
-        a[j] = u;
-    }
-}
-
-static void inverse_row(uint64_t *a, size_t n, uint64_t q, const uint64_t *iw, const uint64_t *iws,
-                        uint64_t ninv, uint64_t ninvs) {
-    const uint64_t two_q = 2 * q;
-    size_t t = 1;
-    for (size_t m = n; m > 1; m >>= 1) {
-        const size_t h = m >> 1;
-        for (size_t i = 0; i < h; i++) {
-            const uint64_t W = iw[h + i], Ws = iws[h + i];
-            uint64_t *x = a + 2 * i * t, *y = x + t;
-            for (size_t j = 0; j < t; j++) {  /* inputs < 2q, outputs < 2q */
-                const uint64_t u = x[j], v = y[j];
-                uint64_t s = u + v;
-                if (s >= two_q) s -= two_q;
-                x[j] = s;
-                y[j] = shoup_lazy(u + two_q - v, W, Ws, q);
-            }
-        }
-        t <<= 1;
-    }
-    for (size_t j = 0; j < n; j++) {
-        uint64_t u = shoup_lazy(a[j], ninv, ninvs, q);
-        if (u >= q) u -= q;
-        a[j] = u;
-    }
-}
 
 static PyObject *py_forward(PyObject *self, PyObject *args) {
     Py_buffer data, tables, qs;
@@ -176,13 +127,17 @@ done:
 
 
 /* A permutation of NTT slots from Python: every index in 0..n-1. */
+/* -1 (an error set) if an index is outside 0..n-1, else whether ``pm`` is the identity. */
 static int check_perm(const int64_t *pm, Py_ssize_t n) {
-    for (Py_ssize_t j = 0; j < n; j++)
+    int identity = 1;
+    for (Py_ssize_t j = 0; j < n; j++) {
         if (pm[j] < 0 || pm[j] >= n) {
             PyErr_SetString(PyExc_ValueError, "NTT kernel: permutation index out of range");
             return -1;
         }
-    return 0;
+        identity &= pm[j] == j;
+    }
+    return identity;
 }
 
 /* The end of a hoisted key switch (cryptogen/he/hoist.py), in the NTT domain, for both output
@@ -206,7 +161,8 @@ static PyObject *py_moddown(PyObject *self, PyObject *args) {
         || check_len(&ninv, (L + 1) * 16, "N^-1") || check_len(&ratios, (L + 1) * 16, "Barrett ratios")
         || check_len(&pinv, L * 16, "p^-1")) goto done;
     const int64_t *pm = perm.buf;
-    if (check_perm(pm, n)) goto done;
+    const int identity = check_perm(pm, n);
+    if (identity < 0) goto done;
     u = malloc(8 * (size_t)n);
     r = malloc(8 * (size_t)n);
     if (!u || !r) { PyErr_NoMemory(); goto done; }
@@ -223,25 +179,13 @@ static PyObject *py_moddown(PyObject *self, PyObject *args) {
                 t[j] = v >= p ? v - p : v;
             }
             for (Py_ssize_t i = 0; i < L; i++) {
-                const uint64_t qi = q[i], rq = ra[2 * i], fix = qi - h % qi;  /* rq = floor(2^64 / qi) */
-                for (Py_ssize_t j = 0; j < n; j++) {
-                    uint64_t v = t[j] - mulhi(t[j], rq) * qi;  /* t mod qi, in [0, 2qi) */
-                    u[j] = v + fix;                            /* < 4qi: the forward NTT's input bound */
-                }
+                const uint64_t qi = q[i], fix = qi - h % qi;
+                reduce_row(u, t, n, qi, ra[2 * i], fix);  /* t mod qi in [0, 2qi), + fix: < 4qi, the NTT's input bound */
                 forward_row(u, n, qi, tb + (i * 4) * n, tb + (i * 4 + 1) * n);
-                const uint64_t *x = a + (k * (L + 1) + i) * n;
-                const uint64_t w = pi[2 * i], ws = pi[2 * i + 1];
-                for (Py_ssize_t j = 0; j < n; j++) {
-                    uint64_t d = shoup_lazy(x[j] + qi - u[j], w, ws, qi);
-                    if (d >= qi) d -= qi;
-                    if (k == 0) {
-                        d += c[i * n + j];
-                        if (d >= qi) d -= qi;
-                    }
-                    r[j] = d;
-                }
                 uint64_t *dst = o + (k * L + i) * n;
-                for (Py_ssize_t j = 0; j < n; j++) dst[j] = r[pm[j]];
+                divp_row(identity ? dst : r, a + (k * (L + 1) + i) * n, u, k == 0 ? c + i * n : NULL, n, qi,
+                         pi[2 * i], pi[2 * i + 1]);
+                if (!identity) permute_row(dst, r, pm, n);
             }
         }
         Py_END_ALLOW_THREADS
@@ -273,7 +217,8 @@ static PyObject *py_digits(PyObject *self, PyObject *args) {
         || check_len(&perm, n * 8, "permutation") || check_len(&tables, (L + 1) * 4 * n * 8, "tables")
         || check_len(&qs, (L + 1) * 8, "primes") || check_len(&ratios, (L + 1) * 16, "Barrett ratios")) goto done;
     const int64_t *pm = perm.buf;
-    if (check_perm(pm, n)) goto done;
+    const int identity = check_perm(pm, n);
+    if (identity < 0) goto done;
     u = malloc(8 * (size_t)n);
     if (!u) { PyErr_NoMemory(); goto done; }
     {
@@ -287,15 +232,16 @@ static PyObject *py_digits(PyObject *self, PyObject *args) {
                 const uint64_t *x = c + j * n;
                 uint64_t *dst = o + (j * (L + 1) + i) * n;
                 if (i == j && has_ntt) {
-                    for (Py_ssize_t m = 0; m < n; m++) dst[m] = cn[j * n + pm[m]];
+                    permute_row(dst, cn + j * n, identity ? NULL : pm, n);
                     continue;
                 }
+                uint64_t *v = identity ? dst : u;  /* transformed in place when nothing is permuted */
                 if (q[j] > qi)
-                    for (Py_ssize_t m = 0; m < n; m++) u[m] = x[m] - mulhi(x[m], rq) * qi;  /* [0, 2qi) */
+                    reduce_row(v, x, n, qi, rq, 0);  /* [0, 2qi) */
                 else
-                    for (Py_ssize_t m = 0; m < n; m++) u[m] = x[m];
-                forward_row(u, n, qi, tb + (i * 4) * n, tb + (i * 4 + 1) * n);
-                for (Py_ssize_t m = 0; m < n; m++) dst[m] = u[pm[m]];
+                    memcpy(v, x, 8 * (size_t)n);
+                forward_row(v, n, qi, tb + (i * 4) * n, tb + (i * 4 + 1) * n);
+                if (!identity) permute_row(dst, u, pm, n);
             }
         Py_END_ALLOW_THREADS
     }
@@ -474,7 +420,23 @@ done:
     return ret;
 }
 
+/* simd() -> whether the NTTs run their AVX-512 stages; set_simd(on) -> the previous setting (tests, A/B). */
+static PyObject *py_simd(PyObject *self, PyObject *args) { return PyBool_FromLong(ntt_simd_on()); }
+
+static PyObject *py_set_simd(PyObject *self, PyObject *args) {
+    int on, was = ntt_simd_on();
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    if (on && !ntt_simd_available()) {
+        PyErr_SetString(PyExc_ValueError, "this CPU has no AVX-512F/DQ: the NTT runs its scalar stages only");
+        return NULL;
+    }
+    ntt_simd = on;
+    return PyBool_FromLong(was);
+}
+
 static PyMethodDef methods[] = {
+    {"simd", py_simd, METH_NOARGS, "simd(): whether the NTTs use their AVX-512 stages"},
+    {"set_simd", py_set_simd, METH_VARARGS, "set_simd(on): switch the AVX-512 stages; returns the previous setting"},
     {"forward", py_forward, METH_VARARGS, "forward(data, tables, qs, size, k, n): negacyclic NTT in place"},
     {"inverse", py_inverse, METH_VARARGS, "inverse(data, tables, qs, ninv, size, k, n): inverse NTT in place"},
     {"mac", py_mac, METH_VARARGS,
@@ -493,4 +455,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ntt", "NTT-domain kernels (see _ntt.c)", -1, methods};
 
-PyMODINIT_FUNC PyInit__ntt(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__ntt(void) {
+    ntt_simd_on();  /* decided once, before any kernel runs without the GIL */
+    return PyModule_Create(&module);
+}

@@ -14,7 +14,8 @@ ciphertext is 2 polynomials x L = 4 primes (54 bits) x N). Measures, median of -
   * the project's NTT-domain kernel (cryptogen/he/ntt.py, _ntt.c; what the linear layers run): one
     ct x pt as a 1-term multiply-accumulate, the k-term one, a ciphertext's forward and inverse NTTs
     (2L each), and a ciphertext's words out of and back into Pyfhel; a hoisted rotation (he/hoist.py:
-    the per-input decomposition, then one step) against SEAL's rotation plus our forward NTT of it.
+    the per-input decomposition, then one step) against SEAL's rotation plus our forward NTT of it;
+    where the CPU has AVX-512, the NTTs, the decomposition and the rotation again with the scalar stages.
 
     .venv/bin/python scripts/bench_he_floor.py [--repeats 51] [--mac-repeats 9] [--k 64] [--cpu N] \
         [--out docs/bench/he_floor.json]
@@ -312,6 +313,15 @@ def main(argv=None):
     nk["hoisted_rotation_1"] = timed(lambda _: hoist.rotate(tb_all, dec, ctx.hoist_keys[1]), R)
     nk["seal_rotation_1_then_forward_ntt"] = timed(
         lambda _: ntt.forward(tb, np.array(ntt.ct_words(he.rotate(ct, 1, True))[1])), R)
+    nk["simd"] = ntt._ntt.simd()  # the NTT's AVX-512 stages (he/_ntt_rows.h); the scalar ones alike, same run
+    if nk["simd"]:
+        ntt._ntt.set_simd(False)
+        for name, fn in (("forward_ntt_ciphertext_2L", lambda c: ntt.forward(tb, c)),
+                         ("inverse_ntt_ciphertext_2L", lambda c: ntt.inverse(tb, c))):
+            nk[name + "_scalar"] = timed(fn, R, setup=lambda: np.array(words))
+        nk["hoist_decompose_per_input_scalar"] = timed(lambda _: hoist.decompose(tb_all, words), R)
+        nk["hoisted_rotation_1_scalar"] = timed(lambda _: hoist.rotate(tb_all, dec, ctx.hoist_keys[1]), R)
+        ntt._ntt.set_simd(True)
     rec["ntt_kernel"] = nk
 
     f, bgv = fl[best]["median_us"], rec["pyfhel_bgv"]
@@ -328,7 +338,10 @@ def main(argv=None):
                      "seal_rotation_then_forward_over_hoisted": round(
                          nk["seal_rotation_1_then_forward_ntt"]["median_us"] / nk["hoisted_rotation_1"]["median_us"], 2),
                      "ntt_kernel_mac_per_ct_pt_over_floor": round(
-                         nk[f"mac_{k}_terms"]["per_ct_pt_us"] / mac[mf]["per_ct_pt_us"], 3)}
+                         nk[f"mac_{k}_terms"]["per_ct_pt_us"] / mac[mf]["per_ct_pt_us"], 3),
+                     **{f"{n}_scalar_over_simd": round(nk[n + "_scalar"]["median_us"] / nk[n]["median_us"], 2)
+                        for n in ("forward_ntt_ciphertext_2L", "inverse_ntt_ciphertext_2L", "hoist_decompose_per_input",
+                                  "hoisted_rotation_1") if n + "_scalar" in nk}}
     rec["load_avg_end"] = list(os.getloadavg())
     rec["wall_s"] = round(time.perf_counter() - t_start, 1)
     out_path.write_text(json.dumps(rec, indent=2) + "\n")

@@ -126,7 +126,6 @@ done:
 }
 
 
-/* A permutation of NTT slots from Python: every index in 0..n-1. */
 /* -1 (an error set) if an index is outside 0..n-1, else whether ``pm`` is the identity. */
 static int check_perm(const int64_t *pm, Py_ssize_t n) {
     int identity = 1;

@@ -25,25 +25,22 @@
 #include "_modarith.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define NTT_HAVE_SIMD 1
 #include <immintrin.h>
 #define SIMD_FN __attribute__((target("avx512f,avx512dq")))
 
-static int ntt_simd = -1;  /* -1: not decided yet */
-
-static int ntt_simd_on(void) {
-    if (ntt_simd < 0) {
-        const char *env = getenv("CRYPTOGEN_NTT_SIMD");
-        __builtin_cpu_init();
-        ntt_simd = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
-                   && !(env && strcmp(env, "0") == 0);
-    }
-    return ntt_simd;
-}
+static int ntt_simd = -1;  /* -1: not decided yet (PyInit__ntt decides, before any kernel runs) */
 
 static int ntt_simd_available(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+}
+
+static int ntt_simd_on(void) {
+    if (ntt_simd < 0) {
+        const char *env = getenv("CRYPTOGEN_NTT_SIMD");
+        ntt_simd = ntt_simd_available() && !(env && strcmp(env, "0") == 0);
+    }
+    return ntt_simd;
 }
 
 /* floor(a * b / 2^64) lane by lane. */
@@ -111,6 +108,7 @@ SIMD_FN static void scale8(uint64_t *a, size_t n, uint64_t q, uint64_t ninv, uin
     for (size_t j = 0; j < n; j += 8)
         _mm512_storeu_si512(a + j, csub8(shoup8(_mm512_loadu_si512(a + j), W, Ws, Ws_hi, vq), vq));
 }
+
 /* dst = src mod q in [0, 2q) (one-word Barrett, rq = floor(2^64 / q)) plus ``add``. */
 SIMD_FN static void reduce8(uint64_t *dst, const uint64_t *src, size_t n, uint64_t q, uint64_t rq, uint64_t add) {
     const __m512i vq = _mm512_set1_epi64((long long)q), vr = _mm512_set1_epi64((long long)rq);
@@ -135,7 +133,6 @@ SIMD_FN static void divp8(uint64_t *r, const uint64_t *x, const uint64_t *u, con
     }
 }
 #else
-#define NTT_HAVE_SIMD 0
 static int ntt_simd = 0;
 static int ntt_simd_on(void) { return 0; }
 static int ntt_simd_available(void) { return 0; }
@@ -149,9 +146,12 @@ static void divp8(uint64_t *r, const uint64_t *x, const uint64_t *u, const uint6
 #endif
 
 
+/* Whether rows of n coefficients take the vector stages (8 coefficients at a time). */
+static inline int simd_for(size_t n) { return ntt_simd_on() && n % 8 == 0; }
+
 static void forward_row(uint64_t *a, size_t n, uint64_t q, const uint64_t *w, const uint64_t *ws) {
     const uint64_t two_q = 2 * q;
-    const int simd = ntt_simd && n % 8 == 0;
+    const int simd = simd_for(n);
     size_t t = n;
     for (size_t m = 1; m < n; m <<= 1) {
         t >>= 1;
@@ -186,7 +186,7 @@ static void forward_row(uint64_t *a, size_t n, uint64_t q, const uint64_t *w, co
 static void inverse_row(uint64_t *a, size_t n, uint64_t q, const uint64_t *iw, const uint64_t *iws,
                         uint64_t ninv, uint64_t ninvs) {
     const uint64_t two_q = 2 * q;
-    const int simd = ntt_simd && n % 8 == 0;
+    const int simd = simd_for(n);
     size_t t = 1;
     for (size_t m = n; m > 1; m >>= 1) {
         const size_t h = m >> 1;
@@ -221,7 +221,7 @@ static void inverse_row(uint64_t *a, size_t n, uint64_t q, const uint64_t *iw, c
 
 /* The key switch's element-wise steps around the transforms (_ntt.c's digits and moddown). */
 static void reduce_row(uint64_t *dst, const uint64_t *src, size_t n, uint64_t q, uint64_t rq, uint64_t add) {
-    if (ntt_simd && n % 8 == 0) {
+    if (simd_for(n)) {
         reduce8(dst, src, n, q, rq, add);
         return;
     }
@@ -230,7 +230,7 @@ static void reduce_row(uint64_t *dst, const uint64_t *src, size_t n, uint64_t q,
 
 static void divp_row(uint64_t *r, const uint64_t *x, const uint64_t *u, const uint64_t *c, size_t n, uint64_t q,
                      uint64_t w, uint64_t ws) {
-    if (ntt_simd && n % 8 == 0) {
+    if (simd_for(n)) {
         divp8(r, x, u, c, n, q, w, ws);
         return;
     }

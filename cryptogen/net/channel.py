@@ -7,19 +7,21 @@ object is ever touched by two threads; the protocol code stays blocking:
 - ``send`` queues the frame on the loop and returns at once (both parties of an opening send
   before they read: a blocking send of two large messages would deadlock); a writer task hands
   it to TLS in ``WRITE_CHUNK`` pieces, each drained before the next (``write_chunked``);
-- a reader task parses frames as they arrive into an inbox; ``recv`` takes the next one.
+- a ``FrameReceiver`` (``frames.py``) takes the link's transport after the handshake and parses
+  frames as TLS decrypts them, straight into their arrays, into an inbox; ``recv`` takes the next one.
 
-Frame: dtype code (u8), rank (u8), shape (rank x i64), raw bytes. No pickle: a peer can only
-send arrays of the four dtypes the protocols use. A frame larger than the link's cap (derived
-from the protocol's largest message) is refused before any buffer is allocated, and so is a
-peer that runs too far ahead: the link ends with a ``ChannelError`` naming the sizes.
+Frames (``frames.py``) are typed numpy arrays, no pickle. A frame larger than the link's cap (derived
+from the protocol's largest message) is refused from its header, before any buffer is allocated; the
+link then ends with a ``ChannelError`` naming the sizes. A peer that runs more than ``max_ahead``
+bytes ahead of the consumer is not read from until it catches up (TCP back-pressure).
 """
 from __future__ import annotations
 
 import asyncio
 import atexit
+import os
 import queue
-import struct
+import sys
 import threading
 
 import numpy as np
@@ -27,12 +29,9 @@ import numpy as np
 from cryptogen.mpc.channel import Channel
 from cryptogen.mpc.errors import ChannelError
 
+from .frames import GOODBYE, FrameReceiver, frame, read_frame  # noqa: F401 - frame, read_frame: re-exported
 from .tls import check_pin, client_context
 
-_DTYPES = [np.dtype(np.int64), np.dtype(np.uint8), np.dtype(np.float64), np.dtype(np.bool_)]
-_HEAD = struct.Struct("<BB")
-_MAX_RANK = 8
-_CLOSE = 255
 IDLE_TIMEOUT = 300.0  # a peer that hangs (one that dies closes its socket, seen at once)
 DEFAULT_MAX_FRAME = 64 << 20
 
@@ -65,6 +64,21 @@ def tune_writes(writer: asyncio.StreamWriter) -> None:
         pass
 
 
+# The TLS loop releases the GIL in every SSL read (one TLS record, 16 KiB) and must take it back
+# before the next. While another thread runs Python code, taking it back waits for that thread's
+# switch interval, 5 ms by default: 16 KiB per 5 ms. Over loopback, with a thread in a Python loop in
+# the receiving process, a link received 8.4 MiB/s at 5 ms and 100-390 MiB/s at 0.2 ms
+# (scripts/bench_tls.py --compare reads --busy py; docs/BENCHMARKS.md). A process that starts the
+# loop sets the interval to SWITCH_INTERVAL_US (0 keeps Python's own).
+SWITCH_ENV = "CRYPTOGEN_SWITCH_INTERVAL_US"
+SWITCH_INTERVAL_US = 200
+
+
+def switch_interval_us() -> int:
+    raw = os.environ.get(SWITCH_ENV, "")
+    return int(raw) if raw.isdigit() else SWITCH_INTERVAL_US
+
+
 class IdleTimeout(ChannelError):
     """The peer sent nothing within the link's idle timeout."""
 
@@ -77,6 +91,8 @@ class _Loop:
     def get(cls) -> asyncio.AbstractEventLoop:
         with cls._lock:
             if cls._loop is None or cls._loop.is_closed():
+                if switch_interval_us():
+                    sys.setswitchinterval(switch_interval_us() / 1e6)
                 loop = asyncio.new_event_loop()
                 threading.Thread(target=loop.run_forever, name="cryptogen-tls", daemon=True).start()
                 cls._loop = loop
@@ -123,55 +139,35 @@ def keepalive(writer) -> None:
         pass
 
 
-def frame(arr: np.ndarray) -> bytes:
-    if arr.dtype not in _DTYPES or arr.ndim > _MAX_RANK:
-        raise ChannelError(f"cannot send an array of dtype {arr.dtype} and rank {arr.ndim}")
-    head = _HEAD.pack(_DTYPES.index(arr.dtype), arr.ndim) + struct.pack(f"<{arr.ndim}q", *arr.shape)
-    return head + np.ascontiguousarray(arr).tobytes()
-
-
-async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> np.ndarray | None:
-    """One frame, or None for the peer's goodbye; ChannelError on a malformed or oversized one."""
-    code, rank = _HEAD.unpack(await reader.readexactly(_HEAD.size))
-    if code == _CLOSE:
-        return None
-    if code >= len(_DTYPES) or rank > _MAX_RANK:
-        raise ChannelError("malformed message header from the peer")
-    shape = struct.unpack(f"<{rank}q", await reader.readexactly(8 * rank))
-    if any(s < 0 for s in shape):
-        raise ChannelError("malformed message shape from the peer")
-    dtype = _DTYPES[code]
-    n = dtype.itemsize
-    for s in shape:
-        n *= s
-        if n > max_frame:
-            break
-    if n > max_frame:
-        raise ChannelError(f"the peer sent a frame of shape {tuple(shape)} ({dtype}), over this link's cap of "
-                           f"{max_frame} bytes")
-    return np.frombuffer(await reader.readexactly(n), dtype=dtype).reshape(shape)
-
-
 class TLSChannel(Channel):
-    """One end of a TLS link. Build with :func:`dial` (client) or from a server's accepted streams."""
+    """One end of a TLS link. Build with :func:`dial` (client) or from a server's accepted streams.
+
+    The streams are only for the handshake: on the event loop the link's transport is handed to a
+    ``FrameReceiver`` (frames decrypted straight into their arrays) with whatever the stream had read.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  max_frame: int = DEFAULT_MAX_FRAME, timeout: float = IDLE_TIMEOUT, record: bool = False,
                  max_ahead: int | None = None):
         super().__init__(record=record)
-        self.reader, self.writer, self.max_frame, self.timeout = reader, writer, max_frame, timeout
+        self.writer, self.max_frame, self.timeout = writer, max_frame, timeout
         self.loop = io_loop()
         self.max_ahead = max_ahead if max_ahead is not None else max(4 * max_frame, 256 << 20)
         self._inbox: queue.Queue = queue.Queue()
         self._buffered = 0  # bytes parsed but not yet received (both threads: under _count_lock)
+        self._reading_paused = False  # the consumer is behind by over max_ahead (under _count_lock)
         self._count_lock = threading.Lock()
         keepalive(writer)
         self._closed = False
         self.peer_gone = False  # set when the peer closed, failed, or broke the framing
         self._outbox: asyncio.Queue = asyncio.Queue()  # frames to send, in order (None: the goodbye)
         self._mid_frame = False  # the writer task has handed part of a frame to TLS
-        self._task = asyncio.run_coroutine_threadsafe(self._read_loop(), self.loop)
-        self._writing = asyncio.run_coroutine_threadsafe(self._write_loop(), self.loop)
+        self._link = FrameReceiver(lambda: self.max_frame, self._on_frame, self._on_end)
+        self._writing = asyncio.run_coroutine_threadsafe(self._run(reader), self.loop)
+
+    async def _run(self, reader: asyncio.StreamReader) -> None:
+        self._link.attach(self.writer.transport, reader)
+        await self._write_loop()
 
     async def _write_loop(self) -> None:
         """Frames to TLS in pieces (``write_chunked``); on the goodbye: flush, say it, close."""
@@ -182,39 +178,31 @@ class TLSChannel(Channel):
                 if self.writer.is_closing():
                     return
                 if data is None:
-                    self.writer.write(_HEAD.pack(_CLOSE, 0))
-                    await asyncio.wait_for(self.writer.drain(), self.timeout)
+                    self._link.write(GOODBYE)
+                    await asyncio.wait_for(self._link.drain(), self.timeout)
                     self.writer.close()
                     return
                 self._mid_frame = True
-                await write_chunked(self.writer, data)
+                await write_chunked(self._link, data)
                 self._mid_frame = False
         except (OSError, ConnectionError, asyncio.TimeoutError, asyncio.CancelledError):
             pass  # the peer went away: its end (and this one's reader) see the link end
 
-    async def _read_loop(self) -> None:
-        try:
-            while True:
-                while self._buffered > self.max_ahead:
-                    await asyncio.sleep(0.005)  # the consumer is behind: stop reading (TCP back-pressure)
-                arr = await read_frame(self.reader, self.max_frame)
-                if arr is None:
-                    self.peer_gone = True
-                    self._inbox.put(ChannelError("the peer closed the channel (it failed or finished early)"))
-                    return
-                with self._count_lock:
-                    self._buffered += arr.nbytes
-                self._inbox.put(arr)
-        except asyncio.IncompleteReadError:
-            self.peer_gone = True
-            self._inbox.put(ChannelError("the peer closed the connection (it failed or finished early)"))
-        except ChannelError as e:
-            self.peer_gone = True
-            self._inbox.put(e)
-            self.writer.transport.abort()
-        except (OSError, asyncio.CancelledError) as e:
-            self.peer_gone = True
-            self._inbox.put(ChannelError(f"receive failed: {e.__class__.__name__}"))
+    def _on_frame(self, arr: np.ndarray) -> None:
+        """On the loop: a whole frame in; stop reading while the consumer is over max_ahead behind
+        (TCP back-pressure)."""
+        with self._count_lock:
+            self._buffered += arr.nbytes
+            pause = self._buffered > self.max_ahead and not self._reading_paused
+            self._reading_paused |= pause
+        if pause:
+            self.writer.transport.pause_reading()
+        self._inbox.put(arr)
+
+    def _on_end(self, err: ChannelError) -> None:
+        self.peer_gone = True
+        self._inbox.put(err)
+        self._outbox.put_nowait(b"")  # wakes the writer task: it ends if the connection has
 
     def _send_raw(self, arr: np.ndarray) -> None:
         self.send_bytes(frame(arr))
@@ -236,6 +224,10 @@ class TLSChannel(Channel):
             raise item
         with self._count_lock:
             self._buffered -= item.nbytes
+            resume = self._reading_paused and self._buffered <= self.max_ahead
+            self._reading_paused &= not resume
+        if resume:
+            self.loop.call_soon_threadsafe(self.writer.transport.resume_reading)
         return item
 
     def close(self) -> None:

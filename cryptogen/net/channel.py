@@ -162,7 +162,8 @@ class TLSChannel(Channel):
         self.peer_gone = False  # set when the peer closed, failed, or broke the framing
         self._outbox: asyncio.Queue = asyncio.Queue()  # frames to send, in order (None: the goodbye)
         self._mid_frame = False  # the writer task has handed part of a frame to TLS
-        self._link = FrameReceiver(lambda: self.max_frame, self._on_frame, self._on_end)
+        self._link = FrameReceiver(lambda: self.max_frame, self._on_frame, self._on_end,
+                                   lambda: self._outbox.put_nowait(b""))  # wakes the writer task: it ends
         self._writing = asyncio.run_coroutine_threadsafe(self._run(reader), self.loop)
 
     async def _run(self, reader: asyncio.StreamReader) -> None:
@@ -202,7 +203,6 @@ class TLSChannel(Channel):
     def _on_end(self, err: ChannelError) -> None:
         self.peer_gone = True
         self._inbox.put(err)
-        self._outbox.put_nowait(b"")  # wakes the writer task: it ends if the connection has
 
     def _send_raw(self, arr: np.ndarray) -> None:
         self.send_bytes(frame(arr))

@@ -75,13 +75,14 @@ class FrameReceiver(asyncio.BufferedProtocol):
 
     ``on_frame(arr)`` gets every frame in order; ``on_end(err)`` gets one ``ChannelError`` when the
     link ends (the goodbye, the connection closing, a malformed or oversized frame), after which
-    nothing more is delivered. Both run on the event loop. ``cap()`` is the link's frame cap now (a
+    nothing more is delivered; ``on_lost()`` runs when the connection has closed, whatever ended the
+    link before. All run on the event loop. ``cap()`` is the link's frame cap now (a
     server raises it once a client has authenticated).
     """
 
     def __init__(self, cap: Callable[[], int], on_frame: Callable[[np.ndarray], None],
-                 on_end: Callable[[ChannelError], None]):
-        self._cap, self._on_frame, self._on_end = cap, on_frame, on_end
+                 on_end: Callable[[ChannelError], None], on_lost: Callable[[], None] = lambda: None):
+        self._cap, self._on_frame, self._on_end, self._on_lost = cap, on_frame, on_end, on_lost
         self._scratch = memoryview(bytearray(SCRATCH))
         self._head = bytearray()  # the current frame's header bytes so far
         self._arr: np.ndarray | None = None  # the frame being filled,
@@ -102,7 +103,7 @@ class FrameReceiver(asyncio.BufferedProtocol):
         held = bytes(reader._buffer)  # noqa: SLF001 - frames that arrived before the hand-over
         reader._buffer.clear()  # noqa: SLF001
         if held:
-            self._parse(memoryview(held))
+            self._take(memoryview(held))
         if reader.exception() is not None:
             self.connection_lost(reader.exception())
         elif reader.at_eof() or transport.is_closing():
@@ -121,8 +122,12 @@ class FrameReceiver(asyncio.BufferedProtocol):
             if self._got == len(self._body):
                 self._deliver()
             return
+        self._take(self._scratch[:nbytes])
+
+    def _take(self, mv: memoryview) -> None:
+        """Parse ``mv``; a malformed or oversized frame ends the link and drops the connection."""
         try:
-            self._parse(self._scratch[:nbytes])
+            self._parse(mv)
         except ChannelError as e:
             self._end(e)
             self.transport.abort()
@@ -179,6 +184,7 @@ class FrameReceiver(asyncio.BufferedProtocol):
         else:
             self._end(ChannelError(f"receive failed: {exc.__class__.__name__}"))
         self._wake(ConnectionResetError("the link is closed"))
+        self._on_lost()
 
     # ---- writing (the writer ``write_chunked`` takes) -----------------------------------------
     def write(self, data) -> None:

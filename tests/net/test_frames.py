@@ -146,6 +146,19 @@ def test_attach_keeps_what_the_stream_had_already_read():
     assert not ends and np.array_equal(got[0], np.arange(5)) and np.array_equal(got[1], np.ones(3))
 
 
+def test_a_bad_frame_among_what_the_stream_held_ends_the_link():
+    async def go():
+        reader = asyncio.StreamReader()
+        reader.feed_data(frame(np.arange(2)) + bytes([9, 0]))
+        got, ends = [], []
+        r = FrameReceiver(lambda: 1 << 20, got.append, ends.append)
+        t = FakeTransport()
+        r.attach(t, reader)
+        return got, ends, t
+    got, ends, t = asyncio.run(go())
+    assert len(got) == 1 and len(ends) == 1 and "malformed message header" in str(ends[0]) and t.aborted
+
+
 def test_drain_waits_while_the_transport_is_over_its_mark():
     async def go():
         r, _, _ = receiver()

@@ -244,14 +244,19 @@ def run_session(conn_file: str, dealer_file, ids, provider: str, key: str, plan,
                 setup_bytes_to_client=sum(v["recv"] for v in setup.values()), steps=steps, consumed=used)
 
 
-def peak_rss_parties() -> dict:
+def peak_rss_parties(dealer_pid: int | None = None) -> dict:
     """Peak resident MiB per party, at the end of the run (``bench_ray.peak_rss`` of this process):
     the server's shards (the Ray worker actors, summed), the rest of the embedded Ray, and this
     process: the client, the gateway and the dealer's threads (the client's keys and public
-    context, its shares and pools; the gateway holds no weights, the dealer only batches in flight)."""
-    from cryptogen.bench_ray import peak_rss
+    context, its shares and pools; the gateway holds no weights, the dealer only batches in flight).
+    With ``--dealer-process``, the dealer's process apart."""
+    from cryptogen.bench_ray import _peak_mib, peak_rss
     p = peak_rss(os.getpid())
-    return {"server_workers": p["workers"], "ray_other": p["ray"], "client_gateway_dealer_process": p["self"]}
+    if dealer_pid is None:
+        return {"server_workers": p["workers"], "ray_other": p["ray"], "client_gateway_dealer_process": p["self"]}
+    d = _peak_mib(dealer_pid)
+    return {"server_workers": p["workers"], "ray_other": round(p["ray"] - d, 1), "client_gateway_process": p["self"],
+            "dealer_process": round(d, 1)}
 
 
 def _decode_after(c, ids, n: int, on_step) -> list[int]:
@@ -402,6 +407,8 @@ def main() -> None:
                          "over the shipped 16 MiB cap")
     ap.add_argument("--step-ahead-mib", type=int, default=DEFAULT_STEP_AHEAD >> 20, help="the dealer's look-ahead between decode steps, MiB "
                     "per kind (cryptogen dealer --step-ahead-mib; 1024: GPT-2 base's whole step, ~1 GB per party)")
+    ap.add_argument("--dealer-process", action="store_true", help="run the dealer as its own process (cryptogen "
+                    "dealer), as deployed, in place of threads in this one")
     ap.add_argument("--out", default=None, help="JSON file; the entry of this mode and context (\"session-128\") is replaced, others kept")
     a = ap.parse_args()
     providers, profiles = a.providers.split(","), a.profiles.split(",")
@@ -425,7 +432,10 @@ def main() -> None:
         control.link_cap = lambda *args, **kw: max(shipped(*args, **kw), cap)
 
     dealer = None
-    if "dealer" in providers:
+    if "dealer" in providers and a.dealer_process:
+        from dealer_process import DealerProcess
+        dealer = DealerProcess(tmp / "dealer", a.step_ahead_mib)
+    elif "dealer" in providers:
         from cryptogen.dealer.service import DealerServer
         dealer = DealerServer(listen="127.0.0.1:0", state_dir=str(tmp / "dealer"), out_dir=str(tmp / "dealer"),
                               step_ahead_bytes=a.step_ahead_mib << 20).start()
@@ -489,7 +499,7 @@ def main() -> None:
                      workers=a.workers, context=a.context, frame_cap_mib=a.frame_cap_mib,
                      decode_tokens_per_profile=a.tokens,
                      profiles={p: dict(rtt_s=shapes[p][0], rate_bps=shapes[p][1]) for p in profiles if p in PROFILES},
-                     same_tokens=same, summary=summary, runs=runs, peak_rss_mib=peak_rss_parties())
+                     same_tokens=same, summary=summary, runs=runs, peak_rss_mib=peak_rss_parties(getattr(dealer, "pid", None)))
         print(json.dumps(entry, indent=1))
         if a.out:
             path = Path(a.out)

@@ -37,7 +37,7 @@ def frame(arr: np.ndarray) -> bytes:
     if arr.dtype not in DTYPES or arr.ndim > MAX_RANK:
         raise ChannelError(f"cannot send an array of dtype {arr.dtype} and rank {arr.ndim}")
     head = HEAD.pack(DTYPES.index(arr.dtype), arr.ndim) + struct.pack(f"<{arr.ndim}q", *arr.shape)
-    return head + np.ascontiguousarray(arr).tobytes()
+    return b"".join((head, np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))  # one copy, not two
 
 
 def check_head(code: int, rank: int) -> None:

@@ -75,8 +75,10 @@ def _receiver(q, cert: str, key: str, frames: int, nbytes: int, before: bool, re
     got = {}
 
     async def on_connect(reader, writer):
-        got["streams" if reads == "stream" else "chan"] = (reader, writer) if reads == "stream" else \
-            channel.TLSChannel(reader, writer, max_frame=nbytes + 4096)
+        if reads == "stream":
+            got["streams"] = reader, writer
+        else:
+            got["chan"] = channel.TLSChannel(reader, writer, max_frame=nbytes + 4096)
     server = channel.run(asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=server_context(cert, key)))
     q.put(server.sockets[0].getsockname()[1])
     while not got:

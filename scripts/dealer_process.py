@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,8 @@ class DealerProcess:
             m = re.search(r"connection files: client (\S+), server (\S+)$", line.strip())
             if m:
                 self.client_file, self.server_file = Path(m[1]), Path(m[2])
+                # the rest of its output is read and dropped: a full pipe would stop the dealer
+                threading.Thread(target=self.proc.stdout.read, daemon=True).start()
                 return
         self.stop()
         raise RuntimeError(f"the dealer process did not start within {timeout:.0f} s (its last line: {line.strip()!r})")

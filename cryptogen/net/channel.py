@@ -91,8 +91,9 @@ class _Loop:
     def get(cls) -> asyncio.AbstractEventLoop:
         with cls._lock:
             if cls._loop is None or cls._loop.is_closed():
-                if switch_interval_us():
-                    sys.setswitchinterval(switch_interval_us() / 1e6)
+                us = switch_interval_us()
+                if us:
+                    sys.setswitchinterval(us / 1e6)
                 loop = asyncio.new_event_loop()
                 threading.Thread(target=loop.run_forever, name="cryptogen-tls", daemon=True).start()
                 cls._loop = loop

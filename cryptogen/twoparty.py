@@ -32,6 +32,7 @@ from .he.blocked import matmul_blocked, prefill_plan
 from .he.convert import ClientRole, h2s_server, s2h_server
 from .he.engine import ServerEngine
 from .he.kvcache import EncryptedKVCache, KVShares
+from .mpc import pieces
 from .mpc.softmax import softmax
 from .he.linear import EncodedLinear, LinearPlan, matmul_ct_pt_decode
 
@@ -259,5 +260,16 @@ PROBS_EXTRA_BITS = 6
 
 def softmax_heads(p, scores: np.ndarray, start: int) -> np.ndarray:
     """Softmax over keys for (heads, T, start+T) score shares, causal within the new tokens;
-    all heads in one call (the rounds of one softmax). Output at 2^(f + PROBS_EXTRA_BITS)."""
-    return softmax(p, scores, causal=True, out_bits=p.fp.frac_bits + PROBS_EXTRA_BITS)  # valid[i, j] = j <= start + i
+    all heads in one call (the rounds of one softmax). Output at 2^(f + PROBS_EXTRA_BITS).
+    Over ``pieces.MAX_ELEMENTS`` scores (a long prefill; mpc/pieces.py): blocks of query rows, each
+    over only the keys its last row sees (the causal triangle: about half the scores of a fresh
+    prompt); the keys past a block's are exactly 0 in both shares, as the mask makes them."""
+    bits = p.fp.frac_bits + PROBS_EXTRA_BITS
+    H, T, S = scores.shape
+    if scores.size <= pieces.MAX_ELEMENTS:
+        return softmax(p, scores, causal=True, out_bits=bits)  # valid[i, j] = j <= start + i
+    rows, out = pieces.rows_per_piece(H * S), np.zeros(scores.shape, np.int64)
+    for a in range(0, T, rows):
+        b = min(T, a + rows)  # rows a..b-1 see keys 0 .. start + b - 1
+        out[:, a:b, :start + b] = softmax(p, scores[:, a:b, :start + b], causal=True, out_bits=bits)
+    return out

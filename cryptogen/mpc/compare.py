@@ -48,7 +48,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..field import add, mul, mul_const, neg, sub
-from . import dcf
+from . import dcf, pieces
 from .arith import add_sp, mul_ss, open_
 from .errors import RangeError
 
@@ -97,6 +97,9 @@ def _mask_open(p, v, outputs: int = 2):
     if not p.cr.dcf:
         r_bits, r = p.cr.solved_bits(v.shape)
         return r_bits, r, open_(p, add(v, r, p.t)), None
+    if v.size > pieces.MAX_ELEMENTS:  # the DCF keys of a long call, a piece at a time (mpc/pieces.py)
+        parts = zip(*(_mask_open(p, piece, outputs) for piece in pieces.flat_pieces(v)))
+        return tuple(np.concatenate(part).reshape(v.shape + part[0].shape[1:]) for part in parts)
     r_bits, r, key = p.cr.solved_bits_dcf(v.shape, outputs)
     c = open_(p, add(v, r, p.t))
     w = dcf.eval_(0 if p.is_client else 1, key, c.reshape(-1), p.cr.L, p.t)

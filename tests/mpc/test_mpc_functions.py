@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from cryptogen.mpc import (RangeError, ShapeError, exp_neg, gelu, layernorm, max_last, reciprocal, rsqrt, softmax)
+from cryptogen.mpc import (RangeError, ShapeError, exp_neg, gelu, gelu_ref, layernorm, max_last, reciprocal, rsqrt,
+                           softmax)
 
 from mpc_helpers import FP, make_rng, run1
 
@@ -149,3 +150,46 @@ def test_layernorm_out_of_range_saturates():
 def test_layernorm_client_cannot_pass_gamma():
     with pytest.raises(RangeError):
         run1(lambda p, a: layernorm(p, a, gamma=np.ones(8) if p.is_client else None), np.ones((1, 8)))
+
+
+def test_long_prefill_softmax_in_row_blocks(monkeypatch):
+    """A prefill's softmax over more than pieces.MAX_ELEMENTS scores goes in blocks of query rows,
+    each over the keys its last row sees: against float64 on the causal mask (tolerance 1e-3, as the
+    one-call softmax), the keys a row must not see exactly 0; blocks of 1, 3 and all rows agree."""
+    import cryptogen.twoparty as tp
+
+    rng = make_rng()
+    H, T, start = 3, 7, 5
+    x = rng.normal(0, 6, (H, T, start + T)).clip(-30, 30)
+    valid = np.arange(start + T)[None] <= np.arange(T)[:, None] + start
+    ref = _softmax_ref(x, np.broadcast_to(valid, x.shape))
+    bits = FP.frac_bits + tp.PROBS_EXTRA_BITS
+    outs = {}
+    for budget in (H * (start + T), 3 * H * (start + T), 10 ** 6):  # rows per block: 1, 3, all
+        monkeypatch.setattr(tp.pieces, "MAX_ELEMENTS", budget)
+        outs[budget] = y = run1(lambda p, a: tp.softmax_heads(p, a, start), x, out_scale=bits)
+        assert np.abs(y - ref).max() < 1e-3, budget
+        assert np.all(y[:, ~valid] == 0)
+    a, b, c = outs.values()
+    assert np.abs(a - c).max() < 1e-3 and np.abs(b - c).max() < 1e-3
+
+
+def test_long_calls_in_pieces(monkeypatch):
+    """Comparisons and truncations over more than pieces.MAX_ELEMENTS inputs take their DCF keys a
+    flat piece at a time (a ragged last piece here): GELU (a DReLU batch with 3 outputs per element,
+    truncations) and LayerNorm (the server's gamma and beta) within the same tolerances against
+    torch as in one call (2e-3, 1e-2), shapes kept, and the same number of items consumed."""
+    from cryptogen.mpc import pieces
+
+    rng = make_rng()
+    xg = rng.normal(0, 3, (5, 9))
+    xl, g, b = rng.normal(0.5, 2, (5, 8)), rng.normal(1, 0.5, 8), rng.normal(0, 0.3, 8)
+    ln = lambda p, a, gg=None, bb=None: layernorm(p, a, gg, bb)  # noqa: E731
+    whole, cut = {}, {}
+    yg0, yl0 = run1(gelu, xg, stats=whole), run1(ln, xl, server_extra=(g, b))
+    monkeypatch.setattr(pieces, "MAX_ELEMENTS", 7)
+    yg, yl = run1(gelu, xg, stats=cut), run1(ln, xl, server_extra=(g, b))
+    assert yg.shape == xg.shape and np.abs(yg - gelu_ref(q(xg))).max() < 2e-3
+    assert yl.shape == xl.shape and np.abs(yl - _ln_ref(xl, g, b)).max() < 1e-2
+    assert np.abs(yg - yg0).max() < 2e-3 and np.abs(yl - yl0).max() < 1e-2
+    assert cut["client"]["randomness"]["consumed"] == whole["client"]["randomness"]["consumed"]

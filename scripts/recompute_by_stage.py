@@ -60,13 +60,15 @@ def timed_driver(runner, cfg, plan):
 
 def step(driver, position: int, mode: str) -> dict:
     driver.mode, driver.seconds = mode, defaultdict(float)
+    ct_pt = lambda: sum(s.stats.ct_pt_mul for s in driver.r.shards.values())  # noqa: E731 - the server's
+    before = ct_pt()
     total = driver.decode_one_token(position).seconds
     n = driver.cfg.n_layer
     per_layer = {k: driver.seconds.get(k, 0.0) / n for k in LAYER_STAGES}
     return {"position": position, "context": position + 1, "mode": mode, "seconds": round(total, 2),
             "stages": {k: round(v, 2) for k, v in driver.seconds.items()},
             "per_layer": {k: round(v, 3) for k, v in per_layer.items()},
-            "outside_stages": round(total - sum(driver.seconds.values()), 2)}
+            "outside_stages": round(total - sum(driver.seconds.values()), 2), "ct_pt": ct_pt() - before}
 
 
 def compose(row: dict, n_layer: int) -> float:

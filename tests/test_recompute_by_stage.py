@@ -30,6 +30,8 @@ def test_recompute_then_kv_reuse_on_its_caches(tmp_path):
     assert abs(r["composed"]["recompute_s"] - r["steps"][0]["seconds"]) < 0.1
     assert abs(r["composed"]["kv_reuse_s"][0] - r["steps"][1]["seconds"]) < 0.1
     assert r["ratio_measured"] > 1  # a 7-token pass against a 1-token step
+    rc, kv1, kv2 = (s["ct_pt"] for s in r["steps"])  # the kv-reuse steps use the cache: far fewer HE products
+    assert 0 < kv1 < rc / 2 and 0 < kv2 < rc / 2
 
 
 def test_bad_context_is_one_line(tmp_path):

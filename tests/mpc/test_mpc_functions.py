@@ -164,14 +164,18 @@ def test_long_prefill_softmax_in_row_blocks(monkeypatch):
     valid = np.arange(start + T)[None] <= np.arange(T)[:, None] + start
     ref = _softmax_ref(x, np.broadcast_to(valid, x.shape))
     bits = FP.frac_bits + tp.PROBS_EXTRA_BITS
-    outs = {}
+    outs, used = {}, {}
     for budget in (H * (start + T), 3 * H * (start + T), 10 ** 6):  # rows per block: 1, 3, all
         monkeypatch.setattr(tp.pieces, "MAX_ELEMENTS", budget)
-        outs[budget] = y = run1(lambda p, a: tp.softmax_heads(p, a, start), x, out_scale=bits)
+        stats = {}
+        outs[budget] = y = run1(lambda p, a: tp.softmax_heads(p, a, start), x, out_scale=bits, stats=stats)
+        used[budget] = stats["client"]["randomness"]["consumed"]["tbits"]
         assert np.abs(y - ref).max() < 1e-3, budget
         assert np.all(y[:, ~valid] == 0)
     a, b, c = outs.values()
     assert np.abs(a - c).max() < 1e-3 and np.abs(b - c).max() < 1e-3
+    n1, n3, nall = used.values()  # blocks skip the keys no row of theirs sees: fewer truncation keys
+    assert n1 < n3 < nall
 
 
 def test_long_calls_in_pieces(monkeypatch):
@@ -193,3 +197,4 @@ def test_long_calls_in_pieces(monkeypatch):
     assert yl.shape == xl.shape and np.abs(yl - _ln_ref(xl, g, b)).max() < 1e-2
     assert np.abs(yg - yg0).max() < 2e-3 and np.abs(yl - yl0).max() < 1e-2
     assert cut["client"]["randomness"]["consumed"] == whole["client"]["randomness"]["consumed"]
+    assert cut["client"]["channel"]["online"]["rounds"] > whole["client"]["channel"]["online"]["rounds"]  # pieces

@@ -16,6 +16,9 @@ layers of a model have the same shapes and the protocols' work does not depend o
 width with more layers: embed + n_layer x (per-layer stages) + final LayerNorm + head. It is a
 composition of measured stages, not one measured step; the report says so.
 
+Each step also reports its secure token and max |secure - float64 logit| on the same tokens, with
+float64's top-2 margin there (an argmax that flips below the error is a near-tie, not a fault).
+
 Both parties run in this process (no Ray, one worker, the in-process dealer), like
 ``long_context_decode_error.py``.
 
@@ -125,11 +128,21 @@ def main() -> None:
                      **({"dealer_ahead_s": round(dealer_s, 2)} if i else {})})
         log(f"kv-reuse at position {pos}: {rows[-1]['seconds']:.2f} s {rows[-1]['stages']}")
     rc, kv = rows[0], rows[1]
+    secure = runner.client.tokens[len(ids):]
     with torch.no_grad():  # the secure tokens against the plaintext model on the same prefix
-        plain = list(model.generate(ids, len(runner.client.tokens) - len(ids), lambda lg: int(np.argmax(lg))))
+        plain = list(model.generate(ids, len(secure), lambda lg: int(np.argmax(lg))))
+        ref = GPT.from_pretrained(resolve_model(a.model)).double().eval()  # float64, on the secure tokens
+        full = ref(torch.tensor([ids + secure[:-1]]))[0][0].numpy()
+    for row, lg in zip(rows, runner.client.logit_history[-len(rows):]):
+        ref_lg = np.sort(full[row["position"]])
+        err = float(np.abs(lg - full[row["position"]]).max())  # max |secure - float64 logit|
+        row.update(token=secure[row["position"] - a.context], max_logit_error=round(err, 4),
+                   top2_margin=round(float(ref_lg[-1] - ref_lg[-2]), 4),  # float64's: a flip below it is a tie
+                   same_argmax=bool(lg.argmax() == full[row["position"]].argmax()))
     report = {"model": label, "config": {"n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
                                          "vocab_size": cfg.vocab_size},
-              "steps": rows, "same_greedy": plain == runner.client.tokens[len(ids):],
+              "steps": rows, "same_greedy": plain == secure, "plaintext_tokens": plain,
+              "max_logit_error": max(r["max_logit_error"] for r in rows),
               "ratio_measured": round(rc["seconds"] / kv["seconds"], 1),
               "ratio_note": "recompute step / first kv-reuse step, both with their dealer items made inside",
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

@@ -23,6 +23,9 @@ def test_recompute_then_kv_reuse_on_its_caches(tmp_path):
     r = json.loads(out.read_text())
     assert [(s["mode"], s["position"]) for s in r["steps"]] == [("recompute", 6), ("kv-reuse", 7), ("kv-reuse", 8)]
     assert r["same_greedy"] is True  # 3 secure tokens (one per step) = plaintext greedy
+    assert r["plaintext_tokens"] == [s["token"] for s in r["steps"]]
+    assert all(s["same_argmax"] for s in r["steps"])
+    assert 0 < r["max_logit_error"] <= 0.05  # against float64 on the same tokens (the suite's secure tolerance)
     for s in r["steps"]:
         assert set(s["stages"]) == {"embed", "layernorm", "attention", "mlp", "ln_f", "head"}
         assert abs(sum(s["stages"].values()) + s["outside_stages"] - s["seconds"]) < 0.05

@@ -39,7 +39,9 @@ from cryptogen.scheduler.ray_runner import ClientGone, RayRunner, ServerPool, Wo
 from .session import ServerSession
 from .stats import GatewayStats
 
-HELLO_TIMEOUT = 10.0
+# TLS handshake to hello: 10 s was too short for a client process with 8 sessions opening at once (its
+# threads' Pyfhel key generation holds the GIL); silent connections are still capped (MAX_UNAUTHENTICATED)
+HELLO_TIMEOUT = 30.0
 HELLO_CAP = 64 << 10  # before the API key is checked, a connection may send this much
 MAX_UNAUTHENTICATED = 64
 BUSY_RETRY_S = 30
